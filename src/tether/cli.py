@@ -1,0 +1,91 @@
+"""`tether <stage> [--config FILE.yaml] [--option value ...]`.
+
+The CLI is thin: it maps a stage name to its config dataclass and its recipe, builds and
+validates the config (YAML, then flags), and calls `run(cfg)`. Recipes are imported lazily, so
+`tether --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from tether.errors import TetherError
+
+
+@dataclass(frozen=True)
+class Stage:
+    config: str  # "module:Class"
+    recipe: str  # "module:function" taking the config
+    summary: str
+
+
+STAGES: dict[str, Stage] = {
+    "sft": Stage("tether.config:SFTConfig", "tether.recipes.sft:run",
+                 "Supervised fine-tuning on demonstrations (loss on responses only)."),
+}
+
+
+def _resolve(ref: str):
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _usage() -> str:
+    width = max(len(n) for n in STAGES)
+    lines = ["usage: tether <stage> [--config FILE.yaml] [--option value ...]", "",
+             "tether runs the RLHF pipeline (SFT -> reward model -> PPO with a KL tether to the SFT",
+             "model, plus DPO and best-of-N) on any Hugging Face causal LM.", "", "stages:"]
+    lines += [f"  {name.ljust(width)}  {stage.summary}" for name, stage in STAGES.items()]
+    lines += ["", "Run `tether <stage> --help` for every option of a stage."]
+    return "\n".join(lines)
+
+
+def _match_stage(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    """Longest stage name (stages may be two words, e.g. `world export`) that prefixes argv."""
+    for n_words in (2, 1):
+        name = " ".join(argv[:n_words])
+        if len(argv) >= n_words and name in STAGES:
+            return name, argv[n_words:]
+    return None, argv
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(_usage())
+        return 0
+    if argv[0] in {"-V", "--version"}:
+        from tether import __version__
+
+        print(f"tether {__version__}")
+        return 0
+    name, rest = _match_stage(argv)
+    if name is None:
+        print(f"tether: unknown stage {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    stage = STAGES[name]
+    config_cls = _resolve(stage.config)
+    if any(a in {"-h", "--help"} for a in rest):
+        from tether.config import config_help
+
+        print(config_help(config_cls, f"tether {name}"))
+        return 0
+    try:
+        from tether.config import load_config
+
+        cfg = load_config(config_cls, rest)
+        _resolve(stage.recipe)(cfg)
+    except TetherError as err:
+        print(f"tether {name}: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print(f"tether {name}: aborted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Token-level conventions shared by every stage.
+
+A prompt is encoded with the tokenizer's own special-token convention (Llama adds BOS, GPT-2
+adds nothing), a response is encoded without special tokens, and the two id lists are
+concatenated. Encoding them separately keeps the prompt/response boundary exact, which is what
+the loss masks and the rollout engine need.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Prompt ids with the tokenizer's leading special tokens (BOS if it adds one), no EOS."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    while ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id and \
+            _adds_eos(tokenizer):
+        ids.pop()
+    return ids
+
+
+def encode_response(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _adds_eos(tokenizer: Any) -> bool:
+    return _adds_eos_cached(id(tokenizer), tokenizer)
+
+
+@lru_cache(maxsize=64)
+def _adds_eos_cached(_key: int, tokenizer: Any) -> bool:
+    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bool(probe) and tokenizer.eos_token_id is not None and probe[-1] == tokenizer.eos_token_id

@@ -1,0 +1,110 @@
+"""Load any AutoModelForCausalLM with its tokenizer; dtype, gradient checkpointing, LoRA."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from tether.errors import TetherError
+
+log = logging.getLogger("tether")
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
+    """Load a tokenizer and make sure it has a pad token (saying which one was chosen)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise TetherError(f"could not load a tokenizer from {name!r}: {type(err).__name__}: {err}") from None
+    tok.padding_side = padding_side
+    if tok.pad_token_id is None:
+        # unk is never produced by most byte-fallback tokenizers, so it makes a pad that cannot be
+        # confused with a real token; eos is the usual fallback (attention masks keep it harmless).
+        if tok.unk_token is not None and tok.unk_token_id != tok.eos_token_id:
+            tok.pad_token = tok.unk_token
+        elif tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            raise TetherError(f"tokenizer {name!r} has no pad, unk or eos token; add a pad token "
+                              "to it and save it before training")
+        log.info("tokenizer has no pad token: using %r (id %d) as pad", tok.pad_token, tok.pad_token_id)
+    return tok
+
+
+def eos_token_ids(tokenizer: Any, model: Optional[Any] = None) -> list[int]:
+    """All ids that end a response: the tokenizer's eos plus the generation config's eos list."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if extra is not None:
+        for i in extra if isinstance(extra, (list, tuple)) else [extra]:
+            if int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise TetherError("the tokenizer and model define no EOS token; set tokenizer.eos_token")
+    return ids
+
+
+def load_causal_lm(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                   gradient_checkpointing: bool = False) -> Any:
+    """Load an AutoModelForCausalLM. SDPA attention is requested for block-diagonal packing masks."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    except (ValueError, ImportError):  # an architecture without SDPA support
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        raise TetherError(f"could not load a causal LM from {name!r}: {type(err).__name__}: {err}") from None
+    prepare_for_training(model, gradient_checkpointing)
+    return model
+
+
+def prepare_for_training(model: Any, gradient_checkpointing: bool) -> None:
+    model.config.use_cache = False  # the KV cache only costs memory in a training forward
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (RL logprobs must not be noisy)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
+
+
+def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: str,
+               task_type: str = "CAUSAL_LM", modules_to_save: Optional[list[str]] = None) -> Any:
+    """Wrap `model` with LoRA adapters through peft (the base weights are frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = "all-linear" if target_modules == "all-linear" else [
+        t.strip() for t in target_modules.split(",") if t.strip()]
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        task_type=task_type, modules_to_save=modules_to_save)
+    model = get_peft_model(model, config)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("LoRA r=%d: training %d of %d parameters (%.2f%%)", r, n_train, n_all, 100 * n_train / n_all)
+    return model
+
+
+def is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

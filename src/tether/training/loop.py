@@ -1,0 +1,197 @@
+"""The supervised training loop shared by SFT, the reward model and DPO.
+
+A recipe supplies the pieces (model, examples, a collate function and a loss function); this
+loop owns what every such stage needs done the same way: deterministic data order, gradient
+accumulation, loss normalisation that is exact across processes, clipping, the LR schedule,
+metrics, evaluation, atomic checkpoints, exact resume, and a clean exit on SIGINT/SIGTERM.
+
+Loss convention: `loss_fn(model, batch)` returns `(loss_sum, stat_sums)` summed over the batch's
+loss units (scored tokens for SFT, pairs for the RM and DPO), and `weight_fn(batch)` counts those
+units. The loop divides by the unit count of the whole global batch, so 1 process with batch 8
+and 2 processes with batch 4 compute the same gradient.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from tether.errors import Interrupted
+from tether.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tether.training.metrics import MetricsWriter
+from tether.training.progress import Progress
+from tether.training.runtime import (GlobalBatches, any_process, check_finite, make_optimizer,
+                                     make_scheduler, sum_across_processes, total_steps)
+from tether.training.signals import StopRequest
+
+log = logging.getLogger("tether")
+
+LossFn = Callable[[Any, dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class LoopSpec:
+    """What a recipe hands to `train_supervised`."""
+
+    stage: str
+    model: Any
+    train_units: Sequence[Any]
+    eval_units: Optional[Sequence[Any]]
+    collate: Callable[[Sequence[Any]], dict]
+    loss_fn: LossFn
+    weight_fn: Callable[[dict], float]
+    tokens_fn: Callable[[dict], int] = lambda batch: int(batch["attention_mask"].sum())
+    eval_hook: Optional[Callable[[Any], dict]] = None  # extra eval metrics (e.g. gold accuracy)
+    bar_keys: tuple[str, ...] = ("loss",)
+
+
+@dataclass
+class LoopResult:
+    model: Any  # unwrapped, ready to save
+    step: int
+    final_eval: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
+    """Run the loop described in the module docstring; returns the trained (unwrapped) model."""
+    out = Path(cfg.output_dir)
+    # 1. data order and step budget
+    batches = GlobalBatches(len(spec.train_units), cfg.batch_size, cfg.grad_accum,
+                            accelerator.num_processes, cfg.seed)
+    steps = total_steps(len(spec.train_units), batches, cfg.epochs, cfg.max_steps)
+    # 2. optimizer and schedule; the scheduler is checkpointed but not wrapped by accelerate,
+    #    because accelerate would step it once per process and tether counts global steps.
+    optimizer = make_optimizer(spec.model.parameters(), cfg.lr, cfg.weight_decay, cfg.adam_eps)
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, steps)
+    model, optimizer = accelerator.prepare(spec.model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    # 3. resume
+    state = {"best_eval": math.inf, "bad_evals": 0}
+    start = 0
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is not None:
+        state.update(load_checkpoint(accelerator, ckpt))
+        start = state.pop("step")
+        log.info("resumed from %s at step %d of %d", ckpt, start, steps)
+    metrics = MetricsWriter(out, accelerator.is_main_process, cfg.tensorboard,
+                            resume_step=start if ckpt is not None else None)
+    bar = Progress(steps, start, spec.stage, cfg.progress and accelerator.is_main_process)
+    evaluate = lambda: _evaluate(accelerator, model, spec, cfg.batch_size)  # noqa: E731
+    t0, final_eval, step = time.perf_counter(), {}, start
+    with StopRequest() as stop:
+        # 4. the loop: one iteration = one optimizer step over one global batch
+        for step in range(start + 1, steps + 1):
+            t_step = time.perf_counter()
+            micro = [spec.collate([spec.train_units[i] for i in idx])
+                     for idx in batches.step_indices(step - 1, accelerator.process_index)]
+            row = _train_step(accelerator, model, optimizer, micro, spec, cfg.max_grad_norm, step)
+            row["lr"] = scheduler.get_last_lr()[0]  # the rate this step used
+            scheduler.step()
+            row["epoch"] = batches.epoch_of(step)
+            row["tokens_per_sec"] = row.pop("tokens") / max(time.perf_counter() - t_step, 1e-9)
+            # 5. evaluation and early stopping
+            end_of_epoch = step % batches.steps_per_epoch == 0
+            if spec.eval_units and ((cfg.eval_every and step % cfg.eval_every == 0)
+                                    or (not cfg.eval_every and end_of_epoch) or step == steps):
+                final_eval = evaluate()
+                row.update(final_eval)
+                _track_best(state, final_eval.get("eval/loss", math.inf))
+            if step % cfg.log_every == 0 or step == steps or "eval/loss" in row:
+                metrics.log(step, {("train/" + k if "/" not in k else k): v for k, v in row.items()})
+            bar.update(1, **{k: row[k] for k in spec.bar_keys if k in row},
+                       tok_s=round(row["tokens_per_sec"]))
+            stop_early = cfg.early_stopping_patience and state["bad_evals"] >= cfg.early_stopping_patience
+            interrupted = any_process(accelerator, stop.requested)
+            # 6. atomic checkpoints
+            if step % cfg.save_every == 0 or step == steps or interrupted or stop_early:
+                save_checkpoint(accelerator, out, step, state, cfg.keep_checkpoints)
+            if interrupted:
+                bar.close()
+                metrics.close()
+                raise Interrupted(f"stopped at step {step}; checkpoint saved under {out}/checkpoints. "
+                                  "Rerun the same command with --resume to continue.")
+            if stop_early:
+                log.info("early stopping at step %d: eval loss has not improved for %d evaluations",
+                         step, state["bad_evals"])
+                break
+    bar.close()
+    metrics.close()
+    if spec.eval_hook is not None:
+        final_eval.update(spec.eval_hook(accelerator.unwrap_model(model)))
+    return LoopResult(accelerator.unwrap_model(model), step, final_eval, time.perf_counter() - t0)
+
+
+def _train_step(accelerator: Any, model: Any, optimizer: Any, micro: list[dict], spec: LoopSpec,
+                max_grad_norm: float, step: int) -> dict:
+    """Accumulate gradients over the micro-batches and take one optimizer step."""
+    model.train()
+    world = accelerator.num_processes
+    global_weight = sum_across_processes(accelerator, sum(spec.weight_fn(b) for b in micro))
+    loss_sum, stat_sums, tokens = 0.0, {}, 0
+    for i, batch in enumerate(micro):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        sync = accelerator.no_sync(model) if i < len(micro) - 1 else _nullcontext()
+        with sync:
+            loss, stats = spec.loss_fn(model, batch)
+            # DDP averages gradients over processes, so scale by world / global weight
+            accelerator.backward(loss * world / max(global_weight, 1e-9))
+        loss_sum += loss.detach().float().item()
+        tokens += spec.tokens_fn(batch)
+        for k, v in stats.items():
+            stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    total = sum_across_processes(accelerator, loss_sum) / max(global_weight, 1e-9)
+    check_finite(torch.tensor(total), step)
+    row = {"loss": total, "tokens": sum_across_processes(accelerator, tokens)}
+    for k, v in stat_sums.items():
+        row[k] = sum_across_processes(accelerator, v) / max(global_weight, 1e-9)
+    if grad_norm is not None:
+        row["grad_norm"] = float(grad_norm)
+    return row
+
+
+@torch.no_grad()
+def _evaluate(accelerator: Any, model: Any, spec: LoopSpec, batch_size: int) -> dict:
+    """Held-out loss (and stats) over the whole eval set, sharded across processes."""
+    model.eval()
+    units = spec.eval_units or []
+    mine = list(range(accelerator.process_index, len(units), accelerator.num_processes))
+    loss_sum, weight, stat_sums = 0.0, 0.0, {}
+    for at in range(0, len(mine), batch_size):
+        batch = spec.collate([units[i] for i in mine[at:at + batch_size]])
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        loss, stats = spec.loss_fn(model, batch)
+        loss_sum += float(loss)
+        weight += spec.weight_fn(batch)
+        for k, v in stats.items():
+            stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
+    weight = sum_across_processes(accelerator, weight)
+    out = {"eval/loss": sum_across_processes(accelerator, loss_sum) / max(weight, 1e-9)}
+    for k, v in stat_sums.items():
+        out["eval/" + k] = sum_across_processes(accelerator, v) / max(weight, 1e-9)
+    model.train()
+    return out
+
+
+def _track_best(state: dict, eval_loss: float) -> None:
+    if eval_loss < state["best_eval"] - 1e-6:
+        state["best_eval"], state["bad_evals"] = eval_loss, 0
+    else:
+        state["bad_evals"] += 1
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,153 @@
+"""The accelerate runtime shared by every training loop.
+
+Every loop runs through `accelerate.Accelerator`, so `accelerate launch` gives DDP, FSDP or
+DeepSpeed without code of ours. tether drives data order itself (see `GlobalBatches`) so that a
+run is exactly reproducible and resumable whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from tether.errors import ConfigError, TrainingError
+
+log = logging.getLogger("tether")
+
+
+def setup_logging(is_main: bool = True) -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[tether] %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+def make_accelerator(seed: int) -> Any:
+    """Create the Accelerator and seed every RNG (python, numpy, torch, cuda)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator()
+    set_seed(seed)
+    setup_logging(accelerator.is_main_process)
+    return accelerator
+
+
+def prepare_output_dir(output_dir: str, resume: bool, is_main: bool) -> Path:
+    """Create the run directory; refuse to overwrite checkpoints unless resuming."""
+    from tether.training.checkpoint import list_checkpoints
+
+    out = Path(output_dir)
+    if list_checkpoints(out) and not resume:
+        raise ConfigError(f"{out} already holds checkpoints from an earlier run. Pass --resume to "
+                          "continue it, or choose another --output-dir.")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU that supports it and float32 elsewhere (CPU bf16 is slow)."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+@dataclass(frozen=True)
+class GlobalBatches:
+    """Deterministic data order: which example indices each process uses at each step.
+
+    Epoch e visits a permutation seeded by (seed, e). One optimizer step consumes a global batch
+    of `micro_batch x grad_accum x world_size` examples; micro-batch m of process p takes the
+    slice at (m * world_size + p). The order depends only on the seed, never on the number of
+    processes, which makes resume exact and lets 1 process and N processes see the same data.
+    """
+
+    num_examples: int
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.num_examples // self.global_batch)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_examples, generator=gen)
+
+    def step_indices(self, step: int, rank: int) -> list[list[int]]:
+        """Index lists of this process's micro-batches for optimizer step `step` (0-based)."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        start = within * self.global_batch
+        chunk = order[start:start + self.global_batch]
+        if len(chunk) < self.global_batch:  # dataset smaller than one global batch: wrap around
+            chunk = order.repeat(math.ceil(self.global_batch / self.num_examples))[:self.global_batch]
+        out = []
+        for m in range(self.grad_accum):
+            at = (m * self.world_size + rank) * self.micro_batch
+            out.append(chunk[at:at + self.micro_batch].tolist())
+        return out
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch
+
+
+def total_steps(num_examples: int, batches: GlobalBatches, epochs: int, max_steps: int) -> int:
+    return max_steps if max_steps > 0 else batches.steps_per_epoch * epochs
+
+
+def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
+    """Abort with a clear error on a NaN/inf loss instead of silently training on garbage."""
+    if not torch.isfinite(loss).all():
+        raise TrainingError(f"{what} became {loss.item()} at step {step}. Lower --lr, check the data "
+                            "for empty responses, or use --dtype float32. The last checkpoint is "
+                            "intact; fix the cause and rerun with --resume.")
+
+
+def any_process(accelerator: Any, flag: bool) -> bool:
+    """True if `flag` is True on any process (so all processes stop together)."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def sum_across_processes(accelerator: Any, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return float(value)
+    t = torch.tensor([float(value)], device=accelerator.device, dtype=torch.float64)
+    return float(accelerator.reduce(t, reduction="sum").item())
+
+
+def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float,
+                   eps: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ConfigError("the model has no trainable parameters")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, eps=eps)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_ratio: float,
+                   steps: int) -> Any:
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(kind, kind)
+    return get_scheduler(name, optimizer, num_warmup_steps=int(warmup_ratio * steps),
+                         num_training_steps=steps)

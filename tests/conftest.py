@@ -1,0 +1,128 @@
+"""Shared fixtures: tiny random models of several architectures, built locally, and the real
+pretrained stories260K from ../shared when it is there."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+STORIES = SHARED / "models" / "stories260K"
+HH_RLHF = SHARED / "data" / "hh-rlhf"
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+_WORDS = ("the a cat dog sat on mat ran to park and saw big red ball happy sad sun tree story "
+          "once upon time there was little girl boy named lily tom she he played with friend "
+          "answer question what is why how you i we they it good bad yes no please thank").split()
+
+
+def _bpe_tokenizer(path: Path, chat: bool):
+    """A byte-level BPE trained here: no BOS added, EOS <|endoftext|>, no pad (like GPT-2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import random
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(_WORDS) for _ in range(12)) for _ in range(400)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>"] + (["<|im_start|>", "<|im_end|>"] if chat else [])
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>")
+    if chat:
+        fast.chat_template = CHATML
+    fast.save_pretrained(path)
+    return fast
+
+
+def _build(path: Path, arch: str) -> Path:
+    import torch
+    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+                              GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        tok = AutoTokenizer.from_pretrained(STORIES) if STORIES.exists() else _bpe_tokenizer(path, False)
+        tok.save_pretrained(path)
+    else:
+        tok = _bpe_tokenizer(path, chat=arch == "qwen2")
+    vocab = len(tok)
+    common = dict(vocab_size=vocab, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256, **common))
+    elif arch == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256, **common))
+    elif arch == "neox":
+        model = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4,
+                                                 max_position_embeddings=256, **common))
+    else:
+        raise ValueError(arch)
+    model.save_pretrained(path)
+    return path
+
+
+ARCHS = ("llama", "gpt2", "qwen2", "neox")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {arch: _build(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture(params=ARCHS)
+def tiny_model(request, tiny_models) -> Path:
+    return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def stories() -> Path:
+    if not STORIES.exists():
+        pytest.skip(f"{STORIES} is not available")
+    return STORIES
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def story_rows(n: int, seed: int = 0) -> list[dict]:
+    """A small prompt/completion task the stories model can learn within a few steps."""
+    import random
+
+    rng = random.Random(seed)
+    names, things = ["Lily", "Tom", "Sue", "Ben", "Max"], ["ball", "cat", "dog", "tree", "cake"]
+    rows = []
+    for _ in range(n):
+        name, thing = rng.choice(names), rng.choice(things)
+        rows.append({"prompt": f"Once upon a time, {name} saw a",
+                     "completion": f" {thing}. {name} liked the {thing}."})
+    return rows
+
+
+@pytest.fixture
+def story_data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "sft.jsonl", story_rows(64))
