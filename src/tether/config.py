@@ -257,6 +257,13 @@ def coerce(name: str, value: Any, tp: Any, from_cli: bool) -> Any:
 # ----------------------------------------------------------------------------- building
 
 
+# Names users bring from other tools; suggested (never silently accepted) when they appear.
+_FAMILIAR = {"learning_rate": "lr", "num_train_epochs": "epochs", "model_name_or_path": "model",
+             "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+             "train_file": "data", "validation_file": "eval_data", "output": "output_dir",
+             "max_seq_length": "max_length", "beta": "kl_coef"}
+
+
 def normalise_key(key: str) -> str:
     return key.strip().lstrip("-").replace("-", "_")
 
@@ -270,6 +277,8 @@ def from_dict(cls: type, values: dict[str, Any], from_cli_keys: set[str] = froze
         key = normalise_key(raw_key)
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=3)
+            if _FAMILIAR.get(key) in known:
+                close = [_FAMILIAR[key]]
             hint = f" Did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?" if close else ""
             raise ConfigError(f"unknown option --{key.replace('_', '-')} for {cls.__name__}.{hint}"
                               " See --help for the full list.")

@@ -35,10 +35,21 @@ def make_accelerator(seed: int) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not _has_accelerator_device())
     set_seed(seed)
     setup_logging(accelerator.is_main_process)
     return accelerator
+
+
+def _has_accelerator_device() -> bool:
+    """accelerate only sets up multi-process CPU training (gloo) when told it is on CPU."""
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
 
 
 def prepare_output_dir(output_dir: str, resume: bool, is_main: bool) -> Path:

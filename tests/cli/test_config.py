@@ -1,0 +1,66 @@
+"""Configs: YAML then flags, validation before any work, --help from field docstrings."""
+
+import pytest
+import yaml
+
+from tether.cli import main
+from tether.config import SFTConfig, config_help, field_docs, load_config
+from tether.errors import ConfigError
+
+BASE = ["--model", "m", "--data", "d.jsonl", "--output-dir", "out"]
+
+
+def test_flags_override_yaml_and_underscores_work(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"lr": 1e-3, "batch_size": 4, "max-length": 64, "model": "m",
+                                    "data": "d.jsonl", "output_dir": "out"}))
+    cfg = load_config(SFTConfig, ["--config", str(path), "--batch_size", "2", "--lora-r=8",
+                                  "--gradient-checkpointing", "--no-packing"])
+    assert (cfg.lr, cfg.batch_size, cfg.max_length, cfg.lora_r) == (1e-3, 2, 64, 8)
+    assert cfg.gradient_checkpointing is True and cfg.packing is False
+
+
+def test_unknown_field_is_rejected_with_a_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown option --learning-rate.*Did you mean --lr\?"):
+        load_config(SFTConfig, BASE + ["--learning-rate", "1"])
+    with pytest.raises(ConfigError, match="unknown option --batchsize.*--batch-size"):
+        load_config(SFTConfig, BASE + ["--batchsize", "1"])
+
+
+def test_wrong_types_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="--batch-size must be an integer"):
+        load_config(SFTConfig, BASE + ["--batch-size", "four"])
+    with pytest.raises(ConfigError, match="--dtype must be one of"):
+        load_config(SFTConfig, BASE + ["--dtype", "fp8"])
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 1.5\n")
+    with pytest.raises(ConfigError, match="--epochs must be an integer"):
+        load_config(SFTConfig, BASE + ["--config", str(path)])
+    path.write_text("packing: 3\n")
+    with pytest.raises(ConfigError, match="--packing must be true or false"):
+        load_config(SFTConfig, BASE + ["--config", str(path)])
+
+
+def test_semantic_validation_runs_before_work():
+    with pytest.raises(ConfigError, match="--model is required"):
+        load_config(SFTConfig, ["--data", "d", "--output-dir", "o"])
+    with pytest.raises(ConfigError, match="--lr must be > 0"):
+        load_config(SFTConfig, BASE + ["--lr", "0"])
+
+
+def test_every_field_has_a_docstring_shown_in_help():
+    docs = field_docs(SFTConfig)
+    text = config_help(SFTConfig, "tether sft")
+    from dataclasses import fields
+
+    for f in fields(SFTConfig):
+        assert docs.get(f.name), f"{f.name} has no docstring"
+        assert "--" + f.name.replace("_", "-") in text
+
+
+def test_cli_reports_config_errors_without_traceback(capsys):
+    assert main(["sft", "--model", "m", "--data", "d", "--output-dir", "o", "--bogus", "1"]) == 2
+    assert "unknown option --bogus" in capsys.readouterr().err
+    assert main(["nosuchstage"]) == 2
+    assert main(["sft", "--help"]) == 0
+    assert "--gradient-checkpointing" in capsys.readouterr().out
