@@ -20,11 +20,15 @@ class Stage:
     config: str  # "module:Class"
     recipe: str  # "module:function" taking the config
     summary: str
+    positional: Optional[str] = None  # field filled by a bare first argument (`tether run FILE`)
 
 
 STAGES: dict[str, Stage] = {
     "sft": Stage("tether.config:SFTConfig", "tether.recipes.sft:run",
                  "Supervised fine-tuning on demonstrations (loss on responses only)."),
+    "run": Stage("tether.recipes.pipeline:PipelineConfig", "tether.recipes.pipeline:run",
+                 "Run a pipeline YAML (e.g. sft -> rm -> ppo); reruns skip finished stages.",
+                 positional="pipeline"),
 }
 
 
@@ -67,6 +71,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"tether: unknown stage {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     stage = STAGES[name]
+    if stage.positional and rest and not rest[0].startswith("-"):
+        rest = ["--" + stage.positional, rest[0], *rest[1:]]
     config_cls = _resolve(stage.config)
     if any(a in {"-h", "--help"} for a in rest):
         from tether.config import config_help
