@@ -129,15 +129,18 @@ def _load_hub(source: str, split: str) -> Any:
                         f"dataset failed: {type(err).__name__}: {err}") from None
 
 
-def require_columns(ds: Any, columns: Sequence[str], source: str) -> None:
-    """Every column must exist and be non-empty on every row; errors name what is wrong."""
+def require_columns(ds: Any, columns: Sequence[str], source: str,
+                    may_be_empty: Sequence[str] = ()) -> None:
+    """Every column must exist and be non-empty on every row (except `may_be_empty`, which may
+    hold "" but not null); errors name what is wrong."""
     found = list(ds.column_names)
     missing = [c for c in columns if c not in found]
     if missing:
         raise DataError(f"{source} is missing column(s) {', '.join(repr(c) for c in missing)}; "
                         f"found columns: {', '.join(found) or '(none)'}")
     for col in columns:
-        empty = [i + 1 for i, v in enumerate(ds[col]) if _is_empty(v)]
+        empty = [i + 1 for i, v in enumerate(ds[col])
+                 if (v is None if col in may_be_empty else _is_empty(v))]
         if empty:
             shown = ", ".join(map(str, empty[:5])) + (" ..." if len(empty) > 5 else "")
             raise DataError(f"{source}: column {col!r} is empty in {len(empty)} row(s) (rows {shown}); "

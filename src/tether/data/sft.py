@@ -35,7 +35,8 @@ def detect_format(ds: Any, source: str) -> str:
         require_columns(ds, ["messages"], source)
         return "messages"
     if "prompt" in cols or "completion" in cols:
-        require_columns(ds, ["prompt", "completion"], source)
+        # an empty prompt is allowed: the whole completion is then learned (pretraining-style)
+        require_columns(ds, ["prompt", "completion"], source, may_be_empty=["prompt"])
         return "prompt_completion"
     raise DataError(f"{source} is missing column(s) 'prompt', 'completion' (or 'messages' for chat "
                     f"data); found columns: {', '.join(ds.column_names) or '(none)'}")
