@@ -1,0 +1,197 @@
+"""Response generation behind a small interface, so another engine (vLLM on a GPU) can be added
+without touching the PPO loop.
+
+Two backends ship here:
+- `KVCacheSampler` (default): a lean loop over the model's forward with a KV cache. One forward
+  call per generated token and no other per-token Python work (no logits processors, no
+  stopping-criteria objects, no per-step output bookkeeping); it stops as soon as every row has
+  ended. For small models that overhead is most of HF generate's time.
+- `HFGenerator`: transformers' `generate()`, for models whose cache or forward the lean loop
+  does not support.
+Both return a `Rollout` whose responses are cut at their first EOS (any of the EOS ids).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from tether.ops.masking import response_mask
+from tether.rollout.types import Rollout, position_ids_from_mask
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int  # T: the response length limit
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    eos_token_ids: tuple[int, ...] = ()  # empty = never stop early (benchmarks)
+    pad_token_id: int = 0
+
+
+class Generator(Protocol):
+    """A generation backend. `generate` samples one response per prompt row."""
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator) -> Rollout:
+        """prompt_ids, prompt_mask: (B, P), left-padded. rng: the sampling noise, so that an
+        iteration's samples depend only on the seed and the iteration (exact resume)."""
+
+    def sync_weights(self) -> None:
+        """Called after every policy update. Backends that share the policy's parameters (both
+        here) do nothing; an engine holding its own copy (vLLM) reloads it here."""
+
+
+def sample_next_token(logits: Tensor, params: SamplingParams, rng: torch.Generator) -> Tensor:
+    """Draw one token per row from softmax(logits / T), optionally truncated by top-k/top-p.
+
+    logits: (B, V) any float dtype. Returns (B,) long. Uses the exponential race
+    (argmax p / E with E ~ Exp(1)), which samples exactly from p without torch.multinomial's
+    host sync on a GPU.
+    """
+    scores = logits.float() / params.temperature
+    if params.top_k > 0 and params.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
+        drop = (probs.cumsum(-1) - probs) > params.top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(scores, dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=rng)
+    return (probs / race).argmax(dim=-1)
+
+
+def finish_responses(prompt_ids: Tensor, prompt_mask: Tensor, sampled: Tensor,
+                     params: SamplingParams) -> Rollout:
+    """Cut sampled tokens at their first EOS, pad after it, and pad on the right up to T.
+
+    sampled: (B, T') long with T' <= T, what a backend produced (anything after an EOS is
+    ignored). Returns the Rollout with response_ids (B, T).
+    """
+    B, n = sampled.shape
+    if n < params.max_new_tokens:
+        fill = sampled.new_full((B, params.max_new_tokens - n), params.pad_token_id)
+        sampled = torch.cat([sampled, fill], dim=1)
+    if params.eos_token_ids:
+        mask = response_mask(sampled, params.eos_token_ids)
+        eos = torch.tensor(params.eos_token_ids, device=sampled.device)
+        ended = (torch.isin(sampled, eos) & mask.bool()).any(-1)
+    else:
+        mask, ended = torch.ones_like(sampled), torch.zeros(B, dtype=torch.bool, device=sampled.device)
+    if n < params.max_new_tokens:  # the backend stopped early: its missing tail is not response
+        mask[:, n:] = 0
+    responses = torch.where(mask.bool(), sampled, torch.full_like(sampled, params.pad_token_id))
+    return Rollout(prompt_ids, prompt_mask, responses, mask, ended)
+
+
+def _accepts(model: Any, name: str) -> bool:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(inner.forward).parameters
+    return name in params
+
+
+class KVCacheSampler:
+    """Batched sampling over left-padded prompts with the model's own KV cache."""
+
+    def __init__(self, model: Any, params: SamplingParams):
+        self.model = model
+        self.params = params
+        self._keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator) -> Rollout:
+        p = self.params
+        B, P = prompt_ids.shape
+        was_training = self.model.training
+        self.model.eval()  # no gradient checkpointing, so the cache is used
+        # The attention mask grows by one column a step: allocate it once, slice it per step.
+        mask = torch.ones((B, P + p.max_new_tokens), dtype=prompt_mask.dtype, device=prompt_mask.device)
+        mask[:, :P] = prompt_mask
+        positions = position_ids_from_mask(prompt_mask)
+        next_position = positions[:, -1:] + 1  # (B, 1): where the first response token goes
+        eos = torch.tensor(p.eos_token_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)
+        sampled = prompt_ids.new_full((B, p.max_new_tokens), p.pad_token_id)
+        finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+        # Prefill: logits of the last position only (the rest would be (B, P, V) of waste).
+        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                         use_cache=True, **self._keep)
+        n = 0
+        for t in range(p.max_new_tokens):
+            token = sample_next_token(out.logits[:, -1], p, rng)
+            token = torch.where(finished, torch.full_like(token, p.pad_token_id), token)
+            sampled[:, t] = token
+            n = t + 1
+            if p.eos_token_ids:
+                finished |= torch.isin(token, eos)
+                if bool(finished.all()):  # a host sync per token; cheap next to a forward
+                    break
+            if n == p.max_new_tokens:
+                break
+            out = self.model(input_ids=token[:, None], attention_mask=mask[:, :P + n],
+                             position_ids=next_position + t, past_key_values=out.past_key_values,
+                             use_cache=True)
+        self.model.train(was_training)
+        return finish_responses(prompt_ids, prompt_mask, sampled[:, :n], p)
+
+    def sync_weights(self) -> None:
+        """Nothing to do: the sampler runs the live policy."""
+
+
+class HFGenerator:
+    """transformers' generate() with the same sampling parameters."""
+
+    def __init__(self, model: Any, params: SamplingParams):
+        self.model = model
+        self.params = params
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator) -> Rollout:
+        from transformers import GenerationConfig
+
+        p = self.params
+        config = GenerationConfig(
+            do_sample=True, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
+            max_new_tokens=p.max_new_tokens, pad_token_id=p.pad_token_id,
+            eos_token_id=list(p.eos_token_ids) or None,
+            # without EOS ids, HF would fall back to the model's own: forbid them instead
+            min_new_tokens=p.max_new_tokens if not p.eos_token_ids else None, use_cache=True)
+        seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+        devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
+        was_training = self.model.training
+        self.model.eval()
+        with torch.random.fork_rng(devices=devices):  # generate() draws from the global RNG
+            torch.manual_seed(seed)
+            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                      generation_config=config)
+        self.model.train(was_training)
+        return finish_responses(prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:], p)
+
+    def sync_weights(self) -> None:
+        """Nothing to do: generate() runs the live policy."""
+
+
+def make_generator(backend: str, model: Any, params: SamplingParams) -> Generator:
+    if backend == "hf":
+        return HFGenerator(model, params)
+    return KVCacheSampler(model, params)
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int,
+             device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Token lists -> (ids, mask), both (B, max_len) long, padded on the LEFT so that every
+    prompt ends in the last column and every response starts right after it."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)

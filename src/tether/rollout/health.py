@@ -1,0 +1,202 @@
+"""Health checks for PPO: the pitfalls the sources warn about, checked every iteration.
+
+Two kinds:
+- exact checks on this iteration's tensors (`check_*` functions): the reference is unchanged
+  on a fixed probe batch, the per-token rewards are laid out as SPEC says, the batch KL is not
+  negative;
+- trend checks on the logged metrics (`HealthMonitor`): clipfrac or explained variance bad for
+  several iterations in a row, or response length, entropy or distinct-2 collapsed relative to
+  the first iteration.
+Each returns `HealthIssue`s; `enforce` logs them, or raises under `--health abort`. The cost is
+one small reference forward (the probe) and a few reductions per iteration.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from tether.errors import TrainingError
+from tether.ops.masking import last_token_index
+from tether.rollout.types import Sequences
+
+log = logging.getLogger("tether")
+
+
+@dataclass(frozen=True)
+class HealthIssue:
+    check: str  # a fixed name, e.g. "reference_changed"
+    message: str  # what is wrong and what usually causes it
+
+
+# ----------------------------------------------------------------------------- exact checks
+
+
+class ReferenceProbe:
+    """pi_ref's logprobs on a fixed probe batch, recorded once; later ones must be bit-identical.
+
+    A change means the reference shares parameters with the policy, was left trainable, or its
+    dropout is on. `torch.equal`, not allclose: the same inputs through the same frozen weights
+    give the same bits on the same device.
+    """
+
+    def __init__(self, seqs: Sequences, temperature: float):
+        self.seqs = seqs
+        self.temperature = temperature
+        self.baseline: Optional[Tensor] = None
+
+    def check(self, reference: Any) -> Optional[HealthIssue]:
+        """reference: anything with `.logprobs(seqs, temperature)` (rollout.score.Reference)."""
+        current = reference.logprobs(self.seqs, self.temperature)
+        if self.baseline is None:
+            self.baseline = current
+            return None
+        if torch.equal(current, self.baseline):
+            return None
+        diff = (current - self.baseline).abs().max().item()
+        return HealthIssue("reference_changed", (
+            f"the reference's logprobs on the probe batch changed (max |diff| {diff:.3g}). pi_ref "
+            "must stay frozen: it shares parameters with the policy, has requires_grad on, or "
+            "runs with dropout."))
+
+
+def check_reward_layout(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor,
+                        mask: Tensor, kl_coef: float, rtol: float = 1e-4) -> Optional[HealthIssue]:
+    """The per-token rewards must be -kl_coef * (logprobs - ref_logprobs) on every response token,
+    plus the score on the last response token only (SPEC stage 3, step 3).
+
+    Recomputes that from the inputs and names the usual mistake when it does not match: an RM
+    score broadcast to every token, or a KL term with the wrong sign.
+    All tensors (B, T) except scores (B,). Returns None when the layout is right.
+    """
+    real = mask.bool()
+    kl_term = torch.where(real, -kl_coef * (logprobs - ref_logprobs), torch.zeros_like(rewards))
+    residual = torch.where(real, rewards - kl_term, torch.zeros_like(rewards))
+    last = torch.zeros_like(real).scatter(-1, last_token_index(real).unsqueeze(-1), True) & real
+    off_last = real & ~last
+    tol = rtol * (1.0 + scores.abs().max().item() + kl_term.abs().max().item())
+    if off_last.any() and residual[off_last].abs().max().item() > tol:
+        broadcast = scores.unsqueeze(-1).expand_as(rewards)
+        if (residual - broadcast)[off_last].abs().max().item() <= tol:
+            return HealthIssue("reward_layout", "the RM score appears on every response token; it "
+                               "must be added at the last response token only.")
+        if (residual + 2 * kl_term)[off_last].abs().max().item() <= tol:
+            return HealthIssue("reward_layout", "the KL term of the per-token reward has the wrong "
+                               "sign: it must be -beta * (log pi - log pi_ref).")
+        return HealthIssue("reward_layout", "per-token rewards on non-final tokens are not "
+                           "-beta * (log pi - log pi_ref).")
+    has_last = real.any(-1)
+    at_last = residual.gather(-1, last_token_index(real).unsqueeze(-1)).squeeze(-1)
+    if has_last.any() and (at_last - scores)[has_last].abs().max().item() > tol:
+        return HealthIssue("reward_layout", "the reward at the last response token is not the "
+                           "KL term plus the RM score.")
+    return None
+
+
+def check_kl_not_negative(kl_per_sequence: Tensor, atol: float = 1e-3) -> Optional[HealthIssue]:
+    """The batch mean of the per-sequence k1 KL must not be negative beyond sampling noise.
+
+    k1 is unbiased, so its batch mean is below 0 only by chance; "by chance" is measured with the
+    batch's own standard error (2 sigma) plus `atol`. kl_per_sequence: (B,).
+    """
+    mean = kl_per_sequence.mean().item()
+    n = kl_per_sequence.numel()
+    stderr = kl_per_sequence.std().item() / math.sqrt(n) if n > 1 else 0.0
+    if mean < -(atol + 2 * stderr):
+        return HealthIssue("negative_kl", (
+            f"the batch KL to the reference is negative ({mean:.4g} nats per sequence, stderr "
+            f"{stderr:.2g}). The logprobs of the policy and the reference were computed "
+            "differently (temperature, dropout, padding, positions), or the reference drifted."))
+    return None
+
+
+# ----------------------------------------------------------------------------- trend checks
+
+
+@dataclass(frozen=True)
+class HealthThresholds:
+    clipfrac_max: float = 0.3  # sustained above this: steps too large
+    clipfrac_patience: int = 3  # iterations in a row
+    explained_var_min: float = 0.0  # sustained below this: the critic is not learning
+    explained_var_patience: int = 5
+    warmup: int = 5  # iterations before the explained-variance check starts
+    collapse_length: float = 0.25  # response length below this fraction of the first iteration's
+    collapse_entropy: float = 0.25  # entropy below this fraction of the first iteration's
+    collapse_distinct: float = 0.5  # distinct-2 below this fraction of the first iteration's
+
+
+@dataclass
+class HealthMonitor:
+    """Tracks the trend checks across iterations. Its state is saved in checkpoints."""
+
+    thresholds: HealthThresholds = field(default_factory=HealthThresholds)
+    first: dict = field(default_factory=dict)  # the first iteration's length/entropy/distinct
+    streaks: dict = field(default_factory=dict)  # check name -> iterations in a row it failed
+    iterations: int = 0
+
+    def observe(self, metrics: dict[str, float]) -> list[HealthIssue]:
+        """metrics: this iteration's logged values (policy/clipfrac, val/explained_var,
+        response/length, objective/entropy, response/distinct_2)."""
+        th, issues = self.thresholds, []
+        self.iterations += 1
+        if self._sustained("high_clipfrac", metrics["policy/clipfrac"] > th.clipfrac_max,
+                           th.clipfrac_patience):
+            issues.append(HealthIssue("high_clipfrac", (
+                f"policy/clipfrac has been above {th.clipfrac_max} for {th.clipfrac_patience} "
+                "iterations: the steps are too large. Lower --lr, or use more or smaller minibatches.")))
+        ev_bad = self.iterations > th.warmup and metrics["val/explained_var"] < th.explained_var_min
+        if self._sustained("negative_explained_var", ev_bad, th.explained_var_patience):
+            issues.append(HealthIssue("negative_explained_var", (
+                f"val/explained_var has been below {th.explained_var_min} for "
+                f"{th.explained_var_patience} iterations: the critic is not learning. Check "
+                "--value-lr and --vf-coef.")))
+        issues += self._collapse(metrics)
+        return issues
+
+    def _sustained(self, name: str, failing: bool, patience: int) -> bool:
+        self.streaks[name] = self.streaks.get(name, 0) + 1 if failing else 0
+        return self.streaks[name] >= patience
+
+    def _collapse(self, metrics: dict[str, float]) -> list[HealthIssue]:
+        th = self.thresholds
+        watched = {"response/length": th.collapse_length, "objective/entropy": th.collapse_entropy,
+                   "response/distinct_2": th.collapse_distinct}
+        if not self.first:
+            self.first = {k: float(metrics[k]) for k in watched}
+            return []
+        issues = []
+        for key, fraction in watched.items():
+            start, now = self.first[key], float(metrics[key])
+            if start > 0 and now < fraction * start:
+                issues.append(HealthIssue("collapse", (
+                    f"{key} fell to {now:.4g} from {start:.4g} at the first iteration (below "
+                    f"{fraction:.0%} of it): mode collapse or reward hacking. Raise --kl-coef or "
+                    "lower --lr.")))
+        return issues
+
+    def state_dict(self) -> dict:
+        return {"first": dict(self.first), "streaks": dict(self.streaks), "iterations": self.iterations}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.first = dict(state.get("first", {}))
+        self.streaks = dict(state.get("streaks", {}))
+        self.iterations = int(state.get("iterations", 0))
+
+
+def enforce(issues: list[HealthIssue], mode: str, step: int) -> None:
+    """Log every issue as a warning; under mode "abort", then stop the run."""
+    for issue in issues:
+        log.warning("health check %s failed at iteration %d: %s", issue.check, step, issue.message)
+    if issues and mode == "abort":
+        names = ", ".join(sorted({i.check for i in issues}))
+        raise TrainingError(f"health check(s) {names} failed at iteration {step} (--health abort): "
+                            f"{issues[0].message}")
+
+
+def as_dicts(issues: list[HealthIssue]) -> list[dict]:
+    return [asdict(i) for i in issues]

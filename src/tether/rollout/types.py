@@ -1,0 +1,91 @@
+"""The typed objects that one PPO iteration passes along: a Rollout, and the Experience built on it.
+
+Layout: prompts are LEFT-padded to a common length P, so every response starts at column P and
+the logits that predict response token t sit at column P - 1 + t for every row. Responses are
+padded on the right after their first EOS. B is the number of rollouts, T the response length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollout:
+    """What a generator returns: the prompts it was given and the responses it sampled."""
+
+    prompt_ids: Tensor  # (B, P) long, left-padded with the pad id
+    prompt_mask: Tensor  # (B, P) long, 1 on real prompt tokens
+    response_ids: Tensor  # (B, T) long, the pad id after the first EOS
+    response_mask: Tensor  # (B, T) long, 1 up to and including the first EOS
+    ended: Tensor  # (B,) bool, the response contains an EOS (else it was cut at T tokens)
+
+    @property
+    def n_prompt(self) -> int:
+        return self.prompt_ids.shape[1]
+
+    @property
+    def n_response(self) -> int:
+        return self.response_ids.shape[1]
+
+    def sequences(self) -> "Sequences":
+        """Prompt and response as one left-padded batch, ready for a forward pass."""
+        input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
+        attention_mask = torch.cat([self.prompt_mask, self.response_mask], dim=1)
+        return Sequences(input_ids, attention_mask, position_ids_from_mask(attention_mask),
+                         self.n_prompt, self.response_ids, self.response_mask)
+
+
+@dataclass
+class Sequences:
+    """The inputs of every policy, reference and critic forward over a batch of rollouts."""
+
+    input_ids: Tensor  # (B, P+T) long, prompt then response
+    attention_mask: Tensor  # (B, P+T) long, 0 on left padding and after the first EOS
+    position_ids: Tensor  # (B, P+T) long, 0 at the first real token (left padding shifts nothing)
+    n_prompt: int  # P: the response starts at this column
+    response_ids: Tensor  # (B, T) long, the tokens whose logprobs are wanted
+    response_mask: Tensor  # (B, T) long, 1 on response tokens
+
+    def rows(self, index: Tensor) -> "Sequences":
+        return replace(self, input_ids=self.input_ids[index], attention_mask=self.attention_mask[index],
+                       position_ids=self.position_ids[index], response_ids=self.response_ids[index],
+                       response_mask=self.response_mask[index])
+
+
+@dataclass
+class Experience:
+    """The PPO buffer of one iteration: sequences plus everything scored on them."""
+
+    seqs: Sequences  # the forward-pass inputs, (B, P+T)
+    logprobs: Tensor  # (B, T) float32, log pi_old(y_t) at the sampling temperature
+    ref_logprobs: Tensor  # (B, T) float32, log pi_ref(y_t) at the same temperature
+    values: Tensor  # (B, T) float32, V_old(x, y_<t) at rollout time
+    rm_scores: Tensor  # (B,) float32, calibrated RM score of each response (as judged)
+    scores: Tensor  # (B,) float32, the score paid: rm_scores, or the missing-EOS penalty
+    ended: Tensor  # (B,) bool, the response contains an EOS
+    kl: Tensor  # (B, T) float32, k1 = logprobs - ref_logprobs, 0 off the response
+    rewards: Tensor  # (B, T) float32, -beta * kl, plus the score at the last response token
+    advantages: Tensor  # (B, T) float32, GAE advantages, whitened over the batch
+    returns: Tensor  # (B, T) float32, unwhitened advantages + values: the critic's target
+
+    @property
+    def mask(self) -> Tensor:
+        return self.seqs.response_mask
+
+    def rows(self, index: Tensor) -> "Experience":
+        """The minibatch of the given rows (every tensor field is indexed along dim 0)."""
+        out = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "seqs"}
+        return Experience(seqs=self.seqs.rows(index), **out)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... counted over attended tokens only: (B, L) -> (B, L) long.
+
+    With left padding, HF models would otherwise number the first real token P - len(prompt);
+    models with absolute position embeddings (GPT-2) would then see shifted positions.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
