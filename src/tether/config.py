@@ -385,3 +385,236 @@ def config_help(cls: type, prog: str) -> str:
         for doc_line in textwrap.wrap(docs.get(f.name, ""), 90):
             lines.append("      " + doc_line)
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- reward model
+
+
+@dataclass(frozen=True)
+class RMConfig(TrainConfig):
+    """Reward model (SPEC stage 2): the SFT model plus a scalar head, trained on preference pairs
+    (Bradley-Terry) or K-wise rankings (InstructGPT), then calibrated so the mean score is 0.
+    --batch-size counts prompts: all responses of a prompt go into one forward pass."""
+
+    use_margin: bool = False
+    """Subtract each pair's `margin` column inside the sigmoid (Llama 2): a strongly preferred
+    pair must be separated by more. Pairs data only."""
+    calibration_data: Optional[str] = None
+    """Data whose mean score is set to 0 after training: prompt/completion rows (e.g. the SFT
+    demonstrations) or any preference format (its best-ranked responses). Default: the
+    best-ranked responses of --data."""
+    calibration_size: int = 1000
+    """Score at most this many calibration responses (the first ones)."""
+
+    def validate(self) -> None:
+        super().validate()
+        _positive(self, "calibration_size")
+
+
+@dataclass(frozen=True)
+class ScoreConfig(RunConfig):
+    """Score responses with a reward model (tether's, or any hub model that loads with
+    AutoModelForSequenceClassification and num_labels=1) and write one JSON line per row."""
+
+    output_dir: str = ""
+    """Optional run directory; with it, the scores go to output_dir/scores.jsonl (unless
+    --output is given) and a completion marker is written there."""
+    reward_model: str = ""
+    """The reward model directory (or hub id). Required."""
+    data: str = ""
+    """Rows to score: {prompt, response} (or {prompt, completion}), or any preference format
+    (pairs, hh-rlhf dialogues, K-wise rankings). Required."""
+    output: str = ""
+    """The JSON lines file to write. Required unless --output-dir is given."""
+    batch_size: int = 16
+    """Sequences per forward pass."""
+    max_length: int = 1024
+    """Longest sequence in tokens; longer ones lose the start of the prompt and the end of the
+    response, as in training."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype. auto is bfloat16 on a GPU that supports it, float32 otherwise."""
+
+    def validate(self) -> None:
+        if not self.reward_model:
+            raise ConfigError("--reward-model is required")
+        if not self.data:
+            raise ConfigError("--data is required")
+        if not self.output and not self.output_dir:
+            raise ConfigError("--output is required (or --output-dir, which writes scores.jsonl)")
+        _positive(self, "batch_size", "max_length")
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+@dataclass(frozen=True)
+class PPOConfig(RunConfig):
+    """PPO with a per-token KL penalty to the frozen SFT model (SPEC stage 3). Each iteration
+    samples --batch-size responses, scores them with the reward model, and takes
+    --ppo-epochs passes of clipped policy and value updates over them."""
+
+    policy: str = ""
+    """The SFT model to start from (a causal-LM directory or hub id). It is also the frozen
+    reference that the KL penalty ties the policy to. Required."""
+    reward_model: str = ""
+    """A tether reward model, or any Hugging Face SequenceClassification model with
+    num_labels=1. Its calibration bias (tether_reward_bias) is added to every score. Required."""
+    prompts: str = ""
+    """Prompts to sample from: a file or dataset with a `prompt` column, or `messages` (rendered
+    with the chat template and its generation prompt). Required."""
+    eval_prompts: Optional[str] = None
+    """Held-out prompts in the same format. When set, their mean RM score and KL are logged
+    under eval/ every --eval-every iterations and at the end."""
+    eval_every: int = 0
+    """Evaluate on --eval-prompts every N iterations; 0 means only at the end."""
+    max_steps: int = 100
+    """PPO iterations (rollout, score, update) to run."""
+    batch_size: int = 64
+    """Rollouts (prompt, response pairs) per iteration and per process."""
+    mini_batch_size: int = 0
+    """Rollouts per optimizer step; 0 means the whole batch. One minibatch is the cheapest
+    setting: the first epoch's forward pass then also gives the old logprobs and values, so no
+    separate scoring pass of the policy and critic is needed."""
+    ppo_epochs: int = 4
+    """Passes over each batch of rollouts (4 in InstructGPT and the N+ details paper)."""
+    response_length: int = 64
+    """Most tokens generated per response; a response without EOS by then is cut there."""
+    max_prompt_length: int = 256
+    """Longest prompt in tokens. Longer ones are truncated or dropped (--prompt-truncation);
+    the count is logged."""
+    prompt_truncation: Literal["left", "drop"] = "left"
+    """What to do with over-long prompts: keep their last tokens (the end of a prompt is what
+    the response continues), or drop them."""
+    temperature: float = 0.7
+    """Sampling temperature (0.7 in lm-human-preferences and the N+ details). The policy's and
+    the reference's logprobs are computed with the same temperature."""
+    top_k: int = 0
+    """Sample from the k most likely tokens only; 0 is off. Off by default because PPO's
+    ratio and the KL assume that responses are drawn from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling; 1.0 is off, for the same reason as --top-k."""
+    ignore_eos: bool = False
+    """Benchmarking only: keep generating after EOS so every response has exactly
+    --response-length tokens (they all count as having no EOS)."""
+    generation_backend: Literal["torch", "hf"] = "torch"
+    """torch: tether's own sampling loop with a KV cache (no per-token Python work beyond one
+    forward call; faster for small models). hf: transformers' generate()."""
+    lr: float = 1e-6
+    """Policy learning rate (AdamW). 1e-6 suits large models; tiny ones need 1e-4 or more."""
+    value_lr: float = 1e-5
+    """Critic learning rate: 10x the policy's, as the critic starts far from its targets."""
+    adam_eps: float = 1e-5
+    """AdamW epsilon; 1e-5 as in the N+ details (the 1e-8 default amplifies tiny gradients)."""
+    max_grad_norm: float = 1.0
+    """Clip each model's gradient norm to this value (0 disables)."""
+    kl_coef: float = 0.05
+    """beta, the weight of the per-token KL penalty in the reward (the initial value when
+    --kl-target is set). 0.05 is the default of the sources."""
+    kl_target: Optional[float] = None
+    """Adaptive beta (Ziegler et al.): move beta so that the KL per sequence tracks this
+    target, in nats. None keeps beta fixed."""
+    kl_horizon: int = 10000
+    """Samples it takes adaptive beta to move by about a factor of e^0.2 (Ziegler et al.)."""
+    cliprange: float = 0.2
+    """epsilon of the clipped policy ratio (PPO's default)."""
+    cliprange_value: float = 0.2
+    """How far the value may move from its rollout-time prediction in one update, in reward
+    units."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (0.1 as in lm-human-preferences). It matters most with
+    --critic head, where the value loss also trains the policy's trunk."""
+    gamma: float = 1.0
+    """Discount. 1.0: episodes are short and the score arrives at the end."""
+    lam: float = 0.95
+    """GAE lambda (bias-variance trade-off of the advantages)."""
+    whiten_rewards: bool = False
+    """Scale the per-token rewards to unit variance over the batch before GAE (mean kept)."""
+    missing_eos_penalty: Optional[float] = -1.0
+    """Score given, in place of the RM's score, to a response that reached --response-length
+    without EOS, so the policy learns to finish. None turns it off (SPEC default -1)."""
+    critic: Literal["separate", "head"] = "separate"
+    """separate: a second model initialised from the reward model, with its own optimizer, as in
+    InstructGPT and the N+ details (the default: the critic starts out knowing what the RM
+    rewards). head: a value head on the policy's trunk, as in lm-human-preferences; one forward
+    gives logits and values, which is about twice as cheap."""
+    ptx_data: Optional[str] = None
+    """PPO-ptx (InstructGPT): text to keep a language-modelling loss on, from a `text` column or
+    prompt/completion rows. Every minibatch adds ptx_coef x the LM loss on as many rows."""
+    ptx_coef: float = 1.0
+    """Weight of the PPO-ptx LM loss (used only with --ptx-data)."""
+    lora_r: int = 0
+    """LoRA rank for the policy; 0 trains all weights. With LoRA, the reference is the same base
+    model with its adapters disabled, so no second copy is held in memory."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch. 0: RL logprobs must not be noisy."""
+    lora_target_modules: str = "all-linear"
+    """Comma-separated module names for LoRA, or all-linear."""
+    merge_lora: bool = True
+    """Save merged full weights at the end of a LoRA run (plain from_pretrained loads them)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype. auto is bfloat16 on a GPU that supports it, float32 otherwise."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    save_every: int = 50
+    """Write an atomic checkpoint every N iterations (and always at the end)."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    health: Literal["warn", "abort"] = "warn"
+    """What a failed health check does (see docs/metrics.md): log a warning, or stop the run."""
+    samples_per_iteration: int = 4
+    """Completions written to samples.jsonl each iteration (with their score and KL)."""
+    tensorboard: bool = True
+    """Also write metrics as TensorBoard events under output_dir/tensorboard."""
+    progress: bool = True
+    """Show a progress bar with the reward and the KL."""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("policy", "reward_model", "prompts"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} is required")
+        _positive(self, "max_steps", "batch_size", "ppo_epochs", "response_length",
+                  "max_prompt_length", "save_every", "keep_checkpoints", "kl_horizon")
+        for name in ("lr", "value_lr", "temperature", "adam_eps", "cliprange", "cliprange_value"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.mini_batch_size < 0 or (self.mini_batch_size and self.batch_size % self.mini_batch_size):
+            raise ConfigError(f"--mini-batch-size must divide --batch-size ({self.batch_size}); "
+                              f"got {self.mini_batch_size}")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"--top-p must be in (0, 1] and --top-k >= 0; got {self.top_p}, {self.top_k}")
+        if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
+            raise ConfigError("--kl-coef must be >= 0 and --kl-target > 0")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ConfigError(f"--gamma and --lam must be in [0, 1]; got {self.gamma}, {self.lam}")
+        if min(self.vf_coef, self.ptx_coef, self.max_grad_norm, self.eval_every,
+               self.samples_per_iteration, self.lora_r) < 0:
+            raise ConfigError("--vf-coef, --ptx-coef, --max-grad-norm, --eval-every, "
+                              "--samples-per-iteration and --lora-r must be >= 0")
+
+    @property
+    def minibatch(self) -> int:
+        """Rollouts per optimizer step (mini_batch_size, with 0 meaning the whole batch)."""
+        return self.mini_batch_size or self.batch_size
+
+
+@dataclass(frozen=True)
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation on preference pairs or K-wise rankings (same formats as
+    tether rm), against the frozen starting model as the reference."""
+
+    beta: float = 0.1
+    """DPO temperature: how strongly the policy may move away from the reference (the implicit
+    KL coefficient). 0.1 is the paper's default."""
+    kl_samples: int = 64
+    """After training, sample this many held-out prompts from the policy and report
+    eval/kl_ref = KL(policy || reference) per sequence (0 disables)."""
+    kl_response_length: int = 64
+    """Response length for the KL samples."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta <= 0:
+            raise ConfigError(f"--beta must be > 0, got {self.beta}")

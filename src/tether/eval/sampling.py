@@ -1,0 +1,91 @@
+"""Sample responses from a causal LM for evaluation, best-of-N and preference-pair making.
+
+Built on the rollout engine (`tether.rollout.generate`), so evaluation samples exactly the way
+PPO does: left-padded prompts, a KV cache, responses cut at the first EOS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from tether.data.tokenize import encode_prompt
+
+
+@dataclass
+class Samples:
+    prompts: list[str]  # one per sample (a prompt repeats n times in a row)
+    responses: list[str]  # decoded, without the EOS
+    response_ids: list[list[int]]  # token ids, including the EOS when the response ended
+    ended: list[bool]  # the response contains an EOS
+
+
+@torch.no_grad()
+def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int = 1,
+                     max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
+                     max_prompt_length: int | None = None) -> Samples:
+    """`n` samples for every prompt, in prompt order. Deterministic for a given seed."""
+    from tether.models.load import eos_token_ids
+    from tether.rollout.generate import KVCacheSampler, SamplingParams, left_pad
+
+    eos = eos_token_ids(tokenizer, model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                            top_p=top_p, eos_token_ids=tuple(eos), pad_token_id=pad)
+    sampler = KVCacheSampler(model, params)
+    device = next(model.parameters()).device
+    rng = torch.Generator(device=device).manual_seed(seed)
+    flat = [p for p in prompts for _ in range(n)]
+    encoded = [encode_prompt(tokenizer, p) for p in flat]
+    if max_prompt_length:
+        encoded = [e[-max_prompt_length:] for e in encoded]
+    out = Samples([], [], [], [])
+    for at in range(0, len(flat), batch_size):
+        ids, mask = left_pad(encoded[at:at + batch_size], pad, device)
+        rollout = sampler.generate(ids, mask, rng)
+        for row in range(ids.shape[0]):
+            keep = rollout.response_ids[row][rollout.response_mask[row].bool()].tolist()
+            text_ids = [t for t in keep if t not in eos]
+            out.prompts.append(flat[at + row])
+            out.responses.append(tokenizer.decode(text_ids, skip_special_tokens=True))
+            out.response_ids.append(keep)
+            out.ended.append(bool(rollout.ended[row]))
+    return out
+
+
+@torch.no_grad()
+def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
+                      response_ids: Sequence[Sequence[int]], batch_size: int = 64) -> list[float]:
+    """Summed log-probability of each response (token ids) given its prompt, at temperature 1."""
+    from tether.ops.logprobs import sequence_logprobs
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: list[float] = []
+    for at in range(0, len(prompts), batch_size):
+        rows, labels = [], []
+        for prompt, resp in zip(prompts[at:at + batch_size], response_ids[at:at + batch_size]):
+            p = encode_prompt(tokenizer, prompt)
+            rows.append(p + list(resp))
+            labels.append([-100] * len(p) + list(resp))
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (r, l) in enumerate(zip(rows, labels)):
+            ids[i, :len(r)], lab[i, :len(l)], mask[i, :len(r)] = torch.tensor(r), torch.tensor(l), 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        sums, _ = sequence_logprobs(logits, lab.to(device))
+        out.extend(sums.tolist())
+    return out
+
+
+def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, samples: Samples,
+                    batch_size: int = 64) -> float:
+    """Monte-Carlo KL(policy || reference) per sequence: mean of log pi(y) - log ref(y), y ~ pi."""
+    lp = response_logprobs(policy, tokenizer, samples.prompts, samples.response_ids, batch_size)
+    lr = response_logprobs(reference, tokenizer, samples.prompts, samples.response_ids, batch_size)
+    return sum(a - b for a, b in zip(lp, lr)) / max(len(lp), 1)

@@ -1,0 +1,167 @@
+"""`tether dpo`: direct preference optimisation (SPEC, "Alternatives").
+
+L = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]), with
+sequence log-probabilities summed over response tokens (plus the EOS, as in SFT). It reads the
+same preference formats as `tether rm`; a K-wise group contributes each of its ranked pairs.
+
+The reference is the starting model. Its log-probabilities over the training and eval pairs are
+computed once, before the first update (under LoRA: before the adapters exist, which is the
+adapter-disabled base), so no second model is held in memory while training.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from tether.config import DPOConfig, save_config
+from tether.data.io import load_rows
+from tether.data.preference import load_preference_groups, read_preference_rows
+from tether.data.sft import IGNORE
+from tether.losses.dpo import dpo_loss
+from tether.models.load import apply_lora, count_parameters, load_causal_lm, load_tokenizer
+from tether.models.save import mark_complete, save_model
+from tether.ops.logprobs import sequence_logprobs
+from tether.training.loop import LoopSpec, train_supervised
+from tether.training.runtime import make_accelerator, prepare_output_dir, resolve_dtype
+
+log = logging.getLogger("tether")
+
+
+@dataclass
+class PairUnit:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # response + EOS
+    rejected_ids: list[int]
+    ref_chosen: float = 0.0  # log ref(y_w | x), filled before training
+    ref_rejected: float = 0.0
+
+
+def load_pairs(source: str, tokenizer: Any, max_length: int, over_length: str) -> list[PairUnit]:
+    """Every (better, worse) pair of every group, with the EOS appended to both responses."""
+    eos = tokenizer.eos_token_id
+    groups = load_preference_groups(source, tokenizer, max_length - 1, over_length)
+    return [PairUnit(g.prompt_ids, g.response_ids[i] + [eos], g.response_ids[j] + [eos])
+            for g in groups for i, j in g.pairs()]
+
+
+def collate_pairs(units: Sequence[PairUnit], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows: input_ids/attention_mask/labels (2B, L)."""
+    rows = [(u.prompt_ids, u.chosen_ids) for u in units] + [(u.prompt_ids, u.rejected_ids) for u in units]
+    width = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        labels[i, len(p):n] = torch.tensor(r)
+        mask[i, :n] = 1
+    ref = torch.tensor([u.ref_chosen for u in units] + [u.ref_rejected for u in units])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "ref_logps": ref}
+
+
+def _policy_logps(model: Any, batch: dict) -> torch.Tensor:
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return sequence_logprobs(logits, batch["labels"])[0]
+
+
+@torch.no_grad()
+def fill_reference_logps(model: Any, units: Sequence[PairUnit], pad_id: int, batch_size: int) -> None:
+    model.eval()
+    device = next(model.parameters()).device
+    for at in range(0, len(units), batch_size):
+        chunk = units[at:at + batch_size]
+        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        logps = _policy_logps(model, batch).tolist()
+        for i, u in enumerate(chunk):
+            u.ref_chosen, u.ref_rejected = logps[i], logps[len(chunk) + i]
+    model.train()
+
+
+def make_loss_fn(beta: float):
+    def loss_fn(model: Any, batch: dict) -> tuple[torch.Tensor, dict]:
+        logps = _policy_logps(model, batch)
+        n = logps.shape[0] // 2
+        ref = batch["ref_logps"]
+        loss, stats = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta)
+        # the loop wants sums over pairs; dpo_loss gives means
+        sums = {"accuracy": stats["rewards/accuracy"] * n, "margin": stats["rewards/margin"] * n,
+                "reward_chosen": stats["rewards/chosen"] * n,
+                "reward_rejected": stats["rewards/rejected"] * n,
+                "logratio_chosen": (logps[:n] - ref[:n]).detach().sum()}
+        return loss * n, sums
+    return loss_fn
+
+
+def _eval_prompts(cfg: DPOConfig) -> list[str]:
+    source = cfg.eval_data or cfg.data
+    rows = read_preference_rows(load_rows(source), source)
+    seen, prompts = set(), []
+    for r in rows:
+        if r["prompt"] not in seen:
+            seen.add(r["prompt"])
+            prompts.append(r["prompt"])
+    return prompts[:cfg.kl_samples]
+
+
+def make_kl_hook(cfg: DPOConfig, tokenizer: Any):
+    """After training: KL(policy || reference) on responses sampled from the policy."""
+    def hook(model: Any) -> dict:
+        if cfg.kl_samples <= 0:
+            return {}
+        from tether.eval.sampling import kl_to_reference, sample_responses
+
+        reference = load_causal_lm(cfg.model, resolve_dtype(cfg.dtype), cfg.trust_remote_code)
+        reference.to(next(model.parameters()).device)
+        was_training = model.training
+        model.eval()
+        samples = sample_responses(model, tokenizer, _eval_prompts(cfg), n=1,
+                                   max_new_tokens=cfg.kl_response_length, seed=cfg.seed)
+        kl = kl_to_reference(model, reference, tokenizer, samples)
+        model.train(was_training)
+        return {"eval/kl_ref": kl}
+    return hook
+
+
+def run(cfg: DPOConfig) -> dict:
+    """Train with DPO and save the policy into cfg.output_dir; returns the summary."""
+    # 1. runtime and run directory
+    accelerator = make_accelerator(cfg.seed)
+    out = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+    # 2. tokenizer and pairs
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    train = load_pairs(cfg.data, tokenizer, cfg.max_length, cfg.over_length)
+    held = load_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.over_length) if cfg.eval_data else []
+    if not cfg.eval_data and cfg.eval_fraction > 0 and len(train) > 1:
+        n_eval = max(1, int(len(train) * cfg.eval_fraction))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
+    log.info("dpo: %d train / %d eval pairs, beta %.3g", len(train), len(held), cfg.beta)
+    # 3. model; the reference log-probs come from it before any update (and before LoRA)
+    model = load_causal_lm(cfg.model, resolve_dtype(cfg.dtype), cfg.trust_remote_code,
+                           cfg.gradient_checkpointing)
+    model.to(accelerator.device)
+    fill_reference_logps(model, train + held, tokenizer.pad_token_id, cfg.batch_size * 2)
+    if cfg.lora_r > 0:
+        model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    log.info("model: %s, %.2fM parameters", cfg.model, count_parameters(model) / 1e6)
+    # 4. the shared loop
+    pad = tokenizer.pad_token_id
+    spec = LoopSpec("dpo", model, train, held or None, lambda units: collate_pairs(units, pad),
+                    make_loss_fn(cfg.beta), lambda batch: batch["input_ids"].shape[0] / 2,
+                    eval_hook=make_kl_hook(cfg, tokenizer), bar_keys=("loss", "accuracy"))
+    result = train_supervised(cfg, accelerator, spec)
+    # 5. the output directory becomes the final policy
+    summary = {"steps": result.step, "train_seconds": round(result.train_seconds, 2), **result.final_eval}
+    if accelerator.is_main_process:
+        save_model(result.model, tokenizer, out, merge_lora=cfg.merge_lora)
+        mark_complete(out, "dpo", summary)
+    accelerator.wait_for_everyone()
+    log.info("dpo done: %s -> %s", summary, out)
+    return summary
