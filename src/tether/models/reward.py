@@ -11,7 +11,7 @@ plain transformers gives the raw score (without the bias).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -21,18 +21,32 @@ BIAS_KEY = "tether_reward_bias"
 STD_KEY = "tether_reward_std"
 
 
+HEAD_NAMES = ("score", "classifier", "v_head")
+
+
+def _unwrap_peft(model: Any) -> Any:
+    """The transformers model inside a peft wrapper (its LoRA layers stay active), else model."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def scalar_head_name(model: Any) -> str:
+    """Attribute name of the scalar head (`score` on most architectures)."""
+    inner = _unwrap_peft(model)
+    for name in HEAD_NAMES:
+        if isinstance(getattr(inner, name, None), torch.nn.Module):
+            return name
+    raise TetherError(f"{type(inner).__name__} has no scalar head named {'/'.join(HEAD_NAMES)}")
+
+
 def scalar_head(model: Any) -> torch.nn.Module:
     """The linear head of a sequence-classification model (`score` on most architectures)."""
-    for name in ("score", "classifier", "v_head"):
-        head = getattr(model, name, None)
-        if isinstance(head, torch.nn.Module):
-            return head
-    raise TetherError(f"{type(model).__name__} has no scalar head named score/classifier")
+    return getattr(_unwrap_peft(model), scalar_head_name(model))
 
 
 def backbone(model: Any) -> torch.nn.Module:
     """The transformer trunk (without the head) of a sequence-classification model."""
-    return model.base_model
+    return _unwrap_peft(model).base_model
 
 
 def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
@@ -100,3 +114,58 @@ def reward_bias(model: Any) -> float:
 def calibrated_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Scores with tether's calibration bias added (what PPO and best-of-N consume)."""
     return sequence_scores(model, input_ids, attention_mask) + reward_bias(model)
+
+
+def score_texts(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
+                batch_size: int = 16, max_length: Optional[int] = None,
+                calibrated: bool = True) -> list[float]:
+    """Score each (prompt, response) text pair: one float per pair, in input order.
+
+    Tokenised the way the reward model was trained (`encode_prompt` + `encode_response`, no
+    EOS). Sequences longer than `max_length` are cut like training data (prompt from the left,
+    response from the right). Batches are formed from length-sorted sequences to waste little
+    compute on padding. Calibrated scores (bias added) unless `calibrated=False`.
+    """
+    from tether.data.preference import fit_to_length, prompt_special_count
+    from tether.data.tokenize import encode_prompt, encode_response
+
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    n_special = prompt_special_count(tokenizer)
+    seqs = []
+    for prompt, response in zip(prompts, responses):
+        p, r = encode_prompt(tokenizer, prompt), encode_response(tokenizer, response)
+        if max_length is not None and len(p) + len(r) > max_length:
+            fitted = fit_to_length(p, [r], max_length, n_special)
+            if fitted is None:  # an empty response after a too-long prompt: keep the prompt's end
+                p, r = p[len(p) - max_length:], []
+            else:
+                p, r = fitted[0], fitted[1][0]
+        seqs.append(p + r)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    bias = reward_bias(model) if calibrated else 0.0
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    out = [0.0] * len(seqs)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for at in range(0, len(order), batch_size):
+            chunk = order[at:at + batch_size]
+            ids, mask = _right_pad([seqs[i] for i in chunk], pad)
+            scores = sequence_scores(model, ids.to(device), mask.to(device))
+            for i, value in zip(chunk, scores.tolist()):
+                out[i] = value + bias
+    model.train(was_training)
+    return out
+
+
+def _right_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask, shape (B, longest), padded on the right."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[row, :len(s)] = 1
+    return ids, mask
