@@ -1,0 +1,193 @@
+"""`tether ppo`: PPO with a per-token KL penalty to the frozen SFT model (SPEC stage 3).
+
+`run(cfg)` is the whole stage: build the components (recipes/ppo_setup.py), run iterations,
+log, checkpoint, save. `run_iteration(parts, step)` is one iteration, SPEC's steps in order; a
+benchmark can build the parts once and time iterations directly. docs/ppo.md counts the
+forward passes one iteration costs; docs/metrics.md explains every logged name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tether.config import PPOConfig, save_config
+from tether.errors import Interrupted
+from tether.ops.advantages import gae
+from tether.ops.masking import masked_whiten
+from tether.recipes.ppo_outputs import evaluate, sample_rows, save_final
+from tether.recipes.ppo_setup import PPOParts, build
+from tether.recipes.ppo_update import forward_policy, mean_entropy, ppo_update, score_old_policy
+from tether.rollout.health import HealthIssue, check_kl_not_negative, check_reward_layout, enforce
+from tether.rollout.stats import experience_metrics
+from tether.rollout.types import Experience
+from tether.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tether.training.metrics import MetricsWriter
+from tether.training.progress import Progress
+from tether.training.runtime import any_process, check_finite, make_accelerator, prepare_output_dir
+from tether.training.signals import StopRequest
+
+log = logging.getLogger("tether")
+
+__all__ = ["run", "run_iteration", "build", "PPOParts", "IterationResult"]
+
+
+@dataclass
+class IterationResult:
+    metrics: dict[str, float]  # the fixed metric names of docs/metrics.md
+    experience: Experience  # this iteration's buffer
+    prompt_texts: list[str]
+    issues: list[HealthIssue]
+
+
+class PhaseClock:
+    """Wall time per phase. On a GPU it synchronises at each lap, or the work queued by one
+    phase would be billed to the next."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.start = self.last = time.perf_counter()
+        self.totals: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def metrics(self) -> dict[str, float]:
+        self.lap("other")
+        return {**{f"timing/{k}": v for k, v in self.totals.items() if k != "other"},
+                "timing/iteration": self.last - self.start}
+
+
+def sampling_rng(cfg: PPOConfig, step: int, device: torch.device) -> torch.Generator:
+    """The sampling noise of iteration `step`: a function of the seed and the step only."""
+    return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+
+
+def run_iteration(parts: PPOParts, step: int) -> IterationResult:
+    """One PPO iteration on the prompts of iteration `step` (1-based): rollout, score, rewards,
+    advantages, update, KL control, health checks."""
+    cfg, clock = parts.cfg, PhaseClock(parts.device)
+    # 1. rollout: one response per prompt at temperature T, prompts left-padded
+    indices = parts.order.step_indices(step - 1, parts.accelerator.process_index)[0]
+    prompt_ids, prompt_mask, texts = parts.prompts.batch(indices, parts.tokenizer.pad_token_id, parts.device)
+    rollout = parts.generator.generate(prompt_ids, prompt_mask, sampling_rng(cfg, step, parts.device))
+    seqs, mask = rollout.sequences(), rollout.response_mask
+    clock.lap("rollout")
+    # 2. score: pi_ref logprobs (same T), calibrated RM scores, the missing-EOS penalty
+    ref_logprobs = parts.reference.logprobs(seqs, cfg.temperature)
+    rm_scores = parts.reward.score(seqs, texts)
+    scores = rm_scores if cfg.missing_eos_penalty is None else torch.where(
+        rollout.ended, rm_scores, torch.full_like(rm_scores, cfg.missing_eos_penalty))
+    # 2b. pi_old and V_old. With one minibatch, the first update epoch's forward gives them
+    #     (ratio exactly 1) and its graph is reused; otherwise a no-grad pass scores the batch.
+    first = None
+    if cfg.minibatch >= cfg.batch_size:
+        clock.lap("score")
+        first = forward_policy(parts, seqs)
+        clock.lap("update")
+        logprobs, values = first.logprobs.detach(), first.values.detach()
+        entropy = mean_entropy(first.logits, mask, cfg.temperature)
+    else:
+        logprobs, values, entropy = score_old_policy(parts, seqs)
+    # 3. per-token rewards: -beta * k1 on every response token, the score at the last one
+    beta = parts.kl_ctl.value
+    rewards, kl = parts.reward_fn(logprobs, ref_logprobs, scores, mask, beta)
+    issues = [check_reward_layout(rewards, logprobs, ref_logprobs, scores, mask, beta),
+              check_kl_not_negative(kl.sum(-1))]
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    # 4. advantages: GAE over response tokens, whitened over the batch; returns = A + V
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    exp = Experience(seqs, logprobs, ref_logprobs, values, rm_scores, scores, rollout.ended, kl,
+                     rewards, masked_whiten(advantages, mask), returns)
+    clock.lap("score")
+    # 5. update: ppo_epochs passes of clipped policy + value (+ ptx) losses over minibatches
+    update_stats = ppo_update(parts, exp, step, first)
+    parts.generator.sync_weights()
+    clock.lap("update")
+    # 6. KL control: adaptive beta follows this batch's mean KL per sequence
+    stats = {**experience_metrics(exp, beta), "objective/entropy": entropy, **update_stats}
+    metrics = {k: float(v) for k, v in stats.items()}  # the iteration's one host sync
+    check_finite(torch.tensor(metrics["policy/loss"] + metrics["val/loss"]), step, "the PPO loss")
+    parts.kl_ctl.update(metrics["objective/kl"], n_steps=exp.rewards.shape[0])
+    # 7. health: the reference probe is unchanged, and the trends are sane
+    issues += [parts.probe.check(parts.reference)] + parts.health.observe(metrics)
+    issues = [i for i in issues if i is not None]
+    metrics["health/issues"] = float(len(issues))
+    metrics.update(clock.metrics())
+    return IterationResult(metrics, exp, texts, issues)
+
+
+def trainer_state(parts: PPOParts, step: int) -> dict:
+    """What resume needs beyond weights, optimizers and RNG (which accelerate saves)."""
+    return {"kl_ctl": parts.kl_ctl.state_dict(), "health": parts.health.state_dict(),
+            "prompt_position": step * parts.order.global_batch,
+            "prompt_epoch": parts.order.epoch_of(step)}
+
+
+def resume(parts: PPOParts, out: Any) -> int:
+    """Restore the latest checkpoint; returns its iteration (0 when there is none)."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return 0
+    state = load_checkpoint(parts.accelerator, ckpt)
+    parts.kl_ctl.load_state_dict(state["kl_ctl"])
+    parts.health.load_state_dict(state["health"])
+    log.info("resumed from %s at iteration %d (prompt %d)", ckpt, state["step"], state["prompt_position"])
+    return int(state["step"])
+
+
+def run(cfg: PPOConfig) -> dict:
+    """Train the policy with PPO and save it into cfg.output_dir; returns the summary."""
+    # 1. runtime, run directory and components
+    accelerator = make_accelerator(cfg.seed)
+    out = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+    parts = build(cfg, accelerator)
+    # 2. resume: weights, optimizers, RNG, beta, health trends; the data position is the step
+    start = resume(parts, out) if cfg.resume else 0
+    is_main = accelerator.is_main_process
+    resumed = start if cfg.resume and start else None
+    metrics = MetricsWriter(out, is_main, cfg.tensorboard, resume_step=resumed)
+    samples = MetricsWriter(out, is_main, False, resume_step=resumed, filename="samples.jsonl")
+    bar = Progress(cfg.max_steps, start, "ppo", cfg.progress and is_main)
+    t0, row = time.perf_counter(), {}
+    try:
+        with StopRequest() as stop:
+            # 3. the loop: one iteration = rollout, score, update (see run_iteration)
+            for step in range(start + 1, cfg.max_steps + 1):
+                result = run_iteration(parts, step)
+                row = result.metrics
+                if parts.eval_prompts is not None and (
+                        step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    row.update(evaluate(parts))
+                metrics.log(step, row)
+                for sample in sample_rows(parts, result, cfg.samples_per_iteration):
+                    samples.log(step, sample)
+                bar.update(1, reward=row["objective/rm_score"], kl=row["objective/kl"])
+                enforce(result.issues, cfg.health, step)  # abort: stop before saving this state
+                interrupted = any_process(accelerator, stop.requested)
+                # 4. atomic checkpoints
+                if step % cfg.save_every == 0 or step == cfg.max_steps or interrupted:
+                    save_checkpoint(accelerator, out, step, trainer_state(parts, step), cfg.keep_checkpoints)
+                if interrupted:
+                    raise Interrupted(f"stopped at iteration {step}; checkpoint saved under "
+                                      f"{out}/checkpoints. Rerun the same command with --resume to continue.")
+    finally:
+        bar.close()
+        metrics.close()
+    # 5. the output directory becomes the policy; the critic goes to output_dir/critic
+    summary = {"steps": cfg.max_steps, "train_seconds": round(time.perf_counter() - t0, 2),
+               **{k: v for k, v in row.items() if k.startswith(("objective/", "eval/"))}}
+    save_final(parts, out, summary)
+    log.info("ppo done: %s -> %s", summary, out)
+    return summary

@@ -1,0 +1,111 @@
+"""PPO's data: prompts (tokenised once, over-long ones truncated or dropped) and PPO-ptx text.
+
+The order of prompts is decided by `GlobalBatches` from the seed alone: iteration i always uses
+the same prompts, which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from tether.data.io import load_rows, require_columns
+from tether.data.tokenize import encode_prompt, encode_response
+from tether.errors import DataError
+from tether.rollout.generate import left_pad
+from tether.training.runtime import GlobalBatches
+
+log = logging.getLogger("tether")
+
+
+@dataclass
+class PromptSet:
+    ids: list[list[int]]  # one token list per prompt
+    texts: list[str]  # the prompt as the policy reads it (chat template applied)
+    truncated: int = 0
+    dropped: int = 0
+
+    def batch(self, indices: Sequence[int], pad_token_id: int,
+              device: Any) -> tuple[Tensor, Tensor, list[str]]:
+        """(ids (B, P), mask (B, P), texts): the prompts at `indices`, left-padded."""
+        ids, mask = left_pad([self.ids[i] for i in indices], pad_token_id, device)
+        return ids, mask, [self.texts[i] for i in indices]
+
+
+def prompt_text(tokenizer: Any, row: dict, where: str) -> tuple[str, bool]:
+    """(text, is_chat) of one row: `prompt`, or `messages` rendered with the chat template and its
+    generation prompt. A final assistant turn (SFT-style rows) is left out: it is the answer."""
+    if "messages" in row and row["messages"]:
+        messages = list(row["messages"])
+        if messages[-1].get("role") == "assistant":
+            messages = messages[:-1]
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"{where}: 'messages' rows need a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    return str(row["prompt"]), False
+
+
+def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) -> PromptSet:
+    """Tokenise every prompt; truncate from the left (keeping a leading BOS) or drop over-long
+    ones, and log how many."""
+    ds = load_rows(source)
+    column = "messages" if "messages" in ds.column_names else "prompt"
+    require_columns(ds, [column], source)
+    out = PromptSet([], [])
+    bos = tokenizer.bos_token_id
+    for i, row in enumerate(ds):
+        text, chat = prompt_text(tokenizer, row, f"{source} row {i + 1}")
+        # a rendered chat template carries its own special tokens
+        ids = encode_response(tokenizer, text) if chat else encode_prompt(tokenizer, text)
+        if len(ids) > max_length:
+            if truncation == "drop":
+                out.dropped += 1
+                continue
+            keep_bos = bos is not None and ids[0] == bos and max_length > 1
+            ids = ([bos] + ids[-(max_length - 1):]) if keep_bos else ids[-max_length:]
+            out.truncated += 1
+        out.ids.append(ids)
+        out.texts.append(text)
+    if out.truncated or out.dropped:
+        log.warning("%s: %d prompt(s) longer than --max-prompt-length %d were %s", source,
+                    out.truncated or out.dropped, max_length,
+                    "truncated from the left" if out.truncated else "dropped")
+    if not out.ids:
+        raise DataError(f"{source}: no prompt fits --max-prompt-length {max_length}")
+    return out
+
+
+class PtxData:
+    """PPO-ptx rows (InstructGPT): plain text kept under a language-modelling loss.
+
+    Rows hold `text`, or `prompt` + `completion`. Batch k uses rows decided by the seed alone.
+    """
+
+    def __init__(self, source: str, tokenizer: Any, max_length: int, rows_per_batch: int, seed: int):
+        ds = load_rows(source)
+        if "text" in ds.column_names:
+            require_columns(ds, ["text"], source)
+            texts = [str(t) for t in ds["text"]]
+        else:
+            require_columns(ds, ["prompt", "completion"], source)
+            texts = [str(p) + str(c) for p, c in zip(ds["prompt"], ds["completion"])]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.rows = [(encode_prompt(tokenizer, t) + eos)[:max_length] for t in texts]
+        self.pad = tokenizer.pad_token_id
+        self.order = GlobalBatches(len(self.rows), rows_per_batch, 1, 1, seed + 1)
+
+    def batch(self, k: int, device: Any) -> dict[str, Tensor]:
+        """Right-padded input_ids, attention_mask and labels (-100 on padding) of batch k."""
+        rows = [self.rows[i] for i in self.order.step_indices(k, 0)[0]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}

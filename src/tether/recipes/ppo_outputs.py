@@ -1,0 +1,81 @@
+"""What a PPO run leaves behind besides metrics: sample completions, held-out evaluation, and
+the final policy (the output directory itself) with its critic in output_dir/critic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tether.models.critic import save_value_head
+from tether.models.save import mark_complete, save_model
+
+EVAL_SEED = 7919  # held-out prompts get the same sampling noise at every evaluation
+
+
+def sample_rows(parts: Any, result: Any, n: int) -> list[dict]:
+    """The first n rollouts of the iteration as {prompt, response, rm_score, kl, ended}."""
+    exp = result.experience
+    rows = []
+    for i in range(min(n, exp.rewards.shape[0])):
+        keep = exp.mask[i].bool()
+        response = parts.tokenizer.decode(exp.seqs.response_ids[i][keep].tolist(), skip_special_tokens=True)
+        rows.append({"prompt": result.prompt_texts[i], "response": response,
+                     "rm_score": float(exp.rm_scores[i]), "kl": float(exp.kl[i].sum()),
+                     "ended": bool(exp.ended[i])})
+    return rows
+
+
+@torch.no_grad()
+def evaluate(parts: Any) -> dict[str, float]:
+    """Mean RM score, KL to the reference (per sequence), length and EOS rate of the policy's
+    responses to the held-out prompts, sampled as in training."""
+    cfg, prompts = parts.cfg, parts.eval_prompts
+    rng = torch.Generator(device=parts.device).manual_seed(cfg.seed * 1_000_003 + EVAL_SEED)
+    totals = {"eval/rm_score": 0.0, "eval/kl": 0.0, "eval/length": 0.0, "eval/eos_rate": 0.0}
+    n = len(prompts.ids)
+    for start in range(0, n, cfg.batch_size):
+        ids, mask, texts = prompts.batch(range(start, min(n, start + cfg.batch_size)),
+                                         parts.tokenizer.pad_token_id, parts.device)
+        rollout = parts.generator.generate(ids, mask, rng)
+        seqs = rollout.sequences()
+        ref = parts.reference.logprobs(seqs, cfg.temperature)
+        logprobs = _policy_logprobs(parts, seqs)
+        kl = torch.where(rollout.response_mask.bool(), logprobs - ref, torch.zeros_like(ref)).sum(-1)
+        totals["eval/rm_score"] += float(parts.reward.score(seqs, texts).sum())
+        totals["eval/kl"] += float(kl.sum())
+        totals["eval/length"] += float(rollout.response_mask.sum())
+        totals["eval/eos_rate"] += float(rollout.ended.sum())
+    return {k: v / n for k, v in totals.items()}
+
+
+def _policy_logprobs(parts: Any, seqs: Any) -> torch.Tensor:
+    from tether.models.critic import response_logits
+    from tether.ops.logprobs import token_logprobs
+
+    lm = parts.policy_lm()
+    was_training = lm.training
+    lm.eval()
+    logits = response_logits(lm, seqs.input_ids, seqs.attention_mask, seqs.position_ids,
+                             seqs.response_ids.shape[1])
+    lm.train(was_training)
+    return token_logprobs(logits, seqs.response_ids, parts.cfg.temperature)
+
+
+def save_final(parts: Any, out: Path, summary: dict) -> None:
+    """The output directory becomes the policy (plain from_pretrained loads it); the critic is
+    saved in output_dir/critic: a SequenceClassification directory (separate) or the value head
+    weights (head). The completion marker is written last."""
+    acc = parts.accelerator
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        actor = acc.unwrap_model(parts.actor)
+        critic_dir = Path(out) / "critic"
+        if parts.critic is not None:
+            save_model(acc.unwrap_model(parts.critic).model, parts.tokenizer, critic_dir)
+        else:
+            save_value_head(actor.value_head, critic_dir)
+        save_model(actor.lm, parts.tokenizer, out, merge_lora=parts.cfg.merge_lora)
+        mark_complete(out, "ppo", {**summary, "critic": parts.cfg.critic})
+    acc.wait_for_everyone()

@@ -1,0 +1,183 @@
+"""Build everything one PPO iteration needs (`PPOParts`), so the recipe's loop and a benchmark
+can both run iterations over the same components."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from tether.config import PPOConfig
+from tether.errors import ConfigError
+from tether.models.critic import Actor, Critic, new_value_head
+from tether.models.load import (apply_lora, count_parameters, disable_dropout, eos_token_ids,
+                                load_causal_lm, load_tokenizer)
+from tether.models.reward import load_reward_model
+from tether.ops.advantages import kl_penalised_rewards
+from tether.ops.kl import AdaptiveKLController, FixedKLController
+from tether.recipes.ppo_data import PromptSet, PtxData, load_prompts
+from tether.rollout.generate import Generator, SamplingParams, left_pad, make_generator
+from tether.rollout.health import HealthMonitor, ReferenceProbe
+from tether.rollout.score import Reference, RewardScorer, same_vocabulary
+from tether.rollout.types import Rollout
+from tether.training.runtime import GlobalBatches, make_accelerator, resolve_dtype
+
+log = logging.getLogger("tether")
+
+PROBE_ROWS, PROBE_TOKENS = 2, 8  # the reference probe: 2 prompts x 8 tokens, a tiny forward
+
+
+@dataclass
+class PPOParts:
+    """The components of a PPO run. `actor`, `critic` and the optimizers are the trainable,
+    checkpointed ones; the reference and the reward model are frozen and rebuilt from their
+    sources on resume."""
+
+    cfg: PPOConfig
+    accelerator: Any
+    tokenizer: Any
+    actor: Actor  # the policy (and with --critic head its value head), as prepared by accelerate
+    critic: Optional[Critic]  # the separate critic; None with --critic head
+    optimizers: list  # [policy] or [policy, critic]
+    reference: Reference
+    reward: RewardScorer
+    generator: Generator
+    kl_ctl: Any  # FixedKLController or AdaptiveKLController
+    prompts: PromptSet
+    order: GlobalBatches  # which prompts iteration i uses
+    eos_token_ids: tuple[int, ...]
+    probe: ReferenceProbe
+    health: HealthMonitor = field(default_factory=HealthMonitor)
+    eval_prompts: Optional[PromptSet] = None
+    ptx: Optional[PtxData] = None
+    # Builds the per-token rewards; a parameter so that tests can inject the faults the
+    # health checks must catch (a flipped KL sign, a broadcast score).
+    reward_fn: Callable = kl_penalised_rewards
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def trainables(self) -> list[tuple[str, Any, Any]]:
+        """(metric prefix, model, optimizer) pairs: each is clipped and stepped on its own."""
+        out = [("policy", self.actor, self.optimizers[0])]
+        if self.critic is not None:
+            out.append(("val", self.critic, self.optimizers[1]))
+        return out
+
+    def policy_lm(self) -> Any:
+        """The policy as a plain (possibly peft-wrapped) causal LM."""
+        return self.accelerator.unwrap_model(self.actor).lm
+
+
+def freeze(model: Any) -> Any:
+    """Frozen for good: eval mode, dropout off, no parameter trainable."""
+    disable_dropout(model)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_policy_and_reference(cfg: PPOConfig, dtype: torch.dtype) -> tuple[Any, Reference]:
+    """The trainable policy, and pi_ref: a frozen second copy, or with LoRA the policy's own base
+    with adapters disabled (no second copy)."""
+    lm = load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code, cfg.gradient_checkpointing)
+    disable_dropout(lm)
+    if cfg.lora_r > 0:
+        lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        return lm, Reference(lm, adapters_off=True)
+    return lm, Reference(freeze(load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code)))
+
+
+def load_reward_side(cfg: PPOConfig, tokenizer: Any, dtype: torch.dtype,
+                     eos_ids: tuple[int, ...]) -> tuple[RewardScorer, Optional[Critic]]:
+    """The frozen RM (calibration bias included in its scores) and, with --critic separate, a
+    trainable critic initialised from it."""
+    rm = freeze(load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code, tokenizer.pad_token_id))
+    rm_tokenizer = None
+    try:
+        own = load_tokenizer(cfg.reward_model, cfg.trust_remote_code)
+        rm_tokenizer = None if same_vocabulary(own, tokenizer) else own
+    except Exception:  # an RM directory without tokenizer files shares the policy's
+        rm_tokenizer = None
+    if rm_tokenizer is not None:
+        log.info("reward model has its own tokenizer: responses are re-tokenised for it")
+        if cfg.critic == "separate":
+            raise ConfigError("--critic separate initialises the critic from the reward model, which "
+                              "needs the policy's tokenizer; this RM has another. Use --critic head.")
+    scorer = RewardScorer(rm, eos_ids, tokenizer.pad_token_id, tokenizer, rm_tokenizer,
+                          max_length=cfg.max_prompt_length + cfg.response_length)
+    if cfg.critic == "head":
+        return scorer, None
+    critic_model = load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code, tokenizer.pad_token_id)
+    disable_dropout(critic_model)
+    if cfg.gradient_checkpointing:
+        critic_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return scorer, Critic(critic_model)
+
+
+def make_optimizers(cfg: PPOConfig, actor: Actor, critic: Optional[Critic]) -> list:
+    """AdamW with eps 1e-5 (N+ details). With a value head, one optimizer holds both the policy
+    (at --lr) and the head (at --value-lr), since they share the trunk's backward pass."""
+    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
+    groups = [{"params": trainable(actor.lm), "lr": cfg.lr}]
+    if actor.value_head is not None:
+        groups.append({"params": list(actor.value_head.parameters()), "lr": cfg.value_lr})
+    optimizers = [torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=0.0)]
+    if critic is not None:
+        optimizers.append(torch.optim.AdamW(trainable(critic), lr=cfg.value_lr, eps=cfg.adam_eps,
+                                            weight_decay=0.0))
+    return optimizers
+
+
+def probe_rollout(prompts: PromptSet, pad_token_id: int, device: Any) -> Rollout:
+    """The fixed probe batch of the reference check: the first prompts of the data set, each
+    followed by the first prompt's own tokens as a stand-in response."""
+    rows = prompts.ids[:PROBE_ROWS]
+    ids, mask = left_pad(rows, pad_token_id, device)
+    filler = (prompts.ids[0] * PROBE_TOKENS)[:PROBE_TOKENS]
+    response = torch.tensor([filler] * len(rows), dtype=torch.long, device=device)
+    ones = torch.ones_like(response)
+    return Rollout(ids, mask, response, ones, torch.zeros(len(rows), dtype=torch.bool, device=device))
+
+
+def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
+    """Load and prepare every component of a PPO run (nothing is trained or written here)."""
+    accelerator = accelerator or make_accelerator(cfg.seed)
+    device, dtype = accelerator.device, resolve_dtype(cfg.dtype)
+    # 1. tokenizer and prompts
+    tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, padding_side="left")
+    prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation)
+    eval_prompts = (load_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation)
+                    if cfg.eval_prompts else None)
+    # 2. models: policy, reference, reward model, critic
+    lm, reference = load_policy_and_reference(cfg, dtype)
+    eos_ids = tuple(eos_token_ids(tokenizer, lm))
+    reward, critic = load_reward_side(cfg, tokenizer, dtype, eos_ids)
+    actor = Actor(lm, new_value_head(lm) if cfg.critic == "head" else None)
+    log.info("ppo: policy %s (%.2fM parameters), critic %s, %d prompts", cfg.policy,
+             count_parameters(lm) / 1e6, cfg.critic, len(prompts.ids))
+    for frozen in {id(m): m for m in (reference.model, reward.model)}.values():
+        frozen.to(device)
+    # 3. optimizers; accelerate prepares (and checkpoints) only the trainable side
+    optimizers = make_optimizers(cfg, actor, critic)
+    if critic is None:
+        actor, optimizers[0] = accelerator.prepare(actor, optimizers[0])
+    else:
+        actor, critic, optimizers[0], optimizers[1] = accelerator.prepare(actor, critic, *optimizers)
+    # 4. generation, KL control, health probe, PPO-ptx
+    params = SamplingParams(cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
+                            () if cfg.ignore_eos else eos_ids, tokenizer.pad_token_id)
+    generator = make_generator(cfg.generation_backend, accelerator.unwrap_model(actor).lm, params)
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+              if cfg.kl_target is not None else FixedKLController(cfg.kl_coef))
+    probe = ReferenceProbe(probe_rollout(prompts, tokenizer.pad_token_id, device).sequences(),
+                           cfg.temperature)
+    probe.check(reference)  # records the baseline before any update
+    ptx = (PtxData(cfg.ptx_data, tokenizer, cfg.max_prompt_length + cfg.response_length,
+                   cfg.minibatch, cfg.seed) if cfg.ptx_data else None)
+    order = GlobalBatches(len(prompts.ids), cfg.batch_size, 1, accelerator.num_processes, cfg.seed)
+    return PPOParts(cfg, accelerator, tokenizer, actor, critic, optimizers, reference, reward,
+                    generator, kl_ctl, prompts, order, eos_ids, probe, eval_prompts=eval_prompts,
+                    ptx=ptx)

@@ -1,0 +1,124 @@
+"""PPO's policy-side passes: old logprobs and values, and the clipped update over minibatches.
+
+With one minibatch (the default), the first epoch's forward pass runs BEFORE the advantages
+are computed: its detached logprobs and values are pi_old and V_old (the weights have not moved
+yet, so the ratio is exactly 1), and its graph is then reused for the first update. A separate
+no-grad scoring pass over the batch is needed only with several minibatches, because every
+minibatch's advantages must be known before the first optimizer step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from tether.losses.ppo import policy_loss, value_loss
+from tether.losses.sft import sft_loss
+from tether.ops.logprobs import entropy_from_logits, token_logprobs
+from tether.ops.masking import masked_mean
+from tether.rollout.score import row_chunks
+from tether.rollout.types import Experience, Sequences
+
+
+@dataclass
+class PolicyOutput:
+    """One forward of the policy (and critic) over a batch of sequences."""
+
+    logprobs: Tensor  # (B, T) float32, log pi_theta(y_t) at the sampling temperature
+    values: Tensor  # (B, T) float32, V(x, y_<t)
+    logits: Tensor  # (B, T, V), kept for the entropy
+
+
+def forward_policy(parts: Any, seqs: Sequences) -> PolicyOutput:
+    """Policy logits (response positions only) and values: with --critic head one trunk pass
+    gives both; with a separate critic, the critic runs its own pass."""
+    T = seqs.response_ids.shape[1]
+    args = (seqs.input_ids, seqs.attention_mask, seqs.position_ids, T)
+    logits, values = parts.actor(*args)
+    if parts.critic is not None:
+        values = parts.critic(*args)
+    return PolicyOutput(token_logprobs(logits, seqs.response_ids, parts.cfg.temperature), values, logits)
+
+
+def mean_entropy(logits: Tensor, mask: Tensor, temperature: float) -> Tensor:
+    """Masked mean entropy (nats per token) of softmax(logits / T): 0-dim, no grad."""
+    with torch.no_grad():
+        return masked_mean(entropy_from_logits(logits.detach(), temperature), mask)
+
+
+@torch.no_grad()
+def score_old_policy(parts: Any, seqs: Sequences, chunk: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(logprobs (B, T), values (B, T), mean entropy 0-dim) under the current weights, without
+    gradients: the scoring pass needed when the update has several minibatches."""
+    logprobs, values, entropy_sum, tokens = [], [], 0.0, 0.0
+    for rows in row_chunks(seqs.input_ids.shape[0], chunk):
+        part = seqs.rows(torch.arange(seqs.input_ids.shape[0])[rows])
+        out = forward_policy(parts, part)
+        logprobs.append(out.logprobs)
+        values.append(out.values)
+        n = part.response_mask.sum()
+        entropy_sum = entropy_sum + mean_entropy(out.logits, part.response_mask, parts.cfg.temperature) * n
+        tokens = tokens + n
+    return torch.cat(logprobs), torch.cat(values), entropy_sum / max(float(tokens), 1.0)
+
+
+def minibatch_order(batch_size: int, minibatch: int, seed: int, step: int, epoch: int) -> list[Tensor]:
+    """Row indices of each minibatch of one epoch: a fresh permutation decided by the seed alone."""
+    if minibatch >= batch_size:
+        return [torch.arange(batch_size)]
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + epoch)
+    order = torch.randperm(batch_size, generator=gen)
+    return list(order.split(minibatch))
+
+
+def ppo_update(parts: Any, exp: Experience, step: int,
+               first: Optional[PolicyOutput] = None) -> dict[str, Tensor]:
+    """--ppo-epochs passes over the buffer, one optimizer step per minibatch.
+
+    first: the forward already run on the whole batch (one minibatch only); it serves as the
+    first epoch's forward. Returns the mean of each statistic over all minibatch steps.
+    """
+    cfg = parts.cfg
+    B = exp.rewards.shape[0]
+    stats: dict[str, list[Tensor]] = defaultdict(list)
+    per_epoch = max(1, B // cfg.minibatch)
+    for epoch in range(cfg.ppo_epochs):
+        for k, rows in enumerate(minibatch_order(B, cfg.minibatch, cfg.seed, step, epoch)):
+            whole = rows.numel() == B
+            reuse = first if (epoch == 0 and whole) else None
+            ptx_index = ((step - 1) * cfg.ppo_epochs + epoch) * per_epoch + k  # never repeats
+            row = minibatch_step(parts, exp if whole else exp.rows(rows), reuse, ptx_index)
+            for key, value in row.items():
+                stats[key].append(value)
+    return {key: torch.stack(values).mean() for key, values in stats.items()}
+
+
+def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
+                   ptx_index: int) -> dict[str, Tensor]:
+    """One clipped policy + value (+ ptx) loss, backward, clip, optimizer step."""
+    cfg = parts.cfg
+    out = out if out is not None else forward_policy(parts, mb.seqs)
+    p_loss, p_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.cliprange)
+    v_loss, v_stats = value_loss(out.values, mb.values, mb.returns, mb.mask, cfg.cliprange_value)
+    loss = p_loss + cfg.vf_coef * v_loss
+    row = {"policy/loss": p_loss.detach(), "val/loss": v_loss.detach(), **p_stats, **v_stats}
+    if parts.ptx is not None:
+        batch = parts.ptx.batch(ptx_index, parts.device)
+        logits = parts.policy_lm()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                use_cache=False).logits
+        ptx_loss, _ = sft_loss(logits, batch["labels"])
+        loss = loss + cfg.ptx_coef * ptx_loss
+        row["ptx/loss"] = ptx_loss.detach()
+    parts.accelerator.backward(loss)
+    for name, model, optimizer in parts.trainables():
+        if cfg.max_grad_norm > 0:
+            params = [p for p in model.parameters() if p.requires_grad]
+            norm = parts.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            row[f"{name}/grad_norm"] = torch.as_tensor(norm).detach().float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return row

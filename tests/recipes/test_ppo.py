@@ -1,0 +1,246 @@
+"""`tether ppo` end to end on a tiny Llama: it raises the reward, saves loadable models in every
+variant, resumes exactly, exits cleanly on SIGTERM, and its health checks fire on injected faults."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tether.cli import main
+from tether.config import PPOConfig, from_dict
+from tether.training.checkpoint import list_checkpoints
+from tether.training.metrics import read_metrics
+
+from conftest import write_jsonl
+
+PROMPT = "Once upon a time, Lily saw a"
+METRICS = ["objective/kl", "objective/kl_per_token", "objective/rm_score", "objective/rm_score_std",
+           "objective/rlhf_reward", "objective/kl_coef", "objective/entropy", "response/length",
+           "response/eos_rate", "response/distinct_2", "policy/loss", "policy/clipfrac",
+           "policy/approx_kl", "val/loss", "val/explained_var", "val/clipfrac", "timing/rollout",
+           "timing/score", "timing/update", "timing/iteration"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and far faster when the machine is busy."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _token_reward_model(policy_dir, out):
+    """A hub-convention RM whose score is a fixed direction read off the LAST token's embedding.
+
+    Its layers are made the identity (attention and MLP outputs zeroed), so the score of a
+    sequence is u . norm(e[last token]); the embeddings are the policy's own LM-head rows, so a
+    policy raises the score by moving its final hidden state toward u: learnable in a few steps.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tether.models.reward import init_reward_model
+
+    tok = AutoTokenizer.from_pretrained(policy_dir)
+    rm = init_reward_model(str(policy_dir), pad_token_id=0)
+    lm_head = AutoModelForCausalLM.from_pretrained(policy_dir).lm_head.weight
+    with torch.no_grad():
+        for layer in rm.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        rm.model.embed_tokens.weight.copy_(lm_head)
+        u = torch.randn(rm.config.hidden_size, generator=torch.Generator().manual_seed(1))
+        rm.score.weight.copy_(u[None] / u.norm())
+    rm.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def task(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo_task")
+    names = ["Lily", "Tom", "Sue", "Ben", "Max", "Ann"]
+    prompts = [{"prompt": f"Once upon a time, {n} saw a"} for n in names * 4]
+    ptx = [{"text": f"{n} saw a big red ball and was happy."} for n in names]
+    return SimpleNamespace(policy=tiny_models["llama"], rm=_token_reward_model(tiny_models["llama"], root / "rm"),
+                           prompts=write_jsonl(root / "prompts.jsonl", prompts),
+                           ptx=write_jsonl(root / "ptx.jsonl", ptx))
+
+
+def _args(task, out, *extra):
+    return ["ppo", "--policy", str(task.policy), "--reward-model", str(task.rm), "--prompts",
+            str(task.prompts), "--output-dir", str(out), "--batch-size", "8", "--response-length", "4",
+            "--lr", "1e-2", "--value-lr", "1e-2", "--temperature", "1.0", "--samples-per-iteration", "2",
+            "--no-progress", "--no-tensorboard", *extra]
+
+
+def _config(task, out, **extra):
+    values = dict(policy=str(task.policy), reward_model=str(task.rm), prompts=str(task.prompts),
+                  output_dir=str(out), batch_size=8, response_length=4, lr=1e-2, value_lr=1e-2,
+                  temperature=1.0, progress=False, tensorboard=False)
+    return from_dict(PPOConfig, {**values, **extra})
+
+
+def _outside_rm_score(model_dir, rm_dir, n=64, new_tokens=2):
+    """Sample with plain transformers generate() and score with the plain RM (no tether code)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1).eval()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    prompt = tok(PROMPT, return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    out = model.generate(prompt.repeat(n, 1), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         max_new_tokens=new_tokens, pad_token_id=0)
+    scores = []
+    with torch.no_grad():
+        for row in out[:, prompt.shape[1]:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))  # the RM reads no EOS
+            scores.append(rm(torch.tensor([prompt[0].tolist() + row[:cut]])).logits[0, 0].item())
+    return sum(scores) / len(scores)
+
+
+def test_cli_registers_ppo_and_its_help_lists_every_field(capsys):
+    assert main(["ppo", "--help"]) == 0
+    text = capsys.readouterr().out
+    for f in fields(PPOConfig):
+        assert f"--{f.name.replace('_', '-')} " in text, f.name
+    assert main(["--help"]) == 0 and "ppo" in capsys.readouterr().out
+    assert main(["ppo", "--output-dir", "x", "--policy", "p", "--prompts", "q"]) == 2  # no RM
+    assert "--reward-model is required" in capsys.readouterr().err
+
+
+def test_ppo_raises_the_reward_and_the_saved_policy_scores_higher_from_outside(task, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    assert main(_args(task, out, "--max-steps", "20", "--batch-size", "32", "--response-length", "2",
+                      "--kl-coef", "0.01", "--missing-eos-penalty", "none")) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    for name in METRICS:
+        assert all(name in r for r in rows), name
+    early = sum(r["objective/rm_score"] for r in rows[:4]) / 4
+    late = sum(r["objective/rm_score"] for r in rows[-4:]) / 4
+    assert late > early + 0.8, (early, late)
+    assert abs(rows[0]["objective/kl"]) < 1e-4 < rows[-1]["objective/kl"]  # starts at pi_ref
+    assert _outside_rm_score(out, task.rm) > _outside_rm_score(task.policy, task.rm) + 0.5
+    samples = read_metrics(out / "samples.jsonl")
+    assert len(samples) == 40 and set(samples[0]) >= {"step", "prompt", "response", "rm_score", "kl"}
+    critic = AutoModelForSequenceClassification.from_pretrained(out / "critic", num_labels=1)
+    assert critic.config.num_labels == 1
+    assert (out / "tether_run.json").exists()
+
+
+def test_head_critic_lora_minibatches_ptx_adaptive_kl_and_eval(task, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tether.models.critic import load_value_head
+
+    out = tmp_path / "head"
+    assert main(_args(task, out, "--max-steps", "2", "--critic", "head", "--lora-r", "4",
+                      "--mini-batch-size", "4", "--ptx-data", str(task.ptx), "--kl-target", "0.5",
+                      "--kl-horizon", "50", "--eval-prompts", str(task.prompts), "--whiten-rewards",
+                      "--generation-backend", "hf")) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert "ptx/loss" in rows[-1] and "eval/rm_score" in rows[-1] and "eval/kl" in rows[-1]
+    assert rows[1]["objective/kl_coef"] != rows[0]["objective/kl_coef"]  # adaptive beta moved
+    model = AutoModelForCausalLM.from_pretrained(out)  # LoRA merged into plain weights
+    assert not any("lora" in k for k in model.state_dict())
+    model.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False)
+    head = load_value_head(out / "critic")
+    assert head.in_features == model.config.hidden_size
+
+
+def test_lora_reference_is_the_adapter_disabled_policy(task, tmp_path):
+    from tether.recipes.ppo import build, run_iteration
+
+    parts = build(_config(task, tmp_path / "lora", lora_r=4, critic="head"))
+    assert parts.reference.model is parts.policy_lm() and parts.reference.adapters_off
+    first = run_iteration(parts, 1)
+    assert abs(first.metrics["objective/kl"]) < 1e-4  # LoRA starts as a no-op
+    second = run_iteration(parts, 2)
+    assert abs(second.metrics["objective/kl"]) > 1e-3  # the adapters trained...
+    assert not [i for i in first.issues + second.issues if i.check == "reference_changed"]  # ...pi_ref did not
+
+
+def _comparable(row):
+    return {k: v for k, v in row.items() if not k.startswith("timing/")}
+
+
+def test_resume_reproduces_the_uninterrupted_metrics(task, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    extra = ("--max-steps", "5", "--kl-target", "1.0", "--kl-horizon", "100")
+    assert main(_args(task, full, *extra, "--save-every", "2", "--keep-checkpoints", "5")) == 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    assert main(_args(task, resumed, *extra, "--resume")) == 0
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in b] == [3, 4, 5]  # nothing before the checkpoint was re-run
+    for x, y in zip(a[2:], b):
+        assert _comparable(y) == pytest.approx(_comparable(x), rel=1e-6, abs=1e-7), x["step"]
+    assert read_metrics(full / "samples.jsonl")[4:] == read_metrics(resumed / "samples.jsonl")
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(task, tmp_path):
+    out = tmp_path / "run"
+    args = _args(task, out, "--max-steps", "500", "--save-every", "1000")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tether", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, output
+    assert "--resume" in output and "Traceback" not in output
+    (ckpt,) = list_checkpoints(out)
+    assert 2 <= int(ckpt.name.split("-")[1]) < 500
+    assert not (out / "model.safetensors").exists()  # no final model from an unfinished run
+
+
+def test_a_reference_sharing_the_policys_parameters_aborts_the_run(task, tmp_path, monkeypatch, capsys):
+    import tether.recipes.ppo as ppo
+    from tether.rollout.score import Reference
+
+    real_build = ppo.build
+
+    def sharing_build(cfg, accelerator=None):
+        parts = real_build(cfg, accelerator)
+        parts.reference = Reference(parts.policy_lm())  # the bug: pi_ref IS the policy
+        return parts
+
+    monkeypatch.setattr(ppo, "build", sharing_build)
+    out = tmp_path / "shared"
+    assert main(_args(task, out, "--max-steps", "3", "--health", "abort")) == 1
+    assert "reference_changed" in capsys.readouterr().err
+    assert list_checkpoints(out) == []  # the corrupted state was not checkpointed
+
+
+@pytest.mark.parametrize("fault, message", [("flipped_sign", "wrong sign"),
+                                            ("broadcast_score", "every response token")])
+def test_faulty_reward_building_is_caught(task, tmp_path, fault, message):
+    from tether.ops.advantages import kl_penalised_rewards
+    from tether.recipes.ppo import build, run_iteration
+
+    def faulty(logprobs, ref_logprobs, scores, mask, kl_coef):
+        if fault == "flipped_sign":
+            return kl_penalised_rewards(ref_logprobs, logprobs, scores, mask, kl_coef)
+        rewards, kl = kl_penalised_rewards(logprobs, ref_logprobs, torch.zeros_like(scores), mask, kl_coef)
+        return torch.where(mask.bool(), rewards + scores[:, None], rewards), kl
+
+    parts = build(_config(task, tmp_path / fault))
+    parts.reward_fn = faulty
+    issues = run_iteration(parts, 1).issues + run_iteration(parts, 2).issues  # KL is 0 at step 1
+    assert any(i.check == "reward_layout" and message in i.message for i in issues), issues

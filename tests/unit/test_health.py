@@ -1,0 +1,123 @@
+"""Every PPO health check, deliberately triggered on crafted inputs (and left quiet on good ones)."""
+
+import logging
+
+import pytest
+import torch
+
+from tether.errors import TrainingError
+from tether.ops.advantages import kl_penalised_rewards
+from tether.rollout.health import (HealthIssue, HealthMonitor, HealthThresholds, ReferenceProbe,
+                                   check_kl_not_negative, check_reward_layout, enforce)
+from tether.rollout.score import Reference
+from tether.rollout.types import Rollout
+
+BETA = 0.1
+
+
+def _batch():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-0.2, -1.5, -9.0, -9.0]])
+    ref_logprobs = torch.tensor([[-1.5, -1.0, -0.5, -2.0], [-0.4, -1.0, -9.0, -9.0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    scores = torch.tensor([2.0, -1.0])
+    return logprobs, ref_logprobs, scores, mask
+
+
+def test_correct_rewards_pass_the_layout_check():
+    logprobs, ref, scores, mask = _batch()
+    rewards, _ = kl_penalised_rewards(logprobs, ref, scores, mask, BETA)
+    assert check_reward_layout(rewards, logprobs, ref, scores, mask, BETA) is None
+
+
+def test_a_score_broadcast_to_every_token_is_caught():
+    logprobs, ref, scores, mask = _batch()
+    kl = torch.where(mask.bool(), logprobs - ref, torch.zeros_like(ref))
+    rewards = torch.where(mask.bool(), -BETA * kl + scores[:, None], torch.zeros_like(kl))
+    issue = check_reward_layout(rewards, logprobs, ref, scores, mask, BETA)
+    assert issue is not None and issue.check == "reward_layout" and "every response token" in issue.message
+
+
+def test_a_flipped_kl_sign_is_caught():
+    logprobs, ref, scores, mask = _batch()
+    rewards, _ = kl_penalised_rewards(ref, logprobs, scores, mask, BETA)  # arguments swapped: +beta*k1
+    issue = check_reward_layout(rewards, logprobs, ref, scores, mask, BETA)
+    assert issue is not None and "wrong sign" in issue.message
+
+
+def test_a_missing_or_misplaced_score_is_caught():
+    logprobs, ref, scores, mask = _batch()
+    rewards, _ = kl_penalised_rewards(logprobs, ref, torch.zeros(2), mask, BETA)
+    assert "last response token" in check_reward_layout(rewards, logprobs, ref, scores, mask, BETA).message
+    first = rewards.clone()
+    first[:, 0] += scores  # paid at the first token instead of the last
+    assert check_reward_layout(first, logprobs, ref, scores, mask, BETA) is not None
+
+
+def test_negative_batch_kl_is_caught_but_noise_around_zero_is_not():
+    assert check_kl_not_negative(torch.tensor([-0.5, -0.4, -0.6, -0.5])).check == "negative_kl"
+    assert check_kl_not_negative(torch.tensor([0.3, -0.2, 0.1, -0.1])) is None
+    assert check_kl_not_negative(torch.zeros(8)) is None  # policy == reference at the start
+
+
+def test_reference_sharing_parameters_with_the_policy_is_caught(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    probe = ReferenceProbe(Rollout(ids, (ids > 0).long(), torch.tensor([[10, 11], [12, 13]]),
+                                   torch.ones(2, 2, dtype=torch.long), torch.zeros(2, dtype=torch.bool)
+                                   ).sequences(), temperature=0.7)
+    shared = Reference(policy)  # the bug: the "reference" is the policy itself
+    assert probe.check(shared) is None  # records the baseline
+    assert probe.check(shared) is None  # same bits when nothing moved
+    with torch.no_grad():  # one "optimizer step" on the policy
+        policy.lm_head.weight.add_(0.01)
+    issue = probe.check(shared)
+    assert issue is not None and issue.check == "reference_changed"
+
+
+def test_sustained_high_clipfrac_and_negative_explained_variance():
+    monitor = HealthMonitor(HealthThresholds(clipfrac_patience=3, explained_var_patience=2, warmup=2))
+    good = {"response/length": 10.0, "objective/entropy": 2.0, "response/distinct_2": 0.9}
+    names = []
+    for clipfrac, ev in [(0.5, -1.0), (0.5, -1.0), (0.5, -1.0), (0.5, -1.0), (0.1, 0.5)]:
+        issues = monitor.observe({**good, "policy/clipfrac": clipfrac, "val/explained_var": ev})
+        names.append(sorted(i.check for i in issues))
+    # clipfrac: fails from the 3rd high iteration; explained variance: only after the 2-iteration
+    # warm-up, then after 2 bad iterations in a row (iterations 3 and 4)
+    assert names == [[], [], ["high_clipfrac"], ["high_clipfrac", "negative_explained_var"], []]
+
+
+@pytest.mark.parametrize("key", ["response/length", "objective/entropy", "response/distinct_2"])
+def test_collapse_against_the_first_iteration(key):
+    monitor = HealthMonitor()
+    first = {"response/length": 20.0, "objective/entropy": 3.0, "response/distinct_2": 0.8,
+             "policy/clipfrac": 0.1, "val/explained_var": 0.5}
+    assert monitor.observe(first) == []
+    assert monitor.observe({**first, key: first[key] * 0.9}) == []
+    issues = monitor.observe({**first, key: first[key] * 0.1})
+    assert [i.check for i in issues] == ["collapse"] and key in issues[0].message
+
+
+def test_monitor_state_round_trips():
+    a = HealthMonitor()
+    a.observe({"response/length": 5.0, "objective/entropy": 1.0, "response/distinct_2": 0.5,
+               "policy/clipfrac": 0.9, "val/explained_var": -1.0})
+    b = HealthMonitor()
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+
+
+def test_enforce_warns_or_aborts(caplog):
+    issue = HealthIssue("negative_kl", "bad")
+    with caplog.at_level(logging.WARNING, logger="tether"):
+        logger = logging.getLogger("tether")
+        logger.propagate, old = True, logger.propagate
+        try:
+            enforce([issue], "warn", 3)
+        finally:
+            logger.propagate = old
+    assert "negative_kl" in caplog.text
+    enforce([], "abort", 3)
+    with pytest.raises(TrainingError, match="negative_kl.*iteration 3"):
+        enforce([issue], "abort", 3)
