@@ -24,6 +24,8 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
+    "demo": Stage("tether.recipes.demo:DemoConfig", "tether.recipes.demo:run",
+                  "The whole pipeline in the built-in synthetic world (CPU, no downloads, ~10 min)."),
     "sft": Stage("tether.config:SFTConfig", "tether.recipes.sft:run",
                  "Supervised fine-tuning on demonstrations (loss on responses only)."),
     "rm": Stage("tether.config:RMConfig", "tether.recipes.rm:run",
@@ -38,6 +40,10 @@ STAGES: dict[str, Stage] = {
                           "Write the built-in world's data sets as JSONL in the stages' formats."),
     "dpo": Stage("tether.config:DPOConfig", "tether.recipes.dpo:run",
                  "Direct preference optimisation on pairs or rankings against the SFT reference."),
+    "bon": Stage("tether.config:BoNConfig", "tether.recipes.bon:run",
+                 "Best-of-N: sample N responses per prompt, keep the one the reward model likes best."),
+    "eval": Stage("tether.config:EvalConfig", "tether.recipes.evaluate:run",
+                  "Win rate of policy A vs B (gold judge or RM, 95% CI), KL to a reference, length, distinct-n."),
     "report": Stage("tether.report.html:ReportConfig", "tether.report.html:run",
                     "Write PNG plots and a self-contained report.html for a run directory.",
                     positional="run_dir"),

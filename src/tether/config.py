@@ -618,3 +618,86 @@ class DPOConfig(TrainConfig):
         super().validate()
         if self.beta <= 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
+
+
+# ----------------------------------------------------------------------------- best-of-N, eval
+
+
+@dataclass(frozen=True)
+class SamplingFields:
+    """Fields of the stages that sample responses from a policy."""
+
+    response_length: int = 64
+    """Most tokens per response; a response stops earlier at its first EOS."""
+    temperature: float = 1.0
+    """Sampling temperature (1.0 samples the policy as it is, which is what KL is defined on)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    batch_size: int = 64
+    """Sequences per generation or scoring batch."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype. auto is bfloat16 on a GPU that supports it, float32 otherwise."""
+
+
+@dataclass(frozen=True)
+class BoNConfig(SamplingFields, RunConfig):
+    """Best-of-N: sample N responses per prompt, score them with a reward model, keep the best.
+    A baseline for PPO and DPO, and a data generator (it also writes best-vs-worst pairs)."""
+
+    policy: str = ""
+    """The policy to sample from (an HF model directory or hub id). Required."""
+    reward_model: str = ""
+    """The reward model that picks the best (tether's or any hub SequenceClassification RM). Required."""
+    prompts: str = ""
+    """Prompts: any data source with a 'prompt' column. Required."""
+    n: int = 8
+    """Responses sampled per prompt."""
+    max_prompts: int = 0
+    """Use only the first this-many prompts (0 = all)."""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("policy", "reward_model", "prompts"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} is required")
+        _positive(self, "n", "response_length", "batch_size")
+        if self.temperature <= 0:
+            raise ConfigError("--temperature must be > 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig(SamplingFields):
+    """Compare policy A with policy B on held-out prompts: win rate of A (judged by the built-in
+    world's gold judge or by a reward model) with a 95% interval, KL of A to a reference,
+    length, distinct-n, and samples side by side. Writes JSON and prints a table."""
+
+    policy_a: str = ""
+    """Policy A: a model directory, or a JSONL of {prompt, response} rows (e.g. best-of-N output).
+    Required."""
+    policy_b: str = ""
+    """Policy B (the baseline, e.g. the SFT model): a model directory or a JSONL of responses.
+    Required."""
+    prompts: str = ""
+    """Held-out prompts ('prompt' column). Required when a policy is a model."""
+    judge: str = "world"
+    """'world' for the built-in world's gold judge, or a reward model directory."""
+    reference: Optional[str] = None
+    """Model to measure KL(A || reference) against, e.g. the SFT model (A must be a model)."""
+    max_prompts: int = 200
+    """Use only the first this-many prompts (0 = all)."""
+    output: str = ""
+    """The JSON file to write. Required."""
+    n_samples_shown: int = 8
+    """Side-by-side samples kept in the JSON (and shown by tether report)."""
+    seed: int = 0
+    """Sampling seed; both policies use it, so their samples share random numbers."""
+    trust_remote_code: bool = False
+    """Allow model code from the model's own repository."""
+
+    def validate(self) -> None:
+        for name in ("policy_a", "policy_b", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} is required")
+        _positive(self, "response_length", "batch_size")

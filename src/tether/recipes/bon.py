@@ -1,0 +1,76 @@
+"""`tether bon`: best-of-N sampling against a reward model (SPEC, "Alternatives").
+
+For every prompt: sample N responses from the policy, score all of them with the reward model
+in batches, keep the highest. Writes `bon.jsonl` ({prompt, response, score, responses, scores})
+and `pairs.jsonl` ({prompt, chosen, rejected}: best against worst, ready for tether rm / dpo).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from pathlib import Path
+
+from tether.config import BoNConfig, save_config
+from tether.data.io import load_rows, require_columns
+from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
+from tether.models.reward import load_reward_model, score_texts
+from tether.models.save import mark_complete
+from tether.training.files import write_jsonl
+from tether.training.runtime import resolve_dtype, setup_logging
+
+log = logging.getLogger("tether")
+
+
+def read_prompts(source: str, limit: int = 0) -> list[str]:
+    ds = load_rows(source)
+    require_columns(ds, ["prompt"], source)
+    prompts = [str(p) for p in ds["prompt"]]
+    return prompts[:limit] if limit > 0 else prompts
+
+
+def run(cfg: BoNConfig) -> dict:
+    """Sample, score, select, write; returns the summary."""
+    from tether.eval.sampling import sample_responses
+
+    setup_logging()
+    t0 = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    # 1. models (dropout off: sampling and scoring are inference)
+    dtype = resolve_dtype(cfg.dtype)
+    tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, padding_side="left")
+    policy = load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code).eval()
+    rm_tokenizer = load_tokenizer(cfg.reward_model, cfg.trust_remote_code)
+    reward_model = load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code,
+                                     rm_tokenizer.pad_token_id).eval()
+    for model in (policy, reward_model):
+        disable_dropout(model)
+    prompts = read_prompts(cfg.prompts, cfg.max_prompts)
+    # 2. N samples per prompt, then one batched scoring pass over all of them
+    samples = sample_responses(policy, tokenizer, prompts, n=cfg.n, max_new_tokens=cfg.response_length,
+                               temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                               batch_size=cfg.batch_size, seed=cfg.seed)
+    scores = score_texts(reward_model, rm_tokenizer, samples.prompts, samples.responses, cfg.batch_size)
+    # 3. select the best (and the worst, for pairs)
+    rows, pairs = [], []
+    for i, prompt in enumerate(prompts):
+        resp = samples.responses[i * cfg.n:(i + 1) * cfg.n]
+        sc = scores[i * cfg.n:(i + 1) * cfg.n]
+        best, worst = max(range(cfg.n), key=sc.__getitem__), min(range(cfg.n), key=sc.__getitem__)
+        rows.append({"prompt": prompt, "response": resp[best], "score": sc[best],
+                     "responses": resp, "scores": sc})
+        if resp[best] != resp[worst]:
+            pairs.append({"prompt": prompt, "chosen": resp[best], "rejected": resp[worst]})
+    write_jsonl(out / "bon.jsonl", rows)
+    write_jsonl(out / "pairs.jsonl", pairs)
+    summary = {"prompts": len(prompts), "n": cfg.n,
+               "best_score_mean": statistics.fmean(r["score"] for r in rows),
+               "sample_score_mean": statistics.fmean(scores),
+               "wall_seconds": round(time.perf_counter() - t0, 2)}
+    mark_complete(out, "bon", summary)
+    log.info("best-of-%d on %d prompts: mean RM score %.3f (single sample %.3f) -> %s",
+             cfg.n, len(prompts), summary["best_score_mean"], summary["sample_score_mean"], out / "bon.jsonl")
+    return summary

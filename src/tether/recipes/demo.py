@@ -1,0 +1,256 @@
+"""`tether demo`: the whole pipeline in the built-in world, on a CPU, with no downloads.
+
+ 1. export the world's data (corpus, demonstrations, prompts) as JSONL
+ 2. pretrain the tiny base model on the world corpus
+ 3. SFT on the demonstrations
+ 4. sample two responses per prompt from the SFT model and label them with the noisy labeler
+ 5. train the reward model on those pairs
+ 6. PPO at the default beta, and PPO at beta = 0
+ 7. DPO on the same pairs
+ 8. best-of-N from the SFT model
+ 9. judge every policy against SFT on held-out prompts with the gold judge
+10. summary.json and the report
+
+Every stage goes through the same data path and code a user's run does (JSONL files, the stage
+configs, the recipes). A rerun skips finished stages and resumes an unfinished one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tether.config import (BoNConfig, DPOConfig, EvalConfig, PPOConfig, RMConfig, RunConfig,
+                           SFTConfig)
+from tether.models.save import is_complete
+from tether.training.files import atomic_write_json
+
+log = logging.getLogger("tether")
+
+
+@dataclass(frozen=True)
+class DemoConfig(RunConfig):
+    """Run the whole RLHF pipeline in the built-in synthetic world (CPU, no network, about
+    10 minutes on 2 cores): pretrain, SFT, preference pairs, RM, PPO (default beta and beta = 0),
+    DPO, best-of-N, gold-judged evaluation and the report."""
+
+    output_dir: str = "tether-demo"
+    """Where every stage's output, summary.json and report.html go."""
+    quick: bool = False
+    """A much smaller run (about a minute) for tests and smoke checks; its numbers mean little."""
+    kl_coef: float = 0.05
+    """The default-beta PPO run's KL coefficient."""
+
+
+@dataclass(frozen=True)
+class Sizes:
+    corpus: int
+    pretrain_steps: int
+    sft: int
+    sft_steps: int
+    pair_prompts: int
+    pair_eval_prompts: int
+    rm_steps: int
+    ppo_steps: int
+    ppo_batch: int
+    dpo_steps: int
+    eval_prompts: int
+    bon_n: int
+
+
+FULL = Sizes(corpus=20000, pretrain_steps=500, sft=2000, sft_steps=120, pair_prompts=2000,
+             pair_eval_prompts=300, rm_steps=250, ppo_steps=60, ppo_batch=64, dpo_steps=120,
+             eval_prompts=200, bon_n=8)
+QUICK = Sizes(corpus=600, pretrain_steps=20, sft=200, sft_steps=8, pair_prompts=64,
+              pair_eval_prompts=32, rm_steps=6, ppo_steps=3, ppo_batch=8, dpo_steps=4,
+              eval_prompts=16, bon_n=2)
+
+
+class Timer:
+    """Wall time per demo stage, for the summary."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, out: Path, fn: Callable[[], Any]) -> None:
+        if is_complete(out):
+            log.info("demo: %s already complete in %s, skipping", name, out)
+            return
+        t0 = time.perf_counter()
+        log.info("demo: ---- %s ----", name)
+        fn()
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+
+
+def make_pairs(sft_dir: Path, world_dir: Path, out: Path, sizes: Sizes, seed: int) -> None:
+    """Two SFT samples per prompt, labelled by the noisy labeler (train) or by gold (held-out)."""
+    from tether.eval.sampling import sample_responses
+    from tether.models.load import load_causal_lm, load_tokenizer
+    from tether.models.save import mark_complete
+    from tether.training.files import write_jsonl
+    from tether.world import World, label_pairs, score
+
+    tok = load_tokenizer(str(sft_dir), padding_side="left")
+    model = load_causal_lm(str(sft_dir)).eval()
+    world = World(seed)
+    for name, split, n in (("pairs", "train", sizes.pair_prompts),
+                           ("pairs_eval", "eval", sizes.pair_eval_prompts)):
+        prompts = world.prompts(n, split)
+        s = sample_responses(model, tok, prompts, n=2, max_new_tokens=64, temperature=1.0,
+                             seed=seed + (split == "eval"))
+        a, b = s.responses[0::2], s.responses[1::2]
+        if split == "train":
+            rows = label_pairs(prompts, a, b, seed)
+        else:  # held-out pairs are labelled by the gold judge: the clean test set
+            rows = []
+            for p, x, y in zip(prompts, a, b):
+                gx, gy = score(p, x), score(p, y)
+                if gx != gy:
+                    c, r = (x, y) if gx > gy else (y, x)
+                    rows.append({"prompt": p, "chosen": c, "rejected": r,
+                                 "gold_chosen": max(gx, gy), "gold_rejected": min(gx, gy)})
+        # the preference readers reject empty responses, so pairs with one are left out (and counted)
+        kept = [r for r in rows if r["chosen"] != r["rejected"] and r["chosen"].strip() and r["rejected"].strip()]
+        log.info("demo: %s: %d pairs (%d identical or empty left out)", name, len(kept), len(rows) - len(kept))
+        rows = kept
+        write_jsonl(out / f"{name}.jsonl", rows)
+    mark_complete(out, "pairs", {})
+
+
+def run(cfg: DemoConfig) -> dict:
+    """Run every stage (skipping finished ones), then write summary.json and the report."""
+    from tether.recipes import bon, dpo, ppo, rm, sft, world
+    from tether.recipes.evaluate import evaluate, print_table
+    from tether.training.runtime import setup_logging
+
+    setup_logging()
+    t_start = time.perf_counter()
+    root, sizes, seed = Path(cfg.output_dir), QUICK if cfg.quick else FULL, cfg.seed
+    root.mkdir(parents=True, exist_ok=True)
+    d = {name: root / name for name in ("world", "base", "sft", "pairs", "rm", "ppo", "ppo_beta0",
+                                        "dpo", "bon", "eval")}
+    timer = Timer()
+    common = dict(seed=seed, resume=True, progress=True, tensorboard=True)
+    # 1. the world's data
+    timer.run("world", d["world"], lambda: _export(d["world"], sizes, seed))
+    # 2. base model
+    timer.run("pretrain", d["base"], lambda: world.run_pretrain(world.PretrainConfig(
+        output_dir=str(d["base"]), corpus_docs=sizes.corpus, steps=sizes.pretrain_steps, seed=seed,
+        resume=True)))
+    # 3. SFT
+    timer.run("sft", d["sft"], lambda: sft.run(SFTConfig(
+        model=str(d["base"]), data=str(d["world"] / "sft.jsonl"), eval_data=str(d["world"] / "sft_eval.jsonl"),
+        output_dir=str(d["sft"]), max_steps=sizes.sft_steps, lr=1e-3, batch_size=32, max_length=128,
+        **common)))
+    # 4. preference pairs from the SFT model
+    timer.run("pairs", d["pairs"], lambda: make_pairs(d["sft"], d["world"], d["pairs"], sizes, seed))
+    # 5. reward model
+    timer.run("rm", d["rm"], lambda: rm.run(RMConfig(
+        model=str(d["sft"]), data=str(d["pairs"] / "pairs.jsonl"), eval_data=str(d["pairs"] / "pairs_eval.jsonl"),
+        output_dir=str(d["rm"]), max_steps=sizes.rm_steps, lr=1e-3, batch_size=32, max_length=128,
+        calibration_data=str(d["world"] / "sft.jsonl"), **common)))
+    # 6. PPO at the default beta and at beta = 0
+    for name, beta in (("ppo", cfg.kl_coef), ("ppo_beta0", 0.0)):
+        timer.run(name, d[name], lambda name=name, beta=beta: ppo.run(PPOConfig(
+            policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
+            output_dir=str(d[name]), max_steps=sizes.ppo_steps, batch_size=sizes.ppo_batch,
+            response_length=48, temperature=1.0, lr=3e-4, value_lr=1e-3, kl_coef=beta,
+            critic="head", **common)))
+    # 7. DPO on the same pairs
+    timer.run("dpo", d["dpo"], lambda: dpo.run(DPOConfig(
+        model=str(d["sft"]), data=str(d["pairs"] / "pairs.jsonl"), output_dir=str(d["dpo"]),
+        max_steps=sizes.dpo_steps, lr=2e-4, batch_size=32, max_length=128, beta=0.1, kl_samples=0,
+        eval_fraction=0.0, **common)))
+    # 8. best-of-N from the SFT model
+    timer.run("bon", d["bon"], lambda: bon.run(BoNConfig(
+        policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts_eval.jsonl"),
+        output_dir=str(d["bon"]), n=sizes.bon_n, max_prompts=sizes.eval_prompts, response_length=48,
+        seed=seed)))
+    # 9. gold-judged evaluation of every policy against SFT
+    t0 = time.perf_counter()
+    results = {}
+    for name, policy in (("ppo", d["ppo"]), ("ppo_beta0", d["ppo_beta0"]), ("dpo", d["dpo"]),
+                         ("bon", d["bon"] / "bon.jsonl")):
+        result = evaluate(EvalConfig(
+            policy_a=str(policy), policy_b=str(d["sft"]), prompts=str(d["world"] / "prompts_eval.jsonl"),
+            judge="world", reference=str(d["sft"]) if name != "bon" else None,
+            max_prompts=sizes.eval_prompts, output=str(d["eval"] / f"{name}_vs_sft.json"),
+            response_length=48, seed=seed + 1))
+        atomic_write_json(d["eval"] / f"{name}_vs_sft.json", result)
+        print(f"\n== {name} vs sft ==")
+        print_table(result)
+        results[name] = result
+    timer.seconds["eval"] = round(time.perf_counter() - t0, 1)
+    # 10. summary and report
+    summary = _summary(d, results, timer, time.perf_counter() - t_start)
+    atomic_write_json(root / "summary.json", summary)
+    from tether.report.html import ReportConfig, build_report
+
+    build_report(ReportConfig(run_dir=str(root)))
+    _print_summary(summary)
+    return summary
+
+
+def _export(out: Path, sizes: Sizes, seed: int) -> None:
+    from tether.models.save import mark_complete
+    from tether.world import export
+
+    export(str(out), seed=seed, n_corpus=sizes.corpus, n_sft=sizes.sft, n_sft_eval=max(50, sizes.sft // 10),
+           n_pairs=50, n_pairs_eval=50, n_rankings=20, n_prompts=max(2000, sizes.pair_prompts),
+           n_prompts_eval=sizes.eval_prompts)
+    mark_complete(out, "world", {})
+
+
+def _run_summary(path: Path) -> dict:
+    marker = path / "tether_run.json"
+    return json.loads(marker.read_text()) if marker.exists() else {}
+
+
+def _last_metrics(path: Path) -> dict:
+    from tether.training.metrics import read_metrics
+
+    rows = read_metrics(path / "metrics.jsonl") if (path / "metrics.jsonl").exists() else []
+    return rows[-1] if rows else {}
+
+
+def _summary(d: dict[str, Path], results: dict, timer: Timer, wall: float) -> dict:
+    rm_run = _run_summary(d["rm"])
+    ppo_last = _last_metrics(d["ppo"])
+    summary = {
+        "rm_accuracy_gold": rm_run.get("eval/accuracy_gold"),
+        "rm_accuracy_labels": rm_run.get("eval/accuracy"),
+        "win_rate_ppo_vs_sft": results["ppo"]["win_rate"],
+        "win_rate_dpo_vs_sft": results["dpo"]["win_rate"],
+        "win_rate_bon_vs_sft": results["bon"]["win_rate"],
+        "win_rate_ppo_beta0_vs_sft": results["ppo_beta0"]["win_rate"],
+        "kl_ppo": results["ppo"].get("kl_a_to_reference"),
+        "kl_ppo_beta0": results["ppo_beta0"].get("kl_a_to_reference"),
+        "kl_dpo": results["dpo"].get("kl_a_to_reference"),
+        "gold_ppo": results["ppo"]["score_a_mean"],
+        "gold_ppo_beta0": results["ppo_beta0"]["score_a_mean"],
+        "gold_dpo": results["dpo"]["score_a_mean"],
+        "gold_bon": results["bon"]["score_a_mean"],
+        "gold_sft": results["ppo"]["score_b_mean"],
+        "rm_score_ppo_final": ppo_last.get("objective/rm_score"),
+        "rm_score_ppo_beta0_final": _last_metrics(d["ppo_beta0"]).get("objective/rm_score"),
+        "base_heldout_perplexity": _run_summary(d["base"]).get("heldout_perplexity"),
+        "wall_seconds": round(wall, 1),
+        "stage_seconds": timer.seconds,
+        "win_rates": {name: {k: results[name][k] for k in ("win_rate", "ci95_low", "ci95_high")}
+                      for name in ("bon", "dpo", "ppo", "ppo_beta0")},
+    }
+    return summary
+
+
+def _print_summary(summary: dict) -> None:
+    print("\n==================== tether demo summary ====================")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            print(f"  {key:<28} {value:.4g}")
+        elif isinstance(value, (int, str)) or value is None:
+            print(f"  {key:<28} {value}")
+    print("  stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
