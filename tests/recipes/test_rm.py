@@ -256,7 +256,9 @@ def test_score_writes_pairs_and_single_responses(trained_rm):
         assert r["score_margin"] == pytest.approx(r["raw_score_chosen"] - r["raw_score_rejected"])
         assert r["score_chosen"] == pytest.approx(r["raw_score_chosen"] + bias)
         assert r["prompt"].startswith("Once upon a time")  # the input row is kept
-    assert sum(r["score_margin"] > 0 for r in rows) >= 45
+    # scoring the held-out set reproduces the run's own eval/accuracy
+    accuracy = json.loads((rm / "tether_run.json").read_text())["eval/accuracy"]
+    assert sum(r["score_margin"] > 0 for r in rows) / len(rows) == pytest.approx(accuracy)
 
     singles = write_jsonl(root / "singles.jsonl", [{"prompt": "Once upon a time, Tom saw a",
                                                    "response": " cat. Tom was very happy."},

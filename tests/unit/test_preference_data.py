@@ -227,3 +227,16 @@ def test_collate_flattens_groups_into_one_batch():
     assert batch["pair_weight"].tolist() == pytest.approx([1 / 3, 1.0])
     assert batch["margin"].tolist() == [0.0, 1.5]
     assert "gold" not in batch  # gold accuracy is only computed where the recipe asks for it
+
+
+def test_encode_for_scoring_cuts_a_row_together_and_never_drops(tok):
+    from tether.data.preference import encode_for_scoring
+    from tether.data.tokenize import encode_prompt, encode_response
+
+    prompt, responses = "Once upon a time there was a cat", [" it sat" * 20, " no"]
+    prompt_ids = encode_prompt(tok, prompt)
+    assert len(prompt_ids) <= 12  # so the prompt fits whole next to half a window of response
+    seqs = encode_for_scoring(tok, prompt, responses, max_length=24)
+    assert len(seqs[0]) == 24 and seqs[0][:len(prompt_ids)] == prompt_ids
+    assert seqs[1] == prompt_ids + encode_response(tok, " no")  # the same prompt context
+    assert all(len(s) <= 3 for s in encode_for_scoring(tok, prompt * 5, [""], max_length=3))

@@ -282,6 +282,21 @@ def fit_to_length(prompt_ids: list[int], responses: Sequence[list[int]], max_len
     return prompt_ids, [list(r[:response_budget]) for r in responses]
 
 
+def encode_for_scoring(tokenizer: Any, prompt: str, responses: Sequence[str],
+                       max_length: Optional[int] = None) -> list[list[int]]:
+    """prompt + response ids for each response, cut together to `max_length` as in training
+    (the responses of one prompt keep the same prompt context). Nothing is ever dropped: when
+    even that cannot fit, the last `max_length` tokens are kept."""
+    prompt_ids = encode_prompt(tokenizer, prompt)
+    encoded = [encode_response(tokenizer, r) for r in responses]
+    if max_length is not None and len(prompt_ids) + max(map(len, encoded)) > max_length:
+        fitted = fit_to_length(prompt_ids, encoded, max_length, prompt_special_count(tokenizer))
+        if fitted is None:
+            return [(prompt_ids + r)[-max_length:] for r in encoded]
+        prompt_ids, encoded = fitted
+    return [prompt_ids + r for r in encoded]
+
+
 def tokenize_groups(rows: Sequence[dict], tokenizer: Any, max_length: int, over_length: str,
                     source: str, skipped: Optional[Counter] = None) -> list[Group]:
     """Token-id groups from `read_preference_rows` output, with over-length handling counted."""

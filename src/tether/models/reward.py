@@ -123,26 +123,23 @@ def score_texts(model: Any, tokenizer: Any, prompts: Sequence[str], responses: S
 
     Tokenised the way the reward model was trained (`encode_prompt` + `encode_response`, no
     EOS). Sequences longer than `max_length` are cut like training data (prompt from the left,
-    response from the right). Batches are formed from length-sorted sequences to waste little
-    compute on padding. Calibrated scores (bias added) unless `calibrated=False`.
+    response from the right). Calibrated scores (bias added) unless `calibrated=False`.
     """
-    from tether.data.preference import fit_to_length, prompt_special_count
-    from tether.data.tokenize import encode_prompt, encode_response
+    from tether.data.preference import encode_for_scoring
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    n_special = prompt_special_count(tokenizer)
-    seqs = []
-    for prompt, response in zip(prompts, responses):
-        p, r = encode_prompt(tokenizer, prompt), encode_response(tokenizer, response)
-        if max_length is not None and len(p) + len(r) > max_length:
-            fitted = fit_to_length(p, [r], max_length, n_special)
-            if fitted is None:  # an empty response after a too-long prompt: keep the prompt's end
-                p, r = p[len(p) - max_length:], []
-            else:
-                p, r = fitted[0], fitted[1][0]
-        seqs.append(p + r)
+    seqs = [encode_for_scoring(tokenizer, p, [r], max_length)[0] for p, r in zip(prompts, responses)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return score_sequences(model, seqs, pad, batch_size, calibrated)
+
+
+def score_sequences(model: Any, seqs: Sequence[list[int]], pad_id: int, batch_size: int = 16,
+                    calibrated: bool = True) -> list[float]:
+    """Score token-id sequences (prompt + response, no padding): one float each, in order.
+
+    Batches are formed from length-sorted sequences so little compute goes to padding.
+    """
     device = next(model.parameters()).device
     bias = reward_bias(model) if calibrated else 0.0
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
@@ -152,7 +149,7 @@ def score_texts(model: Any, tokenizer: Any, prompts: Sequence[str], responses: S
     with torch.no_grad():
         for at in range(0, len(order), batch_size):
             chunk = order[at:at + batch_size]
-            ids, mask = _right_pad([seqs[i] for i in chunk], pad)
+            ids, mask = _right_pad([seqs[i] for i in chunk], pad_id)
             scores = sequence_scores(model, ids.to(device), mask.to(device))
             for i, value in zip(chunk, scores.tolist()):
                 out[i] = value + bias

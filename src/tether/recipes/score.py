@@ -22,9 +22,10 @@ import torch
 
 from tether.config import ScoreConfig
 from tether.data.io import load_rows
-from tether.data.preference import read_preference_rows, read_prompt_responses
+from tether.data.preference import (encode_for_scoring, read_preference_rows,
+                                    read_prompt_responses)
 from tether.models.load import load_tokenizer
-from tether.models.reward import load_reward_model, reward_bias, score_texts
+from tether.models.reward import load_reward_model, reward_bias, score_sequences, score_texts
 from tether.models.save import mark_complete
 from tether.training.files import write_jsonl
 from tether.training.runtime import resolve_dtype, setup_logging
@@ -44,9 +45,11 @@ def score_rows(model: Any, tokenizer: Any, ds: Any, source: str, batch_size: int
         raw = score_texts(model, tokenizer, prompts, responses, batch_size, max_length, calibrated=False)
         return [{**ds[i], "row": i, "score": r + bias, "raw_score": r} for i, r in enumerate(raw)]
     rows = read_preference_rows(ds, source)
-    flat = [(r["prompt"], text) for r in rows for text in r["responses"]]
-    raw = score_texts(model, tokenizer, [p for p, _ in flat], [t for _, t in flat], batch_size,
-                      max_length, calibrated=False)
+    # the responses of a row are cut to --max-length together, with one prompt context, as in
+    # training, so that scoring the held-out set reproduces eval/accuracy
+    seqs = [encode_for_scoring(tokenizer, r["prompt"], r["responses"], max_length) for r in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    raw = score_sequences(model, [s for group in seqs for s in group], pad, batch_size, calibrated=False)
     out, at = [], 0
     for r in rows:
         k = len(r["responses"])
