@@ -1,0 +1,58 @@
+"""`tether demo --quick` end to end, the report it writes, and its rendering in Chromium."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from tether.cli import main
+
+SUMMARY_KEYS = ("rm_accuracy_gold", "rm_accuracy_labels", "win_rate_ppo_vs_sft", "win_rate_dpo_vs_sft",
+                "win_rate_bon_vs_sft", "win_rate_ppo_beta0_vs_sft", "kl_ppo", "kl_dpo", "gold_ppo",
+                "gold_sft", "wall_seconds")
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_quick_demo_writes_every_summary_figure(demo_dir):
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    for key in SUMMARY_KEYS:
+        assert isinstance(summary[key], (int, float)), key
+    for key in ("win_rate_ppo_vs_sft", "win_rate_dpo_vs_sft", "win_rate_bon_vs_sft", "rm_accuracy_gold"):
+        assert 0.0 <= summary[key] <= 1.0
+    for stage in ("base", "sft", "rm", "ppo", "ppo_beta0", "dpo"):
+        assert json.loads((demo_dir / stage / "tether_run.json").read_text())["complete"] is True
+    assert (demo_dir / "bon" / "bon.jsonl").exists()
+
+
+def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
+    before = (demo_dir / "sft" / "model.safetensors").stat().st_mtime_ns
+    assert main(["demo", "--quick", "--output-dir", str(demo_dir)]) == 0
+    assert (demo_dir / "sft" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_report_is_self_contained_with_plots(demo_dir):
+    html = (demo_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    assert "Samples side by side" in html and "win_rate_ppo_vs_sft" in html
+    for png in ("ppo_curves.png", "win_rates.png", "losses.png"):
+        assert (demo_dir / png).stat().st_size > 1000
+
+
+def test_report_renders_in_headless_chromium(demo_dir, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium); the report is not rendered")
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                    "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400",
+                    f"--screenshot={shot}", (demo_dir / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 50_000  # a blank page is a few KB
