@@ -547,10 +547,9 @@ class PPOConfig(RunConfig):
     model with its adapters disabled, so no second copy is held in memory."""
     lora_alpha: int = 16
     """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA branch. 0: RL logprobs must not be noisy."""
     lora_target_modules: str = "all-linear"
-    """Comma-separated module names for LoRA, or all-linear."""
+    """Comma-separated module names for LoRA, or all-linear. (LoRA has no dropout here: PPO's
+    logprobs must not be noisy.)"""
     merge_lora: bool = True
     """Save merged full weights at the end of a LoRA run (plain from_pretrained loads them)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"

@@ -8,7 +8,8 @@
 
 Every forward here returns only the response part of a left-padded (prompt + response) batch:
 column t of the output is what predicts response token t (sequence column P + t), which is
-sequence column P - 1 + t. Logits of prompt positions are never computed.
+sequence column P - 1 + t. Logits of prompt positions are never computed, and the last column
+(which predicts nothing that is scored) is not fed.
 """
 
 from __future__ import annotations
@@ -35,14 +36,16 @@ def response_logits(lm: Any, input_ids: Tensor, attention_mask: Tensor, position
                     n_response: int, keep_arg: Optional[bool] = None) -> Tensor:
     """Logits that predict the last n_response tokens: (B, L) inputs -> (B, n_response, V).
 
-    With `logits_to_keep` the LM head runs on those n_response + 1 positions only (the last
-    one predicts past the end and is dropped).
+    The last column is not fed at all: what it would predict lies past the end. With
+    `logits_to_keep` the LM head then runs on exactly the n_response positions wanted, so no
+    prompt logits are computed and nothing is sliced afterwards (a slice's backward allocates
+    and fills another logits-sized gradient).
     """
     keep = _accepts_logits_to_keep(lm) if keep_arg is None else keep_arg
-    kwargs = {"logits_to_keep": n_response + 1} if keep else {}
-    logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False, **kwargs).logits
-    return logits[:, -(n_response + 1):-1]
+    kwargs = {"logits_to_keep": n_response} if keep else {}
+    logits = lm(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                position_ids=position_ids[:, :-1], use_cache=False, **kwargs).logits
+    return logits if keep else logits[:, -n_response:]
 
 
 class Actor(nn.Module):
@@ -72,7 +75,8 @@ class Actor(nn.Module):
                 hook.remove()
         if self.value_head is None:
             return logits, None
-        hidden = captured[-1][:, -(n_response + 1):-1]
+        # (B, T, d) when logits_to_keep picked the positions, else (B, L - 1, d)
+        hidden = captured[-1] if self._keep else captured[-1][:, -n_response:]
         head = self.value_head
         return logits, head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
@@ -99,8 +103,10 @@ class Critic(nn.Module):
         """(B, L) inputs -> values (B, n_response) float32: V(x, y_<t) read where the policy
         predicts y_t. The RM's calibration bias is added, so a critic initialised from the RM
         starts out predicting calibrated scores."""
-        values = per_token_scalars(self.model, input_ids, attention_mask, position_ids)
-        return values[:, -(n_response + 1):-1] + reward_bias(self.model)
+        # As for the policy, the last column is never read: it is not fed.
+        values = per_token_scalars(self.model, input_ids[:, :-1], attention_mask[:, :-1],
+                                   position_ids[:, :-1])
+        return values[:, -n_response:] + reward_bias(self.model)
 
 
 def save_value_head(head: nn.Linear, output_dir: str | Path) -> Path:

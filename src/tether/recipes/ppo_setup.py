@@ -85,7 +85,7 @@ def load_policy_and_reference(cfg: PPOConfig, dtype: torch.dtype) -> tuple[Any, 
     lm = load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code, cfg.gradient_checkpointing)
     disable_dropout(lm)
     if cfg.lora_r > 0:
-        lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.lora_target_modules)
         return lm, Reference(lm, adapters_off=True)
     return lm, Reference(freeze(load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code)))
 
@@ -112,6 +112,7 @@ def load_reward_side(cfg: PPOConfig, tokenizer: Any, dtype: torch.dtype,
         return scorer, None
     critic_model = load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code, tokenizer.pad_token_id)
     disable_dropout(critic_model)
+    critic_model.config.use_cache = False  # a training forward has no use for a KV cache
     if cfg.gradient_checkpointing:
         critic_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return scorer, Critic(critic_model)
@@ -155,7 +156,10 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
     lm, reference = load_policy_and_reference(cfg, dtype)
     eos_ids = tuple(eos_token_ids(tokenizer, lm))
     reward, critic = load_reward_side(cfg, tokenizer, dtype, eos_ids)
-    actor = Actor(lm, new_value_head(lm) if cfg.critic == "head" else None)
+    # Train mode only switches on gradient checkpointing: every dropout is already 0.
+    actor = Actor(lm, new_value_head(lm) if cfg.critic == "head" else None).train()
+    if critic is not None:
+        critic.train()
     log.info("ppo: policy %s (%.2fM parameters), critic %s, %d prompts", cfg.policy,
              count_parameters(lm) / 1e6, cfg.critic, len(prompts.ids))
     for frozen in {id(m): m for m in (reference.model, reward.model)}.values():
