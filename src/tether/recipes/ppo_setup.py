@@ -145,6 +145,7 @@ def probe_rollout(prompts: PromptSet, pad_token_id: int, device: Any) -> Rollout
 
 def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
     """Load and prepare every component of a PPO run (nothing is trained or written here)."""
+    cfg.validate()  # also when the config was built in Python rather than by the CLI
     accelerator = accelerator or make_accelerator(cfg.seed)
     device, dtype = accelerator.device, resolve_dtype(cfg.dtype)
     # 1. tokenizer and prompts
