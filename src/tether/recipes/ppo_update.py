@@ -108,8 +108,9 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
     row = {"policy/loss": p_loss.detach(), "val/loss": v_loss.detach(), **p_stats, **v_stats}
     if parts.ptx is not None:
         batch = parts.ptx.batch(ptx_index, parts.device)
-        logits = parts.policy_lm()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                use_cache=False).logits
+        lm = parts.policy_lm()
+        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    use_cache=False).logits
         ptx_loss, _ = sft_loss(logits, batch["labels"])
         loss = loss + cfg.ptx_coef * ptx_loss
         row["ptx/loss"] = ptx_loss.detach()
