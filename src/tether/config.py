@@ -564,6 +564,11 @@ class PPOConfig(RunConfig):
     """What a failed health check does (see docs/metrics.md): log a warning, or stop the run."""
     samples_per_iteration: int = 4
     """Completions written to samples.jsonl each iteration (with their score and KL)."""
+    gold_judge: Optional[str] = None
+    """An outside judge that never trains anything, logged as objective/gold_score each
+    iteration: 'world' (the built-in world's gold judge) or 'module:function' taking
+    (prompts, responses) and returning one float per response. With it, proxy (RM) and gold
+    reward can be plotted against KL: the over-optimisation curve."""
     tensorboard: bool = True
     """Also write metrics as TensorBoard events under output_dir/tensorboard."""
     progress: bool = True

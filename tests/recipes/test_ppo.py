@@ -244,3 +244,23 @@ def test_faulty_reward_building_is_caught(task, tmp_path, fault, message):
     parts.reward_fn = faulty
     issues = run_iteration(parts, 1).issues + run_iteration(parts, 2).issues  # KL is 0 at step 1
     assert any(i.check == "reward_layout" and message in i.message for i in issues), issues
+
+
+def test_gold_judge_is_logged_each_iteration(tiny_models, tmp_path):
+    """An outside judge (module:function) is scored on every iteration's responses."""
+    import json
+
+    from tether.cli import main
+
+    from conftest import write_jsonl
+
+    model = tiny_models["llama"]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat sat"}] * 8)
+    out = tmp_path / "ppo_gold"
+    assert main(["ppo", "--policy", str(model), "--reward-model", str(model), "--prompts", str(prompts),
+                 "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--response-length", "4",
+                 "--critic", "head", "--gold-judge", "judges:length_judge", "--no-progress",
+                 "--no-tensorboard"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["objective/gold_score"] <= 0 for r in rows)
+    assert any(r["objective/gold_score"] < 0 for r in rows)  # the judge really ran on the responses

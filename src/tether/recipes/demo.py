@@ -159,7 +159,7 @@ def run(cfg: DemoConfig) -> dict:
             policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
             output_dir=str(d[name]), max_steps=sizes.ppo_steps, batch_size=sizes.ppo_batch,
             response_length=48, temperature=1.0, lr=3e-4, value_lr=1e-3, kl_coef=beta,
-            critic="head", **common)))
+            critic="head", gold_judge="world", **common)))
     # 7. DPO on the same pairs
     timer.run("dpo", d["dpo"], lambda: dpo.run(DPOConfig(
         model=str(d["sft"]), data=str(d["pairs"] / "pairs.jsonl"), output_dir=str(d["dpo"]),

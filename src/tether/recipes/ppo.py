@@ -19,7 +19,7 @@ from tether.config import PPOConfig, save_config
 from tether.errors import Interrupted
 from tether.ops.advantages import gae
 from tether.ops.masking import masked_whiten
-from tether.recipes.ppo_outputs import evaluate, sample_rows, save_final
+from tether.recipes.ppo_outputs import evaluate, gold_score, load_judge, sample_rows, save_final
 from tether.recipes.ppo_setup import PPOParts, build
 from tether.recipes.ppo_update import forward_policy, mean_entropy, ppo_update, score_old_policy
 from tether.rollout.health import HealthIssue, check_kl_not_negative, check_reward_layout, enforce
@@ -160,6 +160,7 @@ def run(cfg: PPOConfig) -> dict:
     metrics = MetricsWriter(out, is_main, cfg.tensorboard, resume_step=resumed)
     samples = MetricsWriter(out, is_main, False, resume_step=resumed, filename="samples.jsonl")
     bar = Progress(cfg.max_steps, start, "ppo", cfg.progress and is_main)
+    judge = load_judge(cfg.gold_judge)
     t0, row = time.perf_counter(), {}
     try:
         with StopRequest() as stop:
@@ -167,6 +168,8 @@ def run(cfg: PPOConfig) -> dict:
             for step in range(start + 1, cfg.max_steps + 1):
                 result = run_iteration(parts, step)
                 row = result.metrics
+                if judge is not None:
+                    row["objective/gold_score"] = gold_score(parts, result, judge)
                 if parts.eval_prompts is not None and (
                         step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0)):
                     row.update(evaluate(parts))

@@ -14,6 +14,35 @@ from tether.models.save import mark_complete, save_model
 EVAL_SEED = 7919  # held-out prompts get the same sampling noise at every evaluation
 
 
+def load_judge(spec: str | None):
+    """None, the built-in world's gold judge ('world'), or any 'module:function' judge."""
+    if not spec:
+        return None
+    if spec == "world":
+        from tether.world import score
+
+        return lambda prompts, responses: [score(p, r) for p, r in zip(prompts, responses)]
+    import importlib
+
+    from tether.errors import ConfigError
+
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"--gold-judge {spec!r}: cannot import it ({err}); use 'world' or "
+                          "'module:function'") from None
+
+
+def gold_score(parts: Any, result: Any, judge: Any) -> float:
+    """Mean outside-judge score of this iteration's responses (decoded without the EOS)."""
+    exp = result.experience
+    texts = [parts.tokenizer.decode(exp.seqs.response_ids[i][exp.mask[i].bool()].tolist(),
+                                    skip_special_tokens=True) for i in range(exp.rewards.shape[0])]
+    scores = judge(result.prompt_texts, texts)
+    return float(sum(scores) / max(len(scores), 1))
+
+
 def sample_rows(parts: Any, result: Any, n: int) -> list[dict]:
     """The first n rollouts of the iteration as {prompt, response, rm_score, kl, ended}."""
     exp = result.experience
