@@ -60,14 +60,16 @@ class Sizes:
     dpo_steps: int
     eval_prompts: int
     bon_n: int
+    batch: int  # examples per step of the supervised stages
+    response_length: int
 
 
-FULL = Sizes(corpus=20000, pretrain_steps=500, sft=2000, sft_steps=120, pair_prompts=2000,
-             pair_eval_prompts=300, rm_steps=250, ppo_steps=60, ppo_batch=64, dpo_steps=120,
-             eval_prompts=200, bon_n=8)
+FULL = Sizes(corpus=20000, pretrain_steps=400, sft=2000, sft_steps=120, pair_prompts=3000,
+             pair_eval_prompts=300, rm_steps=120, ppo_steps=40, ppo_batch=64, dpo_steps=100,
+             eval_prompts=200, bon_n=8, batch=32, response_length=48)
 QUICK = Sizes(corpus=600, pretrain_steps=20, sft=200, sft_steps=8, pair_prompts=64,
               pair_eval_prompts=32, rm_steps=6, ppo_steps=3, ppo_batch=8, dpo_steps=4,
-              eval_prompts=16, bon_n=2)
+              eval_prompts=16, bon_n=2, batch=8, response_length=16)
 
 
 class Timer:
@@ -86,8 +88,16 @@ class Timer:
         self.seconds[name] = round(time.perf_counter() - t0, 1)
 
 
+PAIR_TEMPERATURES = (1.0, 1.8)  # one sample as the SFT model is, one hotter: a wider quality range
+
+
 def make_pairs(sft_dir: Path, world_dir: Path, out: Path, sizes: Sizes, seed: int) -> None:
-    """Two SFT samples per prompt, labelled by the noisy labeler (train) or by gold (held-out)."""
+    """Two SFT samples per prompt, labelled by the noisy labeler (train) or by gold (held-out).
+
+    The two samples come at different temperatures, so pairs span a range of quality the way
+    InstructGPT's comparisons came from several policies; two draws at the same temperature are
+    mostly too alike for 3,000 noisy labels to teach a reward model much.
+    """
     from tether.eval.sampling import sample_responses
     from tether.models.load import load_causal_lm, load_tokenizer
     from tether.models.save import mark_complete
@@ -100,9 +110,9 @@ def make_pairs(sft_dir: Path, world_dir: Path, out: Path, sizes: Sizes, seed: in
     for name, split, n in (("pairs", "train", sizes.pair_prompts),
                            ("pairs_eval", "eval", sizes.pair_eval_prompts)):
         prompts = world.prompts(n, split)
-        s = sample_responses(model, tok, prompts, n=2, max_new_tokens=64, temperature=1.0,
-                             seed=seed + (split == "eval"))
-        a, b = s.responses[0::2], s.responses[1::2]
+        a, b = (sample_responses(model, tok, prompts, n=1, max_new_tokens=sizes.response_length,
+                                 temperature=t, seed=seed + 10 * i + (split == "eval")).responses
+                for i, t in enumerate(PAIR_TEMPERATURES))
         if split == "train":
             rows = label_pairs(prompts, a, b, seed)
         else:  # held-out pairs are labelled by the gold judge: the clean test set
@@ -140,35 +150,35 @@ def run(cfg: DemoConfig) -> dict:
     # 2. base model
     timer.run("pretrain", d["base"], lambda: world.run_pretrain(world.PretrainConfig(
         output_dir=str(d["base"]), corpus_docs=sizes.corpus, steps=sizes.pretrain_steps, seed=seed,
-        resume=True)))
+        batch_size=sizes.batch, resume=True)))
     # 3. SFT
     timer.run("sft", d["sft"], lambda: sft.run(SFTConfig(
         model=str(d["base"]), data=str(d["world"] / "sft.jsonl"), eval_data=str(d["world"] / "sft_eval.jsonl"),
-        output_dir=str(d["sft"]), max_steps=sizes.sft_steps, lr=1e-3, batch_size=32, max_length=128,
+        output_dir=str(d["sft"]), max_steps=sizes.sft_steps, lr=1e-3, batch_size=sizes.batch, max_length=128,
         **common)))
     # 4. preference pairs from the SFT model
     timer.run("pairs", d["pairs"], lambda: make_pairs(d["sft"], d["world"], d["pairs"], sizes, seed))
     # 5. reward model
     timer.run("rm", d["rm"], lambda: rm.run(RMConfig(
         model=str(d["sft"]), data=str(d["pairs"] / "pairs.jsonl"), eval_data=str(d["pairs"] / "pairs_eval.jsonl"),
-        output_dir=str(d["rm"]), max_steps=sizes.rm_steps, lr=1e-3, batch_size=32, max_length=128,
+        output_dir=str(d["rm"]), max_steps=sizes.rm_steps, lr=1e-3, batch_size=sizes.batch, max_length=128,
         calibration_data=str(d["world"] / "sft.jsonl"), **common)))
     # 6. PPO at the default beta and at beta = 0
     for name, beta in (("ppo", cfg.kl_coef), ("ppo_beta0", 0.0)):
         timer.run(name, d[name], lambda name=name, beta=beta: ppo.run(PPOConfig(
             policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
             output_dir=str(d[name]), max_steps=sizes.ppo_steps, batch_size=sizes.ppo_batch,
-            response_length=48, temperature=1.0, lr=3e-4, value_lr=1e-3, kl_coef=beta,
+            response_length=sizes.response_length, temperature=1.0, lr=3e-4, value_lr=1e-3, kl_coef=beta,
             critic="head", gold_judge="world", **common)))
     # 7. DPO on the same pairs
     timer.run("dpo", d["dpo"], lambda: dpo.run(DPOConfig(
         model=str(d["sft"]), data=str(d["pairs"] / "pairs.jsonl"), output_dir=str(d["dpo"]),
-        max_steps=sizes.dpo_steps, lr=2e-4, batch_size=32, max_length=128, beta=0.1, kl_samples=0,
+        max_steps=sizes.dpo_steps, lr=2e-4, batch_size=sizes.batch, max_length=128, beta=0.1, kl_samples=0,
         eval_fraction=0.0, **common)))
     # 8. best-of-N from the SFT model
     timer.run("bon", d["bon"], lambda: bon.run(BoNConfig(
         policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts_eval.jsonl"),
-        output_dir=str(d["bon"]), n=sizes.bon_n, max_prompts=sizes.eval_prompts, response_length=48,
+        output_dir=str(d["bon"]), n=sizes.bon_n, max_prompts=sizes.eval_prompts, response_length=sizes.response_length,
         seed=seed)))
     # 9. gold-judged evaluation of every policy against SFT
     t0 = time.perf_counter()
@@ -179,7 +189,7 @@ def run(cfg: DemoConfig) -> dict:
             policy_a=str(policy), policy_b=str(d["sft"]), prompts=str(d["world"] / "prompts_eval.jsonl"),
             judge="world", reference=str(d["sft"]) if name != "bon" else None,
             max_prompts=sizes.eval_prompts, output=str(d["eval"] / f"{name}_vs_sft.json"),
-            response_length=48, seed=seed + 1))
+            response_length=sizes.response_length, seed=seed + 1))
         atomic_write_json(d["eval"] / f"{name}_vs_sft.json", result)
         print(f"\n== {name} vs sft ==")
         print_table(result)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tether.config import DPOConfig, save_config
+from tether.config import DPOConfig
 from tether.data.io import load_rows
 from tether.data.preference import load_preference_groups, read_preference_rows
 from tether.data.sft import IGNORE
@@ -26,7 +26,7 @@ from tether.models.load import apply_lora, count_parameters, load_causal_lm, loa
 from tether.models.save import mark_complete, save_model
 from tether.ops.logprobs import sequence_logprobs
 from tether.training.loop import LoopSpec, train_supervised
-from tether.training.runtime import make_accelerator, prepare_output_dir, resolve_dtype
+from tether.training.runtime import resolve_dtype, start_run
 
 log = logging.getLogger("tether")
 
@@ -130,10 +130,7 @@ def make_kl_hook(cfg: DPOConfig, tokenizer: Any):
 def run(cfg: DPOConfig) -> dict:
     """Train with DPO and save the policy into cfg.output_dir; returns the summary."""
     # 1. runtime and run directory
-    accelerator = make_accelerator(cfg.seed)
-    out = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_config(cfg, out)
+    accelerator, out = start_run(cfg)
     # 2. tokenizer and pairs
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train = load_pairs(cfg.data, tokenizer, cfg.max_length, cfg.over_length)

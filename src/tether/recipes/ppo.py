@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from tether.config import PPOConfig, save_config
+from tether.config import PPOConfig
 from tether.errors import Interrupted
 from tether.ops.advantages import gae
 from tether.ops.masking import masked_whiten
@@ -28,7 +28,7 @@ from tether.rollout.types import Experience
 from tether.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tether.training.metrics import MetricsWriter
 from tether.training.progress import Progress
-from tether.training.runtime import any_process, check_finite, make_accelerator, prepare_output_dir
+from tether.training.runtime import any_process, check_finite, start_run
 from tether.training.signals import StopRequest
 
 log = logging.getLogger("tether")
@@ -148,10 +148,7 @@ def resume(parts: PPOParts, out: Any) -> int:
 def run(cfg: PPOConfig) -> dict:
     """Train the policy with PPO and save it into cfg.output_dir; returns the summary."""
     # 1. runtime, run directory and components
-    accelerator = make_accelerator(cfg.seed)
-    out = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_config(cfg, out)
+    accelerator, out = start_run(cfg)
     parts = build(cfg, accelerator)
     # 2. resume: weights, optimizers, RNG, beta, health trends; the data position is the step
     start = resume(parts, out) if cfg.resume else 0

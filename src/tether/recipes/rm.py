@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from tether.config import RMConfig, save_config
+from tether.config import RMConfig
 from tether.data.io import load_rows, split_holdout
 from tether.data.preference import (Group, collate_groups, read_preference_rows,
                                     read_prompt_responses, tokenize_groups)
@@ -31,7 +31,7 @@ from tether.models.reward import (BIAS_KEY, STD_KEY, init_reward_model, scalar_h
                                   score_texts, sequence_scores)
 from tether.models.save import mark_complete, save_model
 from tether.training.loop import LoopSpec, train_supervised
-from tether.training.runtime import make_accelerator, prepare_output_dir, resolve_dtype
+from tether.training.runtime import resolve_dtype, start_run
 
 log = logging.getLogger("tether")
 
@@ -233,10 +233,7 @@ def build_model(cfg: RMConfig, pad_token_id: int) -> Any:
 def run(cfg: RMConfig) -> dict:
     """Train, evaluate, calibrate and save the reward model into cfg.output_dir."""
     # 1. runtime and run directory
-    accelerator = make_accelerator(cfg.seed)
-    out = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_config(cfg, out)
+    accelerator, out = start_run(cfg)
     # 2. tokenizer and preference groups (pairs are groups of 2)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train, held, train_rows, skipped = load_rm_data(cfg, tokenizer)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from tether.config import SFTConfig, save_config
+from tether.config import SFTConfig
 from tether.data.io import load_rows, split_holdout
 from tether.data.sft import IGNORE, collate, collate_packed, pack, tokenize_sft
 from tether.models.load import apply_lora, count_parameters, load_causal_lm, load_tokenizer
 from tether.models.save import mark_complete, save_model
 from tether.training.loop import LoopSpec, train_supervised
-from tether.training.runtime import make_accelerator, prepare_output_dir, resolve_dtype
+from tether.training.runtime import resolve_dtype, start_run
 
 log = logging.getLogger("tether")
 
@@ -45,10 +45,7 @@ def scored_tokens(batch: dict) -> float:
 def run(cfg: SFTConfig) -> dict:
     """Train, evaluate and save the SFT model into cfg.output_dir; returns the summary."""
     # 1. runtime and run directory
-    accelerator = make_accelerator(cfg.seed)
-    out = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
-    if accelerator.is_main_process:
-        save_config(cfg, out)
+    accelerator, out = start_run(cfg)
     # 2. tokenizer and data
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train, held = load_sft_examples(cfg, tokenizer)

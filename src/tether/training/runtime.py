@@ -162,3 +162,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_ratio: fl
     name = {"constant": "constant_with_warmup"}.get(kind, kind)
     return get_scheduler(name, optimizer, num_warmup_steps=int(warmup_ratio * steps),
                          num_training_steps=steps)
+
+
+def start_run(cfg: Any) -> tuple[Any, Path]:
+    """Step 1 of every training recipe: the Accelerator (seeded), the run directory (refusing
+    to clobber checkpoints unless resuming) and the resolved config written into it."""
+    from tether.config import save_config
+
+    accelerator = make_accelerator(cfg.seed)
+    out = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        save_config(cfg, out)
+    return accelerator, out
