@@ -104,7 +104,7 @@ def build_report(cfg: ReportConfig) -> Path:
     win_rates = summary.get("win_rates", {})
     figures = [
         (plots.plot_ppo_curves(ppo, root / "ppo_curves.png"), "PPO: reward, KL, beta, length, entropy, clipfrac, explained variance per iteration"),
-        (plots.plot_overoptimisation(ppo, root / "overoptimisation.png"), "Proxy (RM) and gold reward as KL grows: beta = 0 over-optimises the proxy"),
+        (plots.plot_overoptimisation(ppo, root / "overoptimisation.png"), "Proxy (RM) and gold reward as KL grows (Gao et al. 2022): over-optimisation shows as the proxy rising while gold stalls or falls"),
         (plots.plot_win_rates(win_rates, root / "win_rates.png"), "Win rate against SFT on held-out prompts, judged by the gold judge (95% CI)"),
         (plots.plot_losses(supervised, root / "losses.png"), "Train and eval loss of the supervised stages"),
     ]

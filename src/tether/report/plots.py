@@ -69,7 +69,7 @@ def plot_overoptimisation(runs: dict[str, Sequence[dict]], path: Path) -> Path |
         for ax, key in ((ax_rm, "objective/rm_score"), (ax_gold, "objective/gold_score")):
             xs, ys = series(rows, key)
             pts = sorted((kl[x], y) for x, y in zip(xs, ys) if isinstance(kl.get(x), (int, float)))
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=name)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, label=name)
     ax_rm.set_title("proxy reward (RM) vs KL")
     ax_gold.set_title("gold reward (judge) vs KL")
     for ax in (ax_rm, ax_gold):
