@@ -118,31 +118,31 @@ def tether_work(shape: LlamaShape, s: Settings, critic: str) -> dict[str, float]
 
     * generation: `KVCacheSampler`, a KV-cache loop (prefill with logits_to_keep=1, then one
       one-token forward per further token): the same work as HF generate;
-    * scoring (no grad): reference forward with the LM head on the T+1 last positions only
-      (`logits_to_keep`), RM forward (trunk + head);
+    * scoring (no grad): reference forward over P+T-1 tokens (the last column predicts nothing
+      and is not fed) with the LM head on the T response-predicting positions only
+      (`logits_to_keep`); RM forward over all P+T tokens (trunk + head);
     * pi_old and V_old: with one minibatch, the first epoch's forward gives them (no scoring pass
       of the policy or the critic);
-    * update, per epoch: policy forward (LM head on T+1 positions) [+ with --critic separate, the
-      critic's trunk and head; with --critic head, a d->1 head on the policy's trunk]; backward
-      = 2x forward;
-    * health probe: `ReferenceProbe.check` re-scores 2 probe rows (prompt + 8 tokens) with the
-      reference every iteration.
+    * update, per epoch: policy forward over P+T-1 tokens, LM head on T positions [+ with
+      --critic separate, the critic's trunk over P+T-1 tokens and its scalar head; with
+      --critic head, a d->1 head on T positions of the policy's trunk]; backward = 2x forward;
+    * health probe: `ReferenceProbe.check` re-scores 2 probe rows (prompt + 8 tokens, last
+      column not fed, LM head on 8 positions) with the reference every iteration.
     """
     n, seq = s.rollouts, s.prompt_len + s.response_len
-    keep = s.response_len + 1
-    fwd_policy = forward_flops(shape, n, seq, "lm", head_positions=keep)
-    fwd_scalar = forward_flops(shape, n, seq, "scalar")
+    fwd_policy = forward_flops(shape, n, seq - 1, "lm", head_positions=s.response_len)
+    fwd_critic = forward_flops(shape, n, seq - 1, "scalar")
     work = {
         "generation": generation_flops(shape, n, s.prompt_len, s.response_len),
         "score_reference": fwd_policy,
-        "score_reward": fwd_scalar,
+        "score_reward": forward_flops(shape, n, seq, "scalar"),
         "update_policy_fwd_bwd": s.ppo_epochs * 3 * fwd_policy,
     }
     if critic == "separate":
-        work["update_critic_fwd_bwd"] = s.ppo_epochs * 3 * fwd_scalar
+        work["update_critic_fwd_bwd"] = s.ppo_epochs * 3 * fwd_critic
     else:  # the value head on the policy's trunk: d -> 1 per response position
         work["update_value_head"] = s.ppo_epochs * 3 * n * s.response_len * 2.0 * shape.hidden
-    work["health_probe"] = forward_flops(shape, 2, s.prompt_len + 8, "lm", head_positions=9)
+    work["health_probe"] = forward_flops(shape, 2, s.prompt_len + 8 - 1, "lm", head_positions=8)
     return work
 
 
@@ -253,38 +253,43 @@ class TRLSide:
             eps=s.adam_eps, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
-        times: list[float] = []
-        cpu_times: list[float] = []
-        self.times, self.cpu_times = times, cpu_times
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+        self.step_ends = 0
 
-        class Stamp(TrainerCallback):
-            last = last_cpu = 0.0
-
-            def on_train_begin(self, args, state, control, **kw):
-                Stamp.last, Stamp.last_cpu = time.perf_counter(), time.process_time()
-
-            def on_step_end(self, args, state, control, **kw):
-                now, now_cpu = time.perf_counter(), time.process_time()
-                times.append(now - Stamp.last)
-                cpu_times.append(now_cpu - Stamp.last_cpu)
-                Stamp.last, Stamp.last_cpu = now, now_cpu
+        class CountSteps(TrainerCallback):
+            def on_step_end(cb, args, state, control, **kw):  # noqa: N805
+                self.step_ends += 1
 
         self.trainer = PPOTrainer(
             args=self.args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
             value_model=value, train_dataset=dataset, optimizers=(optimizer, scheduler),
-            callbacks=[Stamp()])
+            callbacks=[CountSteps()])
         for cb in (PrinterCallback, ProgressCallback):  # no per-step printing
             self.trainer.remove_callback(cb)
         self.tokenizer = tok
 
     def run(self, iters: int) -> list[float]:
-        """Train `iters` iterations; the seconds of each, from on_train_begin / the previous
-        on_step_end to this on_step_end."""
-        self.args.total_episodes = iters * self.args.batch_size
-        self.args.num_total_batches = iters
-        start = len(self.times)
-        self.trainer.train()
-        return self.times[start:]
+        """Train `iters` iterations, each one a `train()` call of one iteration, timed whole.
+
+        Timing whole calls rather than on_step_end intervals keeps all of TRL's per-iteration
+        work in: its loop calls `gc.collect()` (and frees the rollout buffers) AFTER
+        on_step_end. What a call adds beyond the iteration (a new dataloader iterator, seven
+        zero tensors, the train_begin/end callbacks) takes well under a millisecond.
+        """
+        self.args.total_episodes = self.args.batch_size
+        self.args.num_total_batches = 1
+        out = []
+        for _ in range(iters):
+            before = self.step_ends
+            t0, c0 = time.perf_counter(), time.process_time()
+            self.trainer.train()
+            out.append(time.perf_counter() - t0)
+            self.cpu_times.append(time.process_time() - c0)
+            if self.step_ends != before + 1:
+                raise RuntimeError(f"TRL ran {self.step_ends - before} iterations, expected 1")
+        self.times += out
+        return out
 
     def check(self) -> dict[str, Any]:
         """Sample once with TRL's own generation code and settings: every response must have
@@ -433,7 +438,11 @@ def _worker(mode: str, assets: dict[str, str], s: Settings, work: str, threads: 
         info["torch_threads"] = torch.get_num_threads()
         conn.send(("ok", info))
         timers = None
+        parent = os.getppid()
         while True:
+            while not conn.poll(5.0):  # exit if the main process went away without saying so
+                if os.getppid() != parent:
+                    return
             cmd = conn.recv()
             if cmd[0] == "run":  # wall and CPU (process, all threads) seconds per iteration
                 n0 = len(side.cpu_times)
@@ -578,6 +587,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--rounds and --iters-per-round must be >= 1")
 
     shape, s = LlamaShape(), Settings()
+    if args.threads > 0:  # the peak is measured here, with the same threads as the sides
+        torch.set_num_threads(args.threads)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ppo_vs_trl_"))
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
