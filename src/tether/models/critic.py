@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 from tether.models.reward import per_token_scalars, reward_bias

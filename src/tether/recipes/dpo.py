@@ -23,10 +23,9 @@ from tether.data.preference import load_preference_groups, read_preference_rows
 from tether.data.sft import IGNORE
 from tether.losses.dpo import dpo_loss
 from tether.models.load import apply_lora, count_parameters, load_causal_lm, load_tokenizer
-from tether.models.save import mark_complete, save_model
 from tether.ops.logprobs import sequence_logprobs
 from tether.training.loop import LoopSpec, train_supervised
-from tether.training.runtime import resolve_dtype, start_run
+from tether.training.runtime import finish_run, resolve_dtype, start_run
 
 log = logging.getLogger("tether")
 
@@ -156,9 +155,4 @@ def run(cfg: DPOConfig) -> dict:
     result = train_supervised(cfg, accelerator, spec)
     # 5. the output directory becomes the final policy
     summary = {"steps": result.step, "train_seconds": round(result.train_seconds, 2), **result.final_eval}
-    if accelerator.is_main_process:
-        save_model(result.model, tokenizer, out, merge_lora=cfg.merge_lora)
-        mark_complete(out, "dpo", summary)
-    accelerator.wait_for_everyone()
-    log.info("dpo done: %s -> %s", summary, out)
-    return summary
+    return finish_run(accelerator, result.model, tokenizer, out, "dpo", summary, cfg.merge_lora)

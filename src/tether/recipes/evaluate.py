@@ -8,7 +8,6 @@ tokens, distinct-2, and a few samples side by side.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from pathlib import Path

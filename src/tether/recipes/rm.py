@@ -29,9 +29,8 @@ from tether.losses.reward import kwise_loss, pairwise_loss
 from tether.models.load import apply_lora, count_parameters, prepare_for_training, load_tokenizer
 from tether.models.reward import (BIAS_KEY, STD_KEY, init_reward_model, scalar_head_name,
                                   score_texts, sequence_scores)
-from tether.models.save import mark_complete, save_model
 from tether.training.loop import LoopSpec, train_supervised
-from tether.training.runtime import resolve_dtype, start_run
+from tether.training.runtime import finish_run, resolve_dtype, start_run
 
 log = logging.getLogger("tether")
 
@@ -253,11 +252,8 @@ def run(cfg: RMConfig) -> dict:
     summary = {"steps": result.step, "train_seconds": round(result.train_seconds, 2),
                "train_groups": len(train), "eval_groups": len(held),
                **{f"data/{k}": v for k, v in skipped.items()}, **result.final_eval}
+    updates = None
     if accelerator.is_main_process:
         summary.update(calibrate(result.model, tokenizer, cfg, train_rows))
         updates = {BIAS_KEY: -summary["calibration/mean"], STD_KEY: summary["calibration/std"]}
-        save_model(result.model, tokenizer, out, merge_lora=cfg.merge_lora, config_updates=updates)
-        mark_complete(out, "rm", summary)
-    accelerator.wait_for_everyone()
-    log.info("rm done: %s -> %s", summary, out)
-    return summary
+    return finish_run(accelerator, result.model, tokenizer, out, "rm", summary, cfg.merge_lora, updates)

@@ -9,9 +9,8 @@ from tether.config import SFTConfig
 from tether.data.io import load_rows, split_holdout
 from tether.data.sft import IGNORE, collate, collate_packed, pack, tokenize_sft
 from tether.models.load import apply_lora, count_parameters, load_causal_lm, load_tokenizer
-from tether.models.save import mark_complete, save_model
 from tether.training.loop import LoopSpec, train_supervised
-from tether.training.runtime import resolve_dtype, start_run
+from tether.training.runtime import finish_run, resolve_dtype, start_run
 
 log = logging.getLogger("tether")
 
@@ -72,9 +71,4 @@ def run(cfg: SFTConfig) -> dict:
     result = train_supervised(cfg, accelerator, spec)
     # 5. the output directory becomes the final model
     summary = {"steps": result.step, "train_seconds": round(result.train_seconds, 2), **result.final_eval}
-    if accelerator.is_main_process:
-        save_model(result.model, tokenizer, out, merge_lora=cfg.merge_lora)
-        mark_complete(out, "sft", summary)
-    accelerator.wait_for_everyone()
-    log.info("sft done: %s -> %s", summary, out)
-    return summary
+    return finish_run(accelerator, result.model, tokenizer, out, "sft", summary, cfg.merge_lora)

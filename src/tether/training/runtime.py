@@ -174,3 +174,17 @@ def start_run(cfg: Any) -> tuple[Any, Path]:
     if accelerator.is_main_process:
         save_config(cfg, out)
     return accelerator, out
+
+
+def finish_run(accelerator: Any, model: Any, tokenizer: Any, out: Path, stage: str, summary: dict,
+               merge_lora: bool = True, config_updates: dict | None = None) -> dict:
+    """The last step of every supervised recipe: the main process saves the final model into
+    the run directory and then the completion marker; every process waits for it."""
+    from tether.models.save import mark_complete, save_model
+
+    if accelerator.is_main_process:
+        save_model(model, tokenizer, out, merge_lora=merge_lora, config_updates=config_updates)
+        mark_complete(out, stage, summary)
+    accelerator.wait_for_everyone()
+    log.info("%s done: %s -> %s", stage, summary, out)
+    return summary
