@@ -22,7 +22,7 @@ from tether.rollout.generate import Generator, SamplingParams, left_pad, make_ge
 from tether.rollout.health import HealthMonitor, ReferenceProbe
 from tether.rollout.score import Reference, RewardScorer, same_vocabulary
 from tether.rollout.types import Rollout
-from tether.training.runtime import GlobalBatches, make_accelerator, resolve_dtype
+from tether.training.runtime import GlobalBatches, adamw, make_accelerator, resolve_dtype
 
 log = logging.getLogger("tether")
 
@@ -125,10 +125,9 @@ def make_optimizers(cfg: PPOConfig, actor: Actor, critic: Optional[Critic]) -> l
     groups = [{"params": trainable(actor.lm), "lr": cfg.lr}]
     if actor.value_head is not None:
         groups.append({"params": list(actor.value_head.parameters()), "lr": cfg.value_lr})
-    optimizers = [torch.optim.AdamW(groups, eps=cfg.adam_eps, weight_decay=0.0)]
+    optimizers = [adamw(groups, eps=cfg.adam_eps, weight_decay=0.0)]
     if critic is not None:
-        optimizers.append(torch.optim.AdamW(trainable(critic), lr=cfg.value_lr, eps=cfg.adam_eps,
-                                            weight_decay=0.0))
+        optimizers.append(adamw(trainable(critic), lr=cfg.value_lr, eps=cfg.adam_eps, weight_decay=0.0))
     return optimizers
 
 
