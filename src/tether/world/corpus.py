@@ -17,8 +17,8 @@ STORY_SHARE = 0.4  # the rest of the documents are exchanges
 # Exchanges in "the wild" are mostly decent but often flawed, so the base model learns the
 # format and a plausible answer, not a perfect one: SFT and RLHF have work left to do.
 CORPUS_QUALITIES = {
-    "good": 0.45, "slightly_long": 0.08, "slightly_short": 0.07, "missing": 0.14,
-    "wrong": 0.08, "short": 0.06, "long": 0.06, "repeat": 0.03, "off_topic": 0.03,
+    "good": 0.55, "slightly_long": 0.07, "slightly_short": 0.06, "missing": 0.1,
+    "wrong": 0.06, "short": 0.05, "long": 0.05, "repeat": 0.03, "off_topic": 0.03,
 }
 
 

@@ -46,10 +46,11 @@ def _good_describe(task: Task, rng: random.Random) -> str:
     t, t2 = rng.sample(vocab.traits_for(k), 2)
     return rng.choice((
         f"the {s} {c} {k} lives in the {p} . it is {t} .",
-        f"there is a {s} {c} {k} in the {p} . it {v} {adv} .",
         f"the {s} {c} {k} {v} in the {p} . it is {t} and {t2} .",
+        f"the {s} {c} {k} {v} {adv} in the {p} .",
+        f"the {s} {c} {k} is {t} . it {v} in the {p} .",
+        f"there is a {s} {c} {k} in the {p} . it {v} {adv} .",
         f"in the {p} , the {s} {c} {k} {v} {adv} .",
-        f"the {k} in the {p} is {s} and {c} . it {v} .",
     ))
 
 
@@ -62,7 +63,7 @@ def _good_action(task: Task, rng: random.Random) -> str:
         f"{_np(e)} {v} {adv} .",
         f"{_np(e)} {v} and {v2} .",
         f"{_np(e)} {v} in the {p} . it is {t} .",
-        f"it {v} . this {e.size} {e.colour} {e.kind} is {t} .",
+        f"{_np(e)} is {t} . it {v} {adv} .",
     ))
 
 
@@ -87,9 +88,9 @@ def _good_continue(task: Task, rng: random.Random) -> str:
     adv, p2 = rng.choice(vocab.ADVERBS), _pick(rng, vocab.PLACES, avoid=(task.place,))
     t = rng.choice(vocab.traits_for(e.kind))
     return rng.choice((
-        f"then it {v2} near the {p2} .",
+        f"then the {e.kind} {v2} near the {p2} .",
         f"then the {e.kind} {v2} {adv} . it is {t} .",
-        f"it {v2} {adv} . then it rests by the {p2} .",
+        f"then it {v2} {adv} . it rests by the {p2} .",
         f"then it {v2} and {rest[0]} .",
     ))
 
