@@ -34,7 +34,7 @@ log = logging.getLogger("tether")
 
 @dataclass(frozen=True)
 class DemoConfig(RunConfig):
-    """Run the whole RLHF pipeline in the built-in synthetic world (CPU, no network, about
+    """Run the whole RLHF pipeline in the built-in synthetic world (CPU, no network, under
     10 minutes on 2 cores): pretrain, SFT, preference pairs, RM, PPO (default beta and beta = 0),
     DPO, best-of-N, gold-judged evaluation and the report."""
 
@@ -42,7 +42,7 @@ class DemoConfig(RunConfig):
     """Where every stage's output, summary.json and report.html go."""
     quick: bool = False
     """A much smaller run (about a minute) for tests and smoke checks; its numbers mean little."""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.2
     """The default-beta PPO run's KL coefficient."""
 
 
@@ -64,7 +64,7 @@ class Sizes:
     response_length: int
 
 
-FULL = Sizes(corpus=20000, pretrain_steps=400, sft=2000, sft_steps=120, pair_prompts=3000,
+FULL = Sizes(corpus=20000, pretrain_steps=400, sft=2000, sft_steps=600, pair_prompts=3000,
              pair_eval_prompts=300, rm_steps=120, ppo_steps=40, ppo_batch=64, dpo_steps=100,
              eval_prompts=200, bon_n=8, batch=32, response_length=48)
 QUICK = Sizes(corpus=600, pretrain_steps=20, sft=200, sft_steps=8, pair_prompts=64,
