@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tether.world import World, split_of
+from tether.world import World, judge, split_of
 from tether.world.corpus import MAX_DOCUMENT_WORDS
 from tether.world.prompts import (
     EVAL_PERCENT,
@@ -85,9 +85,9 @@ def test_documents_are_short_enough_for_the_base_model(world):
 def test_demonstrations_are_mostly_good_but_not_all(world):
     rows = world.demonstrations(400)
     assert all(set(r) == {"prompt", "completion"} and r["completion"] for r in rows)
-    golds = [world.score(r["prompt"], r["completion"]) for r in rows]
-    good = sum(g > 1.8 for g in golds) / len(golds)
-    assert 0.6 < good < 0.95
+    verdicts = [judge(r["prompt"], r["completion"]) for r in rows]
+    flawless = [v.coverage == 1 and not (v.wrong or v.illegal or v.repeats) for v in verdicts]
+    assert 0.6 < sum(flawless) / len(rows) < 0.95
 
 
 def test_every_quality_writes_world_text(world):

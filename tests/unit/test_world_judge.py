@@ -3,7 +3,7 @@
 import pytest
 
 from tether.world import World, judge, score
-from tether.world.judge import SCORE_FLOOR
+from tether.world.judge import SCORE_FLOOR, SCORE_MAX
 
 FOX = "describe the small red fox in the forest . answer :"
 GOOD_FOX = "the small red fox hunts in the forest . it is shy ."
@@ -47,8 +47,8 @@ def test_judge_prefers_the_better_response(prompt, better, worse, why):
     assert score(prompt, better) > score(prompt, worse), why
 
 
-def test_good_responses_score_near_two_and_bad_ones_far_below():
-    assert score(FOX, GOOD_FOX) > 1.9
+def test_good_responses_score_well_and_bad_ones_far_below():
+    assert score(FOX, GOOD_FOX) > 1.3  # faithful, fluent, one trait
     assert score(FOX, "") < -1.0
     assert score(FOX, "the big blue whale swims in the sea . it is calm .") < 0.0
     # The gap between good and clearly bad answers is wide: at least one point.
@@ -70,7 +70,7 @@ def test_scores_are_deterministic_and_bounded():
         for key in ("chosen", "rejected"):
             s = score(row["prompt"], row[key])
             assert s == score(row["prompt"], row[key])
-            assert SCORE_FLOOR <= s <= 2.0
+            assert SCORE_FLOOR <= s <= SCORE_MAX
     junk = " ".join(["red"] * 200)
     assert score(FOX, junk) == SCORE_FLOOR
 

@@ -1,15 +1,20 @@
 """The gold judge: the world's stand-in for a human rater, `score(prompt, response) -> float`.
 
-The score adds four criteria that pull against each other (weights are the constants below):
+The score adds five criteria that pull against each other (weights are the constants below):
 
-    gold = TASK_WEIGHT * task + fluency - repetition - length_penalty,   floored at SCORE_FLOOR
+    gold = TASK_WEIGHT * task + detail + fluency - repetition - length_penalty,
+    floored at SCORE_FLOOR
 
 - task in [-0.9, 1]: the weighted share of the asked-for details the response gets right
   (`coverage`), minus WRONG_COST for each detail that contradicts the prompt (another colour,
   another kind, a verb that does not fit, a false comparison), counting at most MAX_WRONG.
+  An answer with none of the asked-for details (off topic) loses OFF_TOPIC_COST more.
 - fluency in [FLUENCY_FLOOR, FLUENCY_MAX]: FLUENCY_MAX minus ILLEGAL_COST for each pair of
   neighbouring words whose word classes the grammar does not allow (`vocab.LEGAL_NEXT`),
   including a response that does not end with ".".
+- detail in [0, DETAIL_VALUE * DETAIL_CAP]: DETAIL_VALUE for each distinct trait or adverb
+  ("shy", "quickly"), up to DETAIL_CAP of them: raters like an informative answer. Stacking
+  more buys nothing and soon costs length and repetition.
 - repetition in [0, REPEAT_CAP]: REPEAT_COST per repeat event: a word said twice in a row, a
   content word said a third time, a 3-word phrase with two content words said again, a whole
   sentence said again (two events), or, for a "continue" task, a phrase copied from the story.
@@ -17,8 +22,9 @@ The score adds four criteria that pull against each other (weights are the const
   Inside the band length does not matter: two good answers of different length tie, as
   raters are mostly indifferent there, and a tie is better than a made-up preference.
 
-A correct, fluent answer within the length band scores 2; an empty one -1.1;
-off-topic or word-salad answers land near 0 or below. Everything the judge looks at is visible
+A correct, fluent answer within the length band scores TASK_WEIGHT + FLUENCY_MAX = 1 plus
+DETAIL_VALUE per trait or adverb, at most SCORE_MAX = 2.4; an empty one -1.6; off-topic or
+word-salad answers land near 0 or below. Everything the judge looks at is visible
 on the surface (which words, how often, which neighbours, how many), so a small reward model
 can learn it from preferences; that is also why it can be gamed: see docs/world.md.
 """
@@ -30,8 +36,11 @@ from dataclasses import dataclass
 from tether.world import vocab
 from tether.world.prompts import Task, parse_prompt
 
-TASK_WEIGHT = 1.5
-WRONG_COST = 0.3
+TASK_WEIGHT = 0.5
+OFF_TOPIC_COST = 1.0
+DETAIL_VALUE = 0.35
+DETAIL_CAP = 4
+WRONG_COST = 0.8
 MAX_WRONG = 3
 FLUENCY_MAX = 0.5
 ILLEGAL_COST = 0.35
@@ -40,9 +49,11 @@ REPEAT_COST = 0.4
 REPEAT_CAP = 1.6
 LENGTH_BAND = (5, 20)
 SHORT_COST = 0.25
-LONG_COST = 0.08
-LONG_CAP = 1.2
+LONG_COST = 0.15
+LONG_CAP = 1.5
 SCORE_FLOOR = -2.0
+SCORE_MAX = TASK_WEIGHT + DETAIL_VALUE * DETAIL_CAP + FLUENCY_MAX
+DETAIL_WORDS = frozenset(vocab.ANIMAL_TRAITS + vocab.OBJECT_TRAITS + vocab.ADVERBS)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,7 @@ class Verdict:
     illegal: int  # ungrammatical neighbour pairs
     repeats: int  # repeat events
     length: int  # words, punctuation included
+    details: int  # distinct traits and adverbs (counted up to DETAIL_CAP)
 
 
 def _comparisons(words: list[str], task: Task) -> tuple[int, int]:
@@ -172,16 +184,19 @@ def judge(prompt: str, response: str) -> Verdict:
     task = parse_prompt(prompt)
     words = response.split()
     coverage, wrong = _coverage_and_wrong(words, task)
-    task_score = coverage - WRONG_COST * min(wrong, MAX_WRONG)
+    task_score = coverage - WRONG_COST * min(wrong, MAX_WRONG) - OFF_TOPIC_COST * (coverage == 0)
+    details = len(DETAIL_WORDS.intersection(words))
     illegal = _illegal_pairs(words)
     fluency = max(FLUENCY_FLOOR, FLUENCY_MAX - ILLEGAL_COST * illegal)
     repeats = _repeat_events(words, task)
     repetition = min(REPEAT_CAP, REPEAT_COST * repeats)
-    total = TASK_WEIGHT * task_score + fluency - repetition - _length_penalty(len(words))
-    return Verdict(max(SCORE_FLOOR, round(total, 6)), coverage, wrong, illegal, repeats, len(words))
+    detail = DETAIL_VALUE * min(details, DETAIL_CAP)
+    total = TASK_WEIGHT * task_score + detail + fluency - repetition - _length_penalty(len(words))
+    return Verdict(max(SCORE_FLOOR, round(total, 6)), coverage, wrong, illegal, repeats, len(words),
+                   details)
 
 
 def score(prompt: str, response: str) -> float:
-    """(prompt, response) -> gold score, a float in [SCORE_FLOOR, 2.0]. Deterministic."""
+    """(prompt, response) -> gold score, a float in [SCORE_FLOOR, SCORE_MAX]. Deterministic."""
     return judge(prompt, response).score
 

@@ -18,7 +18,7 @@ import statistics
 
 from tether.world.judge import score
 
-TEMPERATURE = 0.45
+TEMPERATURE = 0.36
 
 
 def prefer_probability(gold_a: float, gold_b: float, temperature: float = TEMPERATURE) -> float:
