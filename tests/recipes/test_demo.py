@@ -31,6 +31,17 @@ def test_quick_demo_writes_every_summary_figure(demo_dir):
     assert (demo_dir / "bon" / "bon.jsonl").exists()
 
 
+def test_demo_ranks_sft_samples_and_tests_on_gold_ordered_pairs(demo_dir):
+    rankings = [json.loads(line) for line in (demo_dir / "pairs" / "rankings.jsonl").open()]
+    assert rankings
+    for row in rankings:
+        k = len(row["responses"])
+        assert 2 <= k <= 4 and len(set(row["responses"])) == k and all(r.strip() for r in row["responses"])
+        assert sorted(row["ranks"]) == list(range(k)) and len(row["gold"]) == k
+    pairs = [json.loads(line) for line in (demo_dir / "pairs" / "pairs_eval.jsonl").open()]
+    assert pairs and all(p["gold_chosen"] > p["gold_rejected"] for p in pairs)
+
+
 def test_demo_rerun_skips_finished_stages(demo_dir, capsys):
     before = (demo_dir / "sft" / "model.safetensors").stat().st_mtime_ns
     assert main(["demo", "--quick", "--output-dir", str(demo_dir)]) == 0

@@ -3,10 +3,10 @@
  1. export the world's data (corpus, demonstrations, prompts) as JSONL
  2. pretrain the tiny base model on the world corpus
  3. SFT on the demonstrations
- 4. sample two responses per prompt from the SFT model and label them with the noisy labeler
- 5. train the reward model on those pairs
+ 4. sample four responses per prompt from the SFT model and rank them with the noisy labeler
+ 5. train the reward model on those rankings (K-wise loss)
  6. PPO at the default beta, and PPO at beta = 0
- 7. DPO on the same pairs
+ 7. DPO on the same rankings (every ranked pair)
  8. best-of-N from the SFT model
  9. judge every policy against SFT on held-out prompts with the gold judge
 10. summary.json and the report
@@ -42,7 +42,7 @@ class DemoConfig(RunConfig):
     """Where every stage's output, summary.json and report.html go."""
     quick: bool = False
     """A much smaller run (about a minute) for tests and smoke checks; its numbers mean little."""
-    kl_coef: float = 0.2
+    kl_coef: float = 0.1
     """The default-beta PPO run's KL coefficient."""
 
 
@@ -64,8 +64,8 @@ class Sizes:
     response_length: int
 
 
-FULL = Sizes(corpus=20000, pretrain_steps=400, sft=2000, sft_steps=600, pair_prompts=3000,
-             pair_eval_prompts=300, rm_steps=120, ppo_steps=40, ppo_batch=64, dpo_steps=100,
+FULL = Sizes(corpus=20000, pretrain_steps=400, sft=2000, sft_steps=1500, pair_prompts=3000,
+             pair_eval_prompts=300, rm_steps=300, ppo_steps=40, ppo_batch=64, dpo_steps=100,
              eval_prompts=200, bon_n=8, batch=32, response_length=48)
 QUICK = Sizes(corpus=600, pretrain_steps=20, sft=200, sft_steps=8, pair_prompts=64,
               pair_eval_prompts=32, rm_steps=6, ppo_steps=3, ppo_batch=8, dpo_steps=4,
@@ -88,46 +88,56 @@ class Timer:
         self.seconds[name] = round(time.perf_counter() - t0, 1)
 
 
-PAIR_TEMPERATURES = (1.0, 1.8)  # one sample as the SFT model is, one hotter: a wider quality range
+# Samples as the SFT model writes them (the policy PPO starts from). A hotter second sample
+# gives pairs that are easier to rank (90% RM accuracy) but teaches the RM only fluent-vs-broken,
+# which PPO's samples never are: see "Measured" in docs/world.md.
+SAMPLE_TEMPERATURE = 1.0
+RANK_K = 4  # samples ranked per training prompt: C(4, 2) = 6 comparisons for one forward of 4
 
 
-def make_pairs(sft_dir: Path, world_dir: Path, out: Path, sizes: Sizes, seed: int) -> None:
-    """Two SFT samples per prompt, labelled by the noisy labeler (train) or by gold (held-out).
+def make_preferences(sft_dir: Path, out: Path, sizes: Sizes, seed: int) -> None:
+    """The RM's data, from the SFT model: `rankings.jsonl`, RANK_K samples per training prompt
+    ranked by the noisy labeler (Plackett-Luce), as InstructGPT's labelers ranked 4-9 samples;
+    `pairs_eval.jsonl`, two samples per held-out prompt ordered by the gold judge (ties left
+    out): the clean test set."""
+    import random
 
-    The two samples come at different temperatures, so pairs span a range of quality the way
-    InstructGPT's comparisons came from several policies; two draws at the same temperature are
-    mostly too alike for 3,000 noisy labels to teach a reward model much.
-    """
     from tether.eval.sampling import sample_responses
     from tether.models.load import load_causal_lm, load_tokenizer
     from tether.models.save import mark_complete
     from tether.training.files import write_jsonl
-    from tether.world import World, label_pairs, score
+    from tether.world import World, rank_responses, score
 
     tok = load_tokenizer(str(sft_dir), padding_side="left")
     model = load_causal_lm(str(sft_dir)).eval()
     world = World(seed)
-    for name, split, n in (("pairs", "train", sizes.pair_prompts),
-                           ("pairs_eval", "eval", sizes.pair_eval_prompts)):
-        prompts = world.prompts(n, split)
-        a, b = (sample_responses(model, tok, prompts, n=1, max_new_tokens=sizes.response_length,
-                                 temperature=t, seed=seed + 10 * i + (split == "eval")).responses
-                for i, t in enumerate(PAIR_TEMPERATURES))
-        if split == "train":
-            rows = label_pairs(prompts, a, b, seed)
-        else:  # held-out pairs are labelled by the gold judge: the clean test set
-            rows = []
-            for p, x, y in zip(prompts, a, b):
-                gx, gy = score(p, x), score(p, y)
-                if gx != gy:
-                    c, r = (x, y) if gx > gy else (y, x)
-                    rows.append({"prompt": p, "chosen": c, "rejected": r,
-                                 "gold_chosen": max(gx, gy), "gold_rejected": min(gx, gy)})
-        # the preference readers reject empty responses, so pairs with one are left out (and counted)
-        kept = [r for r in rows if r["chosen"] != r["rejected"] and r["chosen"].strip() and r["rejected"].strip()]
-        log.info("demo: %s: %d pairs (%d identical or empty left out)", name, len(kept), len(rows) - len(kept))
-        rows = kept
-        write_jsonl(out / f"{name}.jsonl", rows)
+
+    def sample(prompts: list[str], k: int, seed_offset: int) -> list[list[str]]:
+        flat = sample_responses(model, tok, prompts, n=k, max_new_tokens=sizes.response_length,
+                                temperature=SAMPLE_TEMPERATURE, seed=seed + seed_offset).responses
+        # the preference readers reject empty responses and repeated ones within a group
+        return [list(dict.fromkeys(r for r in flat[i * k:(i + 1) * k] if r.strip()))
+                for i in range(len(prompts))]
+
+    prompts = world.prompts(sizes.pair_prompts, "train")
+    rng = random.Random(f"demo-rankings:{seed}")
+    rows = [rank_responses(p, group, rng) for p, group in zip(prompts, sample(prompts, RANK_K, 0))
+            if len(group) >= 2]
+    log.info("demo: rankings: %d prompts with 2-%d distinct samples (%d with fewer left out)",
+             len(rows), RANK_K, len(prompts) - len(rows))
+    write_jsonl(out / "rankings.jsonl", rows)
+
+    prompts = world.prompts(sizes.pair_eval_prompts, "eval")
+    rows = []
+    for p, group in zip(prompts, sample(prompts, 2, 1)):
+        golds = [score(p, r) for r in group]
+        if len(group) == 2 and golds[0] != golds[1]:
+            best = int(golds[1] > golds[0])
+            rows.append({"prompt": p, "chosen": group[best], "rejected": group[1 - best],
+                         "gold_chosen": golds[best], "gold_rejected": golds[1 - best]})
+    log.info("demo: pairs_eval: %d gold-ordered pairs (%d prompts whose samples tie, repeat or "
+             "are empty left out)", len(rows), len(prompts) - len(rows))
+    write_jsonl(out / "pairs_eval.jsonl", rows)
     mark_complete(out, "pairs", {})
 
 
@@ -157,22 +167,22 @@ def run(cfg: DemoConfig) -> dict:
         output_dir=str(d["sft"]), max_steps=sizes.sft_steps, lr=1e-3, batch_size=sizes.batch, max_length=128,
         **common)))
     # 4. preference pairs from the SFT model
-    timer.run("pairs", d["pairs"], lambda: make_pairs(d["sft"], d["world"], d["pairs"], sizes, seed))
+    timer.run("pairs", d["pairs"], lambda: make_preferences(d["sft"], d["pairs"], sizes, seed))
     # 5. reward model
     timer.run("rm", d["rm"], lambda: rm.run(RMConfig(
-        model=str(d["sft"]), data=str(d["pairs"] / "pairs.jsonl"), eval_data=str(d["pairs"] / "pairs_eval.jsonl"),
-        output_dir=str(d["rm"]), max_steps=sizes.rm_steps, lr=1e-3, batch_size=sizes.batch, max_length=128,
+        model=str(d["sft"]), data=str(d["pairs"] / "rankings.jsonl"), eval_data=str(d["pairs"] / "pairs_eval.jsonl"),
+        output_dir=str(d["rm"]), max_steps=sizes.rm_steps, lr=1e-3, batch_size=max(1, sizes.batch // 2), max_length=128,
         calibration_data=str(d["world"] / "sft.jsonl"), **common)))
     # 6. PPO at the default beta and at beta = 0
     for name, beta in (("ppo", cfg.kl_coef), ("ppo_beta0", 0.0)):
         timer.run(name, d[name], lambda name=name, beta=beta: ppo.run(PPOConfig(
             policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
             output_dir=str(d[name]), max_steps=sizes.ppo_steps, batch_size=sizes.ppo_batch,
-            response_length=sizes.response_length, temperature=1.0, lr=3e-4, value_lr=1e-3, kl_coef=beta,
+            response_length=sizes.response_length, temperature=1.0, lr=1e-4, value_lr=1e-3, kl_coef=beta,
             critic="head", gold_judge="world", **common)))
-    # 7. DPO on the same pairs
+    # 7. DPO on the same rankings
     timer.run("dpo", d["dpo"], lambda: dpo.run(DPOConfig(
-        model=str(d["sft"]), data=str(d["pairs"] / "pairs.jsonl"), output_dir=str(d["dpo"]),
+        model=str(d["sft"]), data=str(d["pairs"] / "rankings.jsonl"), output_dir=str(d["dpo"]),
         max_steps=sizes.dpo_steps, lr=2e-4, batch_size=sizes.batch, max_length=128, beta=0.1, kl_samples=0,
         eval_fraction=0.0, **common)))
     # 8. best-of-N from the SFT model
