@@ -89,8 +89,8 @@ class Timer:
 
 
 # Samples as the SFT model writes them (the policy PPO starts from). A hotter second sample
-# gives pairs that are easier to rank (90% RM accuracy) but teaches the RM only fluent-vs-broken,
-# which PPO's samples never are: see "Measured" in docs/world.md.
+# gives pairs that are easier to rank (90% RM accuracy with an earlier judge) but teaches the RM
+# only fluent-vs-broken, which PPO's samples never are: see "Measured" in docs/world.md.
 SAMPLE_TEMPERATURE = 1.0
 RANK_K = 4  # samples ranked per training prompt: C(4, 2) = 6 comparisons for one forward of 4
 
@@ -166,7 +166,7 @@ def run(cfg: DemoConfig) -> dict:
         model=str(d["base"]), data=str(d["world"] / "sft.jsonl"), eval_data=str(d["world"] / "sft_eval.jsonl"),
         output_dir=str(d["sft"]), max_steps=sizes.sft_steps, lr=1e-3, batch_size=sizes.batch, max_length=128,
         **common)))
-    # 4. preference pairs from the SFT model
+    # 4. preference rankings of SFT samples
     timer.run("pairs", d["pairs"], lambda: make_preferences(d["sft"], d["pairs"], sizes, seed))
     # 5. reward model
     timer.run("rm", d["rm"], lambda: rm.run(RMConfig(

@@ -5,7 +5,7 @@ The score adds five criteria that pull against each other (weights are the const
     gold = TASK_WEIGHT * task + detail + fluency - repetition - length_penalty,
     floored at SCORE_FLOOR
 
-- task in [-0.9, 1]: the weighted share of the asked-for details the response gets right
+- task in [-3.4, 1]: the weighted share of the asked-for details the response gets right
   (`coverage`), minus WRONG_COST for each detail that contradicts the prompt (another colour,
   another kind, a verb that does not fit, a false comparison), counting at most MAX_WRONG.
   An answer with none of the asked-for details (off topic) loses OFF_TOPIC_COST more.
@@ -25,8 +25,9 @@ The score adds five criteria that pull against each other (weights are the const
 A correct, fluent answer within the length band scores TASK_WEIGHT + FLUENCY_MAX = 1 plus
 DETAIL_VALUE per trait or adverb, at most SCORE_MAX = 2.4; an empty one -1.6; off-topic or
 word-salad answers land near 0 or below. Everything the judge looks at is visible
-on the surface (which words, how often, which neighbours, how many), so a small reward model
-can learn it from preferences; that is also why it can be gamed: see docs/world.md.
+on the surface (which words, how often, which neighbours, how many), but not all of it is
+equally easy to learn from preferences: a small reward model learns the response-only criteria
+and misses faithfulness to the prompt, which is also how it gets gamed (docs/world.md).
 """
 
 import collections
