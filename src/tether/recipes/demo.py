@@ -35,7 +35,7 @@ log = logging.getLogger("tether")
 @dataclass(frozen=True)
 class DemoConfig(RunConfig):
     """Run the whole RLHF pipeline in the built-in synthetic world (CPU, no network, under
-    10 minutes on 2 cores): pretrain, SFT, preference pairs, RM, PPO (default beta and beta = 0),
+    10 minutes on 2 cores): pretrain, SFT, ranked SFT samples, RM, PPO (default beta and beta = 0),
     DPO, best-of-N, gold-judged evaluation and the report."""
 
     output_dir: str = "tether-demo"
