@@ -64,3 +64,14 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     assert main(["nosuchstage"]) == 2
     assert main(["sft", "--help"]) == 0
     assert "--gradient-checkpointing" in capsys.readouterr().out
+
+
+def test_help_piped_into_a_reader_that_stops_early_is_not_an_error():
+    import subprocess
+    import sys
+
+    code = "import sys; from tether.cli import main; sys.exit(main(['ppo', '--help']))"
+    proc = subprocess.run(f'"{sys.executable}" -c "{code}" | head -n 1', shell=True,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.stdout.startswith("usage: tether ppo")
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
