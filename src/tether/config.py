@@ -268,6 +268,17 @@ def normalise_key(key: str) -> str:
     return key.strip().lstrip("-").replace("-", "_")
 
 
+def unknown_option(cls: type, key: str) -> ConfigError:
+    """The error for an option `cls` does not have, with the closest names as suggestions."""
+    known = {f.name for f in fields(cls)}
+    close = difflib.get_close_matches(key, sorted(known), n=3)
+    if _FAMILIAR.get(key) in known:
+        close = [_FAMILIAR[key]]
+    hint = f" Did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?" if close else ""
+    return ConfigError(f"unknown option --{key.replace('_', '-')} for {cls.__name__}.{hint}"
+                       " See --help for the full list.")
+
+
 def from_dict(cls: type, values: dict[str, Any], from_cli_keys: set[str] = frozenset()) -> Any:
     """Build and validate `cls` from a mapping of field name -> value. Raises ConfigError."""
     hints = _type_hints(cls)
@@ -276,12 +287,7 @@ def from_dict(cls: type, values: dict[str, Any], from_cli_keys: set[str] = froze
     for raw_key, value in values.items():
         key = normalise_key(raw_key)
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3)
-            if _FAMILIAR.get(key) in known:
-                close = [_FAMILIAR[key]]
-            hint = f" Did you mean {', '.join('--' + c.replace('_', '-') for c in close)}?" if close else ""
-            raise ConfigError(f"unknown option --{key.replace('_', '-')} for {cls.__name__}.{hint}"
-                              " See --help for the full list.")
+            raise unknown_option(cls, key)
         kwargs[key] = coerce(key, value, hints[key], from_cli=key in from_cli_keys)
     cfg = cls(**kwargs)
     cfg.validate()
@@ -326,6 +332,8 @@ def parse_flags(cls: type, argv: list[str]) -> tuple[Optional[str], dict[str, An
             out[key[3:]] = "false"
             i += 1
             continue
+        if key not in hints:  # before reading a value: `--no-tensorboard` is no value-less typo
+            raise unknown_option(cls, key)
         if hints.get(key) is bool and not eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")
                                                    or argv[i + 1].lower() not in _TRUE | _FALSE):
             out[key] = "true"
@@ -643,6 +651,8 @@ class SamplingFields:
     """Sequences per generation or scoring batch."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype. auto is bfloat16 on a GPU that supports it, float32 otherwise."""
+    progress: bool = True
+    """Show a progress bar over the sampling."""
 
 
 @dataclass(frozen=True)

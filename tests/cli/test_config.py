@@ -75,3 +75,12 @@ def test_help_piped_into_a_reader_that_stops_early_is_not_an_error():
                           capture_output=True, text=True, timeout=60)
     assert proc.stdout.startswith("usage: tether ppo")
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+
+
+def test_a_negated_flag_the_stage_does_not_have_is_named_as_unknown():
+    from tether.config import BoNConfig
+
+    args = ["--policy", "p", "--reward-model", "r", "--prompts", "x", "--output-dir", "o"]
+    with pytest.raises(ConfigError, match="unknown option --no-tensorboard for BoNConfig"):
+        load_config(BoNConfig, args + ["--no-tensorboard"])
+    assert load_config(BoNConfig, args + ["--no-progress"]).progress is False

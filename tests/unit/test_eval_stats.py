@@ -27,3 +27,9 @@ def test_distinct_n_by_hand():
 def test_win_rate_rejects_mismatched_lists():
     with pytest.raises(ValueError):
         win_rate([1.0], [])
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 10, 200])
+def test_wilson_interval_holds_the_rate_exactly_at_the_edges(n):
+    assert wilson_interval(1.0, n)[1] == 1.0 and wilson_interval(1.0, n)[0] < 1.0
+    assert wilson_interval(0.0, n)[0] == 0.0 and wilson_interval(0.0, n)[1] > 0.0

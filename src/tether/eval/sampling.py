@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from tether.data.tokenize import encode_prompt
+from tether.training.progress import Progress
 
 
 @dataclass
@@ -26,8 +27,9 @@ class Samples:
 def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int = 1,
                      max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-                     max_prompt_length: int | None = None) -> Samples:
-    """`n` samples for every prompt, in prompt order. Deterministic for a given seed."""
+                     max_prompt_length: int | None = None, progress: str = "") -> Samples:
+    """`n` samples for every prompt, in prompt order. Deterministic for a given seed.
+    progress: a label for a progress bar over the samples (none when empty)."""
     from tether.models.load import eos_token_ids
     from tether.rollout.generate import KVCacheSampler, SamplingParams, left_pad
 
@@ -43,6 +45,7 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     if max_prompt_length:
         encoded = [e[-max_prompt_length:] for e in encoded]
     out = Samples([], [], [], [])
+    bar = Progress(len(flat), desc=progress, enabled=bool(progress) and len(flat) > batch_size)
     for at in range(0, len(flat), batch_size):
         ids, mask = left_pad(encoded[at:at + batch_size], pad, device)
         rollout = sampler.generate(ids, mask, rng)
@@ -53,6 +56,8 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
             out.responses.append(tokenizer.decode(text_ids, skip_special_tokens=True))
             out.response_ids.append(keep)
             out.ended.append(bool(rollout.ended[row]))
+        bar.update(ids.shape[0])
+    bar.close()
     return out
 
 

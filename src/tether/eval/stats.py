@@ -42,7 +42,8 @@ def wilson_interval(p: float, n: int, z: float = 1.959964) -> tuple[float, float
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval always holds p; at p = 0 or 1 rounding would leave it a hair outside.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def distinct_n(texts: Sequence[str], n: int = 2) -> float:

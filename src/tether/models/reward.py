@@ -6,6 +6,12 @@ tether wants a reward model, and tether's RMs load in plain transformers. The sc
 sequence is the head applied to the hidden state of its last non-padding token. tether's
 calibration bias is stored in `config.json` as `tether_reward_bias` and added by `score()`;
 plain transformers gives the raw score (without the bias).
+
+A few causal-LM architectures have no sequence-classification class in transformers (CodeGen,
+Granite and Cohere among them). For those, tether builds the same model from transformers'
+generic parts (`GenericForSequenceClassification` on the architecture's own trunk): same
+weights layout, same head, same last-token rule. It trains, saves and scores like any other,
+but plain transformers cannot load it, since it has no class to load it into.
 """
 
 from __future__ import annotations
@@ -49,18 +55,48 @@ def backbone(model: Any) -> torch.nn.Module:
     return _unwrap_peft(model).base_model
 
 
+def generic_reward_class(config: Any) -> Optional[type]:
+    """A sequence-classification class for an architecture that transformers has none for:
+    `GenericForSequenceClassification` mixed into the architecture's own PreTrainedModel, with
+    its trunk under the usual attribute. None when the architecture has no registered trunk."""
+    from transformers import AutoModel, PreTrainedModel
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    try:
+        trunk = AutoModel._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return None
+    base = next((c for c in trunk.__mro__ if PreTrainedModel in c.__bases__), None)
+    if base is None:
+        return None
+    name = base.__name__.removesuffix("PreTrainedModel") + "ForSequenceClassification"
+    return type(name, (GenericForSequenceClassification, base),
+                {"base_model_prefix": base.base_model_prefix, "__module__": __name__})
+
+
 def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                       pad_token_id: int | None = None) -> Any:
-    """Load a hub-convention reward model (num_labels=1)."""
-    from transformers import AutoModelForSequenceClassification
+    """Load a hub-convention reward model (num_labels=1), or start one from a causal LM."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "Unrecognized configuration class" not in str(err):
+            raise TetherError(f"could not load a reward model (AutoModelForSequenceClassification, "
+                              f"num_labels=1) from {name!r}: {type(err).__name__}: {err}") from None
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        cls = generic_reward_class(config)
+        if cls is None:
+            raise TetherError(f"{name!r} ({config.model_type}) has no sequence-classification "
+                              "class in transformers and no trunk tether can put a scalar head "
+                              "on; use a reward-model backbone of another architecture") from None
+        model = cls.from_pretrained(name, num_labels=1, dtype=dtype)
     except Exception as err:
         raise TetherError(f"could not load a reward model (AutoModelForSequenceClassification, "
                           f"num_labels=1) from {name!r}: {type(err).__name__}: {err}") from None
-    if pad_token_id is not None and model.config.pad_token_id is None:
+    if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model
 

@@ -52,7 +52,8 @@ def run(cfg: BoNConfig) -> dict:
     # 2. N samples per prompt, then one batched scoring pass over all of them
     samples = sample_responses(policy, tokenizer, prompts, n=cfg.n, max_new_tokens=cfg.response_length,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                               batch_size=cfg.batch_size, seed=cfg.seed)
+                               batch_size=cfg.batch_size, seed=cfg.seed,
+                               progress=f"best-of-{cfg.n}" if cfg.progress else "")
     scores = score_texts(reward_model, rm_tokenizer, samples.prompts, samples.responses, cfg.batch_size)
     # 3. select the best (and the worst, for pairs)
     rows, pairs = [], []

@@ -114,7 +114,8 @@ def make_preferences(sft_dir: Path, out: Path, sizes: Sizes, seed: int) -> None:
 
     def sample(prompts: list[str], k: int, seed_offset: int) -> list[list[str]]:
         flat = sample_responses(model, tok, prompts, n=k, max_new_tokens=sizes.response_length,
-                                temperature=SAMPLE_TEMPERATURE, seed=seed + seed_offset).responses
+                                temperature=SAMPLE_TEMPERATURE, seed=seed + seed_offset,
+                                progress="sampling SFT").responses
         # the preference readers reject empty responses and repeated ones within a group
         return [list(dict.fromkeys(r for r in flat[i * k:(i + 1) * k] if r.strip()))
                 for i in range(len(prompts))]

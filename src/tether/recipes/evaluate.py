@@ -65,7 +65,8 @@ def _answers(source: str, prompts: list[str], cfg: EvalConfig, dtype: Any) -> tu
     disable_dropout(model)
     samples = sample_responses(model, tok, prompts, n=1, max_new_tokens=cfg.response_length,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                               batch_size=cfg.batch_size, seed=cfg.seed)
+                               batch_size=cfg.batch_size, seed=cfg.seed,
+                               progress=f"sampling {Path(source).name}" if cfg.progress else "")
     return samples.responses, (model, tok, samples)
 
 

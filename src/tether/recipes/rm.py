@@ -217,9 +217,9 @@ def build_model(cfg: RMConfig, pad_token_id: int) -> Any:
     """The SFT trunk with a fresh head; pad id set so HF's pooling finds the last real token."""
     model = init_reward_model(cfg.model, resolve_dtype(cfg.dtype), cfg.trust_remote_code,
                               pad_token_id, seed=cfg.seed)
-    if model.config.pad_token_id != pad_token_id:
+    if getattr(model.config, "pad_token_id", None) != pad_token_id:
         log.info("setting the model's pad_token_id to the tokenizer's (%s -> %d)",
-                 model.config.pad_token_id, pad_token_id)
+                 getattr(model.config, "pad_token_id", None), pad_token_id)
         model.config.pad_token_id = pad_token_id
     prepare_for_training(model, cfg.gradient_checkpointing)
     if cfg.lora_r > 0:

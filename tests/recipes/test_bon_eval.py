@@ -1,0 +1,64 @@
+"""`tether bon` and `tether eval` on their own (the demo runs them only with the world judge)."""
+
+import json
+
+import pytest
+
+from conftest import write_jsonl
+from tether.cli import main
+from tether.models.load import load_tokenizer
+from tether.models.reward import load_reward_model, score_texts
+
+
+@pytest.fixture
+def rm_and_prompts(tiny_models, tmp_path):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": "the cat", "chosen": " sat on the mat", "rejected": " ran ran ran"}] * 8)
+    rm = tmp_path / "rm"
+    assert main(["rm", "--model", str(tiny_models["llama"]), "--data", str(pairs), "--output-dir", str(rm),
+                 "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--eval-fraction", "0",
+                 "--no-progress", "--no-tensorboard"]) == 0
+    prompts = write_jsonl(tmp_path / "prompts.jsonl",
+                          [{"prompt": p} for p in ("the cat", "a dog ran", "once upon a time", "the sun")])
+    return rm, prompts
+
+
+def test_bon_keeps_the_highest_scoring_of_n_samples(tiny_models, rm_and_prompts, tmp_path):
+    rm, prompts = rm_and_prompts
+    out = tmp_path / "bon"
+    assert main(["bon", "--policy", str(tiny_models["llama"]), "--reward-model", str(rm),
+                 "--prompts", str(prompts), "--output-dir", str(out), "--n", "4",
+                 "--response-length", "8", "--batch-size", "3", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "bon.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["the cat", "a dog ran", "once upon a time", "the sun"]
+    # the scores are the reward model's own (calibrated) scores, recomputed here from outside bon
+    model, tok = load_reward_model(str(rm)).eval(), load_tokenizer(str(rm))
+    for row in rows:
+        assert len(row["responses"]) == len(row["scores"]) == 4
+        again = score_texts(model, tok, [row["prompt"]] * 4, row["responses"])
+        assert again == pytest.approx(row["scores"], abs=1e-4)
+        assert row["score"] == max(row["scores"])
+        assert row["response"] == row["responses"][row["scores"].index(row["score"])]
+    pairs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    for pair, row in zip(pairs, (r for r in rows if len(set(r["responses"])) > 1)):
+        worst = row["responses"][row["scores"].index(min(row["scores"]))]
+        assert (pair["chosen"], pair["rejected"]) == (row["response"], worst)
+
+
+def test_eval_with_a_reward_model_judge_and_a_response_file(tiny_models, rm_and_prompts, tmp_path):
+    rm, prompts = rm_and_prompts
+    # policy A is a file of fixed answers; B is a model. The judge is the reward model.
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"prompt": p, "response": " sat on the mat"}
+                                                 for p in ("the cat", "a dog ran", "once upon a time", "the sun")])
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--policy-a", str(answers), "--policy-b", str(tiny_models["llama"]),
+                 "--prompts", str(prompts), "--judge", str(rm), "--output", str(out),
+                 "--response-length", "6", "--no-progress"]) == 0
+    result = json.loads(out.read_text())
+    assert result["prompts"] == 4 and result["judge"] == str(rm)
+    assert result["wins"] + result["ties"] + result["losses"] == 4
+    assert result["win_rate"] == pytest.approx((result["wins"] + 0.5 * result["ties"]) / 4)
+    assert result["ci95_low"] <= result["win_rate"] <= result["ci95_high"]
+    model, tok = load_reward_model(str(rm)).eval(), load_tokenizer(str(rm))
+    expected = score_texts(model, tok, ["the cat", "a dog ran", "once upon a time", "the sun"], [" sat on the mat"] * 4)
+    assert result["score_a_mean"] == pytest.approx(sum(expected) / 4, abs=1e-4)
