@@ -332,7 +332,7 @@ def parse_flags(cls: type, argv: list[str]) -> tuple[Optional[str], dict[str, An
             out[key[3:]] = "false"
             i += 1
             continue
-        if key not in hints:  # before reading a value: `--no-tensorboard` is no value-less typo
+        if key not in hints:  # say so now, before the next token is taken as its value
             raise unknown_option(cls, key)
         if hints.get(key) is bool and not eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")
                                                    or argv[i + 1].lower() not in _TRUE | _FALSE):
