@@ -276,3 +276,30 @@ def test_score_writes_pairs_and_single_responses(trained_rm):
 def test_score_requires_an_output(capsys):
     assert main(["score", "--reward-model", "x", "--data", "y"]) == 2
     assert "--output is required" in capsys.readouterr().err
+
+
+def test_conversational_preferences_train_rm_and_dpo_and_score(tiny_models, tmp_path):
+    """Chat-model preference data (role/content messages, UltraFeedback style) through the chat
+    template: the RM learns it, `tether score` reads it, DPO trains on it."""
+    rng = random.Random(0)
+    rows = []
+    for _ in range(24):
+        thing = rng.choice(THINGS)
+        question = [{"role": "user", "content": f"what is a {thing}"}]
+        rows.append({"prompt": f"what is a {thing}",
+                     "chosen": question + [{"role": "assistant", "content": f"a {thing} is nice"}],
+                     "rejected": question + [{"role": "assistant", "content": f"{thing} {thing} {thing}"}]})
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    model, out = tiny_models["qwen2"], tmp_path / "rm"
+    assert main(_rm_args(model, data, out, "--max-steps", "12", "--batch-size", "8", "--lr", "3e-3",
+                         "--eval-fraction", "0.25")) == 0
+    run = json.loads((out / "tether_run.json").read_text())
+    assert run["eval/accuracy"] >= 0.8
+    scores = tmp_path / "scores.jsonl"
+    assert main(["score", "--reward-model", str(out), "--data", str(data), "--output", str(scores)]) == 0
+    scored = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert len(scored) == 24
+    assert sum(r["score_chosen"] > r["score_rejected"] for r in scored) >= 20
+    assert main(["dpo", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "dpo"),
+                 "--max-steps", "2", "--batch-size", "4", "--kl-samples", "2", "--kl-response-length", "4",
+                 "--no-progress", "--no-tensorboard"]) == 0

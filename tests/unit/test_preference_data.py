@@ -240,3 +240,81 @@ def test_encode_for_scoring_cuts_a_row_together_and_never_drops(tok):
     assert len(seqs[0]) == 24 and seqs[0][:len(prompt_ids)] == prompt_ids
     assert seqs[1] == prompt_ids + encode_response(tok, " no")  # the same prompt context
     assert all(len(s) <= 3 for s in encode_for_scoring(tok, prompt * 5, [""], max_length=3))
+
+
+# ----------------------------------------------------------------------------- conversational
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    from conftest import _bpe_tokenizer
+
+    return _bpe_tokenizer(tmp_path_factory.mktemp("chat_tok"), chat=True)
+
+
+def _user(text):
+    return {"role": "user", "content": text}
+
+
+def _bot(text):
+    return {"role": "assistant", "content": text}
+
+
+def test_conversational_pairs_explicit_and_implicit_prompts_give_the_same_rows(tmp_path, chat_tok):
+    question = [_user("what is a cat")]
+    explicit = [{"prompt": question, "chosen": [_bot("a cat is good")], "rejected": "no no no"}]
+    # UltraFeedback style: whole conversations, plus a string prompt that is ignored
+    implicit = [{"prompt": "what is a cat", "chosen": question + [_bot("a cat is good")],
+                 "rejected": question + [_bot("no no no")]}]
+    hh_like = [{"chosen": question + [_bot("a cat is good")], "rejected": question + [_bot("no no no")]}]
+    got = [read_preference_rows(*_rows(tmp_path, rows, f"{i}.jsonl"), tokenizer=chat_tok)[0]
+           for i, rows in enumerate((explicit, implicit, hh_like))]
+    assert got[0]["prompt"] == "<|im_start|>user\nwhat is a cat<|im_end|>\n<|im_start|>assistant\n"
+    assert got[0]["responses"] == ["a cat is good<|im_end|>\n", "no no no<|im_end|>\n"]
+    assert got[0]["ranks"] == [0, 1]
+    for row in got[1:]:
+        assert (row["prompt"], row["responses"]) == (got[0]["prompt"], got[0]["responses"])
+
+
+def test_conversational_multi_turn_prompt_is_the_shared_opening(tmp_path, chat_tok):
+    opening = [_user("hi"), _bot("hello"), _user("what is a dog")]
+    rows = [{"chosen": opening + [_bot("a dog is a pet")], "rejected": opening + [_bot("dog dog")]}]
+    row = read_preference_rows(*_rows(tmp_path, rows), tokenizer=chat_tok)[0]
+    assert row["prompt"].endswith("<|im_start|>user\nwhat is a dog<|im_end|>\n<|im_start|>assistant\n")
+    assert row["prompt"].count("<|im_start|>") == 4
+    assert row["responses"] == ["a dog is a pet<|im_end|>\n", "dog dog<|im_end|>\n"]
+
+
+def test_conversational_ranked_rows_and_skips(tmp_path, chat_tok):
+    story = [_user("tell me a story")]
+    as_text = [{"prompt": story, "responses": ["once", "the end", "so"], "ranks": [1, 0, 2]}]
+    as_turns = [{"prompt": story, "responses": [[_bot("once")], [_bot("the end")], [_bot("so")]],
+                 "ranks": [1, 0, 2]}]
+    for i, rows in enumerate((as_text, as_turns)):
+        row = read_preference_rows(*_rows(tmp_path, rows, f"r{i}.jsonl"), tokenizer=chat_tok)[0]
+        assert row["responses"] == ["once<|im_end|>\n", "the end<|im_end|>\n", "so<|im_end|>\n"]
+        assert row["ranks"] == [1, 0, 2]
+    same = [_user("q"), _bot("a")]
+    no_bot = [_user("q"), _user("again")]
+    skipped = Counter()
+    rows = [{"chosen": same, "rejected": same},  # identical
+            {"chosen": no_bot, "rejected": [_user("q"), _user("other")]},  # no assistant turn to split at
+            {"chosen": same, "rejected": [_user("q"), _bot("b")]}]
+    out = read_preference_rows(*_rows(tmp_path, rows, "s.jsonl"), skipped, chat_tok)
+    assert len(out) == 1 and skipped == Counter(identical=1, no_assistant=1)
+
+
+def test_conversational_rows_need_a_chat_template(tmp_path, tok):
+    rows = [{"prompt": [_user("q")], "chosen": "a", "rejected": "b"}]
+    with pytest.raises(DataError, match=r"row 1: conversational .* need a tokenizer with a chat template"):
+        read_preference_rows(*_rows(tmp_path, rows), tokenizer=tok)
+    with pytest.raises(DataError, match="chat template"):
+        read_preference_rows(*_rows(tmp_path, rows))
+
+
+def test_a_rendered_prompt_that_opens_with_bos_keeps_a_single_bos(tok):
+    from tether.data.tokenize import encode_prompt
+
+    plain = encode_prompt(tok, "Once upon a time")
+    assert plain[0] == tok.bos_token_id and plain[1] != tok.bos_token_id
+    assert encode_prompt(tok, tok.bos_token + "Once upon a time") == plain

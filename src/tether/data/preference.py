@@ -8,6 +8,14 @@ Three row formats, told apart by their columns:
 - ranked   `{"prompt", "responses": [K], "ranks": [K]}` (optional `gold`: [K]); rank 0 is
            best, equal ranks are ties and form no pair.
 
+Each may also be conversational, as chat models' preference data on the hub usually is: lists of
+`{"role", "content"}` messages in place of strings. Either the prompt is a message list and each
+response is an assistant turn (a string or a message list), or, with no prompt messages, chosen
+and rejected are two whole conversations whose shared opening turns are the prompt (a string
+`prompt` column beside them, as in UltraFeedback, is then ignored). These are rendered with the
+tokenizer's chat template, so reading them needs the tokenizer: the prompt is the template with
+its generation prompt, each response is what its turns add after that, end-of-turn included.
+
 Every format becomes the same thing: a group of K >= 2 responses to one prompt with ranks (a
 pair is a group of 2). Two layers:
 
@@ -71,12 +79,14 @@ def detect_preference_format(ds: Any, source: str) -> str:
     return fmt
 
 
-def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None) -> list[dict]:
+def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None,
+                         tokenizer: Any = None) -> list[dict]:
     """Parse any preference format into `{"prompt", "responses", "ranks", "row"}` dicts.
 
     `row` is the 0-based index of the source row. Optional keys: `margin` (float, pairs with a
     margin column) and `gold` (list of K floats, when gold scores are given). Skipped rows are
     added to `skipped` (reason -> count) and logged; malformed rows raise DataError.
+    Conversational rows are rendered with `tokenizer`'s chat template (required for them).
     """
     fmt = detect_preference_format(ds, source)
     counts: Counter = Counter()
@@ -84,7 +94,15 @@ def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None
     rows = []
     for i, raw in enumerate(ds):
         where = f"{source} row {i + 1}"
-        parsed, reason = parse(raw, where)
+        if _is_conversational(raw):
+            raw = _render_conversational(raw, fmt, tokenizer, where)
+            if isinstance(raw, str):  # a skip reason
+                counts[raw] += 1
+                continue
+            fmt_row = "ranked" if fmt == "ranked" else "pairs"
+            parsed, reason = {"pairs": _parse_pair, "ranked": _parse_ranked}[fmt_row](raw, where)
+        else:
+            parsed, reason = parse(raw, where)
         if reason:
             counts[reason] += 1
             continue
@@ -97,6 +115,83 @@ def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None
         reasons = "; ".join(f"{n} {SKIP_REASONS.get(k, k)}" for k, n in counts.items())
         raise DataError(f"{source}: no usable preference rows ({reasons or 'no rows'})")
     return rows
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value)
+
+
+def _is_conversational(raw: dict) -> bool:
+    return any(_is_messages(raw.get(k)) for k in ("prompt", "chosen", "rejected")) or (
+        isinstance(raw.get("responses"), list) and any(_is_messages(r) for r in raw["responses"]))
+
+
+def _turns(value: Any, column: str, where: str) -> list[dict]:
+    """A response given as a string or as message(s) -> a list of messages."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    if _is_messages(value):
+        return list(value)
+    raise DataError(f"{where}: {column!r} must be a string or a list of {{role, content}} messages")
+
+
+def _split_conversations(a: list[dict], b: list[dict]) -> Optional[int]:
+    """How many opening turns two whole conversations share as their prompt: the shared prefix,
+    cut back to just before an assistant turn. None when there is no such point."""
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    while k > 0 and (k >= len(a) or a[k].get("role") != "assistant"):
+        k -= 1
+    if k == 0 or k >= len(b) or b[k].get("role") != "assistant":
+        return None
+    return k
+
+
+def _render_conversational(raw: dict, fmt: str, tokenizer: Any, where: str) -> Any:
+    """A conversational row -> the same row with rendered strings, or a skip reason."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: conversational (role/content message) preference rows need a "
+                        "tokenizer with a chat template; this one has none. Set "
+                        "tokenizer.chat_template, or give prompt/chosen/rejected as plain strings.")
+    if fmt == "ranked":
+        if not _is_messages(raw.get("prompt")):
+            raise DataError(f"{where}: conversational K-wise rows need 'prompt' as a message list")
+        if not isinstance(raw.get("responses"), list):
+            raise DataError(f"{where}: 'responses' and 'ranks' must be lists")
+        prompt = list(raw["prompt"])
+        responses = [_turns(r, f"responses[{k}]", where) for k, r in enumerate(raw["responses"])]
+    elif _is_messages(raw.get("prompt")):
+        prompt = list(raw["prompt"])
+        responses = [_turns(raw["chosen"], "chosen", where), _turns(raw["rejected"], "rejected", where)]
+    else:
+        if not (_is_messages(raw.get("chosen")) and _is_messages(raw.get("rejected"))):
+            raise DataError(f"{where}: with no prompt messages, 'chosen' and 'rejected' must both "
+                            "be whole conversations (lists of role/content messages)")
+        a, b = list(raw["chosen"]), list(raw["rejected"])
+        if a == b:
+            return "identical"
+        k = _split_conversations(a, b)
+        if k is None:
+            return "no_assistant"
+        prompt, responses = a[:k], [a[k:], b[k:]]
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    texts = []
+    for turns in responses:
+        full = tokenizer.apply_chat_template(prompt + turns, tokenize=False)
+        if not full.startswith(prompt_text):
+            raise DataError(f"{where}: the chat template does not render the prompt as a prefix of "
+                            "the whole conversation, so the response cannot be cut out; give "
+                            "prompt/chosen/rejected as plain strings instead")
+        texts.append(full[len(prompt_text):])
+    responses = texts
+    out = {**raw, "prompt": prompt_text}
+    if fmt == "ranked":
+        out["responses"] = responses
+    else:
+        out["chosen"], out["rejected"] = responses
+    return out
 
 
 def _log_skips(source: str, counts: Counter, total: int) -> None:
@@ -343,7 +438,7 @@ def load_preference_groups(source: str, tokenizer: Any, max_length: int,
                            skipped: Optional[Counter] = None) -> list[Group]:
     """Read any preference format from `source` (file, saved dataset or hub id) into Groups."""
     ds = load_rows(source)
-    rows = read_preference_rows(ds, source, skipped)
+    rows = read_preference_rows(ds, source, skipped, tokenizer)
     return tokenize_groups(rows, tokenizer, max_length, over_length, source, skipped)
 
 

@@ -13,8 +13,13 @@ from typing import Any
 
 
 def encode_prompt(tokenizer: Any, text: str) -> list[int]:
-    """Prompt ids with the tokenizer's leading special tokens (BOS if it adds one), no EOS."""
+    """Prompt ids with the tokenizer's leading special tokens (BOS if it adds one), no EOS.
+    A prompt whose text already opens with the BOS token (a rendered chat template) keeps one."""
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:2] == [bos, bos] and tokenizer.bos_token and \
+            text.startswith(tokenizer.bos_token):
+        ids = ids[1:]
     while ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id and \
             _adds_eos(tokenizer):
         ids.pop()

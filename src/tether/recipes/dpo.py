@@ -96,9 +96,9 @@ def make_loss_fn(beta: float):
     return loss_fn
 
 
-def _eval_prompts(cfg: DPOConfig) -> list[str]:
+def _eval_prompts(cfg: DPOConfig, tokenizer: Any) -> list[str]:
     source = cfg.eval_data or cfg.data
-    rows = read_preference_rows(load_rows(source), source)
+    rows = read_preference_rows(load_rows(source), source, tokenizer=tokenizer)
     seen, prompts = set(), []
     for r in rows:
         if r["prompt"] not in seen:
@@ -118,7 +118,7 @@ def make_kl_hook(cfg: DPOConfig, tokenizer: Any):
         reference.to(next(model.parameters()).device)
         was_training = model.training
         model.eval()
-        samples = sample_responses(model, tokenizer, _eval_prompts(cfg), n=1,
+        samples = sample_responses(model, tokenizer, _eval_prompts(cfg, tokenizer), n=1,
                                    max_new_tokens=cfg.kl_response_length, seed=cfg.seed)
         kl = kl_to_reference(model, reference, tokenizer, samples)
         model.train(was_training)

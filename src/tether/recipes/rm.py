@@ -124,13 +124,13 @@ def load_rm_data(cfg: RMConfig, tokenizer: Any) -> tuple[list[Group], list[Group
     if eval_ds is None:
         train_ds, eval_ds = split_holdout(train_ds, cfg.eval_fraction, cfg.seed)
     skipped: Counter = Counter()
-    rows = read_preference_rows(train_ds, cfg.data, skipped)
+    rows = read_preference_rows(train_ds, cfg.data, skipped, tokenizer)
     train = tokenize_groups(rows, tokenizer, cfg.max_length, cfg.over_length, cfg.data, skipped)
     held: list[Group] = []
     if eval_ds is not None:
         source = cfg.eval_data or f"{cfg.data} (held out)"
-        held = tokenize_groups(read_preference_rows(eval_ds, source), tokenizer, cfg.max_length,
-                               cfg.over_length, source)
+        held_rows = read_preference_rows(eval_ds, source, tokenizer=tokenizer)
+        held = tokenize_groups(held_rows, tokenizer, cfg.max_length, cfg.over_length, source)
         pool_pair_weights(held)
     if cfg.use_margin:
         for g in train + held:
@@ -140,7 +140,8 @@ def load_rm_data(cfg: RMConfig, tokenizer: Any) -> tuple[list[Group], list[Group
     return train, held, rows, skipped
 
 
-def calibration_texts(cfg: RMConfig, train_rows: Sequence[dict]) -> tuple[list[str], list[str], str]:
+def calibration_texts(cfg: RMConfig, train_rows: Sequence[dict], tokenizer: Any = None,
+                      ) -> tuple[list[str], list[str], str]:
     """(prompts, responses, name) of the calibration set: --calibration-data (prompt/completion
     or prompt/response rows, or the best response of each preference row), else the best
     response of each training row."""
@@ -150,7 +151,7 @@ def calibration_texts(cfg: RMConfig, train_rows: Sequence[dict]) -> tuple[list[s
         if "completion" in cols or "response" in cols:
             prompts, responses = read_prompt_responses(ds, name)
             return prompts[:cfg.calibration_size], responses[:cfg.calibration_size], name
-        train_rows = read_preference_rows(ds, name)
+        train_rows = read_preference_rows(ds, name, tokenizer=tokenizer)
     else:
         name = f"{cfg.data} (best responses)"
     best = [(r["prompt"], r["responses"][r["ranks"].index(0)]) for r in train_rows]
@@ -160,7 +161,7 @@ def calibration_texts(cfg: RMConfig, train_rows: Sequence[dict]) -> tuple[list[s
 
 def calibrate(model: Any, tokenizer: Any, cfg: RMConfig, train_rows: Sequence[dict]) -> dict:
     """Mean and std of raw scores on the calibration set; bias = -mean (SPEC stage 2)."""
-    prompts, responses, name = calibration_texts(cfg, train_rows)
+    prompts, responses, name = calibration_texts(cfg, train_rows, tokenizer)
     raw = score_texts(model, tokenizer, prompts, responses, cfg.batch_size * 2, cfg.max_length,
                       calibrated=False)
     mean, std = statistics.fmean(raw), statistics.pstdev(raw)

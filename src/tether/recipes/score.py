@@ -44,7 +44,7 @@ def score_rows(model: Any, tokenizer: Any, ds: Any, source: str, batch_size: int
         prompts, responses = read_prompt_responses(ds, source)
         raw = score_texts(model, tokenizer, prompts, responses, batch_size, max_length, calibrated=False)
         return [{**ds[i], "row": i, "score": r + bias, "raw_score": r} for i, r in enumerate(raw)]
-    rows = read_preference_rows(ds, source)
+    rows = read_preference_rows(ds, source, tokenizer=tokenizer)
     # the responses of a row are cut to --max-length together, with one prompt context, as in
     # training, so that scoring the held-out set reproduces eval/accuracy
     seqs = [encode_for_scoring(tokenizer, r["prompt"], r["responses"], max_length) for r in rows]
