@@ -264,3 +264,29 @@ def test_gold_judge_is_logged_each_iteration(tiny_models, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["objective/gold_score"] <= 0 for r in rows)
     assert any(r["objective/gold_score"] < 0 for r in rows)  # the judge really ran on the responses
+
+
+def test_a_reward_model_with_another_tokenizer_scores_the_decoded_text(task, tiny_models, tmp_path, capsys):
+    """A hub RM of another family (GPT-2 BPE vocabulary, policy Llama): PPO decodes each rollout
+    and re-encodes it as the RM reads text, so every logged score is the RM's own score of the
+    logged prompt and response."""
+    from tether.models.load import load_tokenizer
+    from tether.models.reward import init_reward_model, load_reward_model, score_texts
+
+    rm_dir = tmp_path / "gpt2_rm"
+    rm = init_reward_model(str(tiny_models["gpt2"]), pad_token_id=0, seed=3)
+    rm.save_pretrained(rm_dir)
+    load_tokenizer(str(tiny_models["gpt2"])).save_pretrained(rm_dir)
+    args = _args(task, tmp_path / "x", "--reward-model", str(rm_dir), "--max-steps", "2",
+                 "--samples-per-iteration", "8")
+    assert main(args) == 2  # the default separate critic would start from an RM it cannot read
+    assert "Use --critic head" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(_args(task, out, "--reward-model", str(rm_dir), "--max-steps", "2", "--critic", "head",
+                      "--samples-per-iteration", "8")) == 0
+    samples = read_metrics(out / "samples.jsonl")
+    assert len(samples) == 16
+    model, tok = load_reward_model(str(rm_dir)).eval(), load_tokenizer(str(rm_dir))
+    again = score_texts(model, tok, [s["prompt"] for s in samples], [s["response"] for s in samples])
+    assert again == pytest.approx([s["rm_score"] for s in samples], abs=1e-4)
+    assert len({round(s, 4) for s in again}) > 1

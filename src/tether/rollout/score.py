@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from tether.data.preference import encode_for_scoring
 from tether.models.critic import response_logits
 from tether.models.reward import calibrated_scores
 from tether.ops.logprobs import token_logprobs
@@ -111,12 +112,18 @@ class RewardScorer:
             keep &= ~torch.isin(seqs.response_ids, eos)
         responses = [self.policy_tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
                      for row, m in zip(seqs.response_ids, keep)]
-        tok = self.rm_tokenizer
-        tok.padding_side = "right"
-        enc = tok([p + r for p, r in zip(prompt_texts, responses)], padding=True, truncation=True,
-                  max_length=self.max_length, return_tensors="pt")
+        # Encoded as the RM was trained and as `tether score` reads text: prompt and response
+        # separately, no EOS, an over-long sequence losing the start of its prompt.
+        rows = [encode_for_scoring(self.rm_tokenizer, p, [r], self.max_length)[0]
+                for p, r in zip(prompt_texts, responses)]
+        pad = self.rm_tokenizer.pad_token_id if self.rm_tokenizer.pad_token_id is not None else 0
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
         device = seqs.input_ids.device
-        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        return ids.to(device), mask.to(device)
 
 
 def same_vocabulary(a: Any, b: Any) -> bool:
