@@ -91,7 +91,7 @@ def test_hh_rows_without_assistant_are_skipped_or_an_error_when_all_are(tmp_path
     with caplog.at_level(logging.WARNING, logger="tether"):
         rows, skipped = _read(tmp_path, [good, bad, bad])
     assert len(rows) == 1 and skipped == {"no_assistant": 2}
-    assert "2 no '\\n\\nAssistant:' turn" in caplog.text
+    assert "2 no assistant turn to split at ('\\n\\nAssistant:' in text" in caplog.text
     ds, src = _rows(tmp_path, [bad, bad], "all_bad.jsonl")
     with pytest.raises(DataError, match="no usable preference rows.*2 no '"):
         read_preference_rows(ds, src)
@@ -272,6 +272,9 @@ def test_conversational_pairs_explicit_and_implicit_prompts_give_the_same_rows(t
     assert got[0]["prompt"] == "<|im_start|>user\nwhat is a cat<|im_end|>\n<|im_start|>assistant\n"
     assert got[0]["responses"] == ["a cat is good<|im_end|>\n", "no no no<|im_end|>\n"]
     assert got[0]["ranks"] == [0, 1]
+    answers_only = [{"prompt": "what is a cat", "chosen": [_bot("a cat is good")],
+                     "rejected": [_bot("no no no")]}]
+    got.append(read_preference_rows(*_rows(tmp_path, answers_only, "a.jsonl"), tokenizer=chat_tok)[0])
     for row in got[1:]:
         assert (row["prompt"], row["responses"]) == (got[0]["prompt"], got[0]["responses"])
 

@@ -12,7 +12,8 @@ Each may also be conversational, as chat models' preference data on the hub usua
 `{"role", "content"}` messages in place of strings. Either the prompt is a message list and each
 response is an assistant turn (a string or a message list), or, with no prompt messages, chosen
 and rejected are two whole conversations whose shared opening turns are the prompt (a string
-`prompt` column beside them, as in UltraFeedback, is then ignored). These are rendered with the
+`prompt` column beside them, as in UltraFeedback, is then ignored; beside answers alone, it is
+the user's turn). These are rendered with the
 tokenizer's chat template, so reading them needs the tokenizer: the prompt is the template with
 its generation prompt, each response is what its turns add after that, end-of-turn included.
 
@@ -49,7 +50,7 @@ HH_MARKER = "\n\nAssistant:"
 # why a row or group was skipped -> the phrase used in the log line
 SKIP_REASONS = {
     "identical": "identical chosen and rejected",
-    "no_assistant": "no '\\n\\nAssistant:' turn to split at",
+    "no_assistant": "no assistant turn to split at ('\\n\\nAssistant:' in text, role 'assistant' in messages)",
     "all_tied": "all responses tied (no pair to learn from)",
     "dropped_over_length": "longer than --max-length (dropped)",
     "truncated_to_identical": "responses identical after truncation",
@@ -172,10 +173,13 @@ def _render_conversational(raw: dict, fmt: str, tokenizer: Any, where: str) -> A
         a, b = list(raw["chosen"]), list(raw["rejected"])
         if a == b:
             return "identical"
-        k = _split_conversations(a, b)
-        if k is None:
-            return "no_assistant"
-        prompt, responses = a[:k], [a[k:], b[k:]]
+        if a[0].get("role") == b[0].get("role") == "assistant" and isinstance(raw.get("prompt"), str):
+            prompt, responses = [{"role": "user", "content": raw["prompt"]}], [a, b]  # answers only
+        else:
+            k = _split_conversations(a, b)
+            if k is None:
+                return "no_assistant"
+            prompt, responses = a[:k], [a[k:], b[k:]]
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     texts = []
     for turns in responses:
