@@ -93,7 +93,7 @@ def test_hh_rows_without_assistant_are_skipped_or_an_error_when_all_are(tmp_path
     assert len(rows) == 1 and skipped == {"no_assistant": 2}
     assert "2 no assistant turn to split at ('\\n\\nAssistant:' in text" in caplog.text
     ds, src = _rows(tmp_path, [bad, bad], "all_bad.jsonl")
-    with pytest.raises(DataError, match="no usable preference rows.*2 no '"):
+    with pytest.raises(DataError, match="no usable preference rows.*2 no assistant turn"):
         read_preference_rows(ds, src)
 
 
