@@ -185,7 +185,7 @@ def score_sequences(model: Any, seqs: Sequence[list[int]], pad_id: int, batch_si
     with torch.no_grad():
         for at in range(0, len(order), batch_size):
             chunk = order[at:at + batch_size]
-            ids, mask = _right_pad([seqs[i] for i in chunk], pad_id)
+            ids, mask = right_pad([seqs[i] for i in chunk], pad_id)
             scores = sequence_scores(model, ids.to(device), mask.to(device))
             for i, value in zip(chunk, scores.tolist()):
                 out[i] = value + bias
@@ -193,9 +193,9 @@ def score_sequences(model: Any, seqs: Sequence[list[int]], pad_id: int, batch_si
     return out
 
 
-def _right_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask, shape (B, longest), padded on the right."""
-    width = max(len(s) for s in seqs)
+    width = max(1, max(len(s) for s in seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for row, s in enumerate(seqs):

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from tether.data.preference import encode_for_scoring
 from tether.models.critic import response_logits
-from tether.models.reward import calibrated_scores
+from tether.models.reward import calibrated_scores, right_pad
 from tether.ops.logprobs import token_logprobs
 from tether.rollout.types import Sequences
 
@@ -117,11 +117,7 @@ class RewardScorer:
         rows = [encode_for_scoring(self.rm_tokenizer, p, [r], self.max_length)[0]
                 for p, r in zip(prompt_texts, responses)]
         pad = self.rm_tokenizer.pad_token_id if self.rm_tokenizer.pad_token_id is not None else 0
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r, dtype=torch.long), 1
+        ids, mask = right_pad(rows, pad)
         device = seqs.input_ids.device
         return ids.to(device), mask.to(device)
 
