@@ -290,3 +290,37 @@ def test_a_reward_model_with_another_tokenizer_scores_the_decoded_text(task, tin
     again = score_texts(model, tok, [s["prompt"] for s in samples], [s["response"] for s in samples])
     assert again == pytest.approx([s["rm_score"] for s in samples], abs=1e-4)
     assert len({round(s, 4) for s in again}) > 1
+
+
+def test_chat_prompts_reach_a_foreign_reward_model_in_its_own_chat_template(tiny_models, tmp_path):
+    """Chat prompts, a ChatML policy, and an RM of another vocabulary with its own template: the
+    RM reads each rollout rendered in ITS template, as `tether rm` renders conversational data."""
+    from tether.data.preference import render_chat
+    from tether.models.load import load_tokenizer
+    from tether.models.reward import init_reward_model, load_reward_model, score_texts
+
+    rm_dir = tmp_path / "rm"
+    init_reward_model(str(tiny_models["gpt2"]), pad_token_id=0, seed=3).save_pretrained(rm_dir)
+    rm_tok = load_tokenizer(str(tiny_models["gpt2"]))
+    rm_tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                            "{% if add_generation_prompt %}assistant:{% endif %}")
+    rm_tok.save_pretrained(rm_dir)
+    questions = {f"what is a {w}": [{"role": "user", "content": f"what is a {w}"}]
+                 for w in ("cat", "dog", "sun", "tree")}
+    prompts = write_jsonl(tmp_path / "chat.jsonl", [{"messages": m} for m in questions.values()] * 2)
+    out = tmp_path / "run"
+    assert main(["ppo", "--policy", str(tiny_models["qwen2"]), "--reward-model", str(rm_dir),
+                 "--prompts", str(prompts), "--output-dir", str(out), "--batch-size", "8",
+                 "--response-length", "4", "--max-steps", "1", "--critic", "head",
+                 "--samples-per-iteration", "8", "--no-progress", "--no-tensorboard"]) == 0
+    policy_tok = load_tokenizer(str(tiny_models["qwen2"]))
+    by_text = {policy_tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True): m
+               for m in questions.values()}
+    samples = read_metrics(out / "samples.jsonl")
+    assert len(samples) == 8 and all(s["prompt"] in by_text for s in samples)
+    rendered = [render_chat(rm_tok, by_text[s["prompt"]], [[{"role": "assistant", "content": s["response"]}]])
+                for s in samples]
+    assert all(p.startswith("user: what is a") and p.endswith("assistant:") for p, _ in rendered)
+    model = load_reward_model(str(rm_dir)).eval()
+    again = score_texts(model, rm_tok, [p for p, _ in rendered], [r[0] for _, r in rendered])
+    assert again == pytest.approx([s["rm_score"] for s in samples], abs=1e-4)

@@ -270,7 +270,7 @@ def test_conversational_pairs_explicit_and_implicit_prompts_give_the_same_rows(t
     got = [read_preference_rows(*_rows(tmp_path, rows, f"{i}.jsonl"), tokenizer=chat_tok)[0]
            for i, rows in enumerate((explicit, implicit, hh_like))]
     assert got[0]["prompt"] == "<|im_start|>user\nwhat is a cat<|im_end|>\n<|im_start|>assistant\n"
-    assert got[0]["responses"] == ["a cat is good<|im_end|>\n", "no no no<|im_end|>\n"]
+    assert got[0]["responses"] == ["a cat is good", "no no no"]
     assert got[0]["ranks"] == [0, 1]
     answers_only = [{"prompt": "what is a cat", "chosen": [_bot("a cat is good")],
                      "rejected": [_bot("no no no")]}]
@@ -285,7 +285,11 @@ def test_conversational_multi_turn_prompt_is_the_shared_opening(tmp_path, chat_t
     row = read_preference_rows(*_rows(tmp_path, rows), tokenizer=chat_tok)[0]
     assert row["prompt"].endswith("<|im_start|>user\nwhat is a dog<|im_end|>\n<|im_start|>assistant\n")
     assert row["prompt"].count("<|im_start|>") == 4
-    assert row["responses"] == ["a dog is a pet<|im_end|>\n", "dog dog<|im_end|>\n"]
+    assert row["responses"] == ["a dog is a pet", "dog dog"]
+    longer = [{"chosen": opening + [_bot("yes"), _user("more"), _bot("a dog barks")],
+               "rejected": opening + [_bot("no")]}]
+    row = read_preference_rows(*_rows(tmp_path, longer, "l.jsonl"), tokenizer=chat_tok)[0]
+    assert row["responses"] == ["yes<|im_end|>\n<|im_start|>user\nmore<|im_end|>\n<|im_start|>assistant\na dog barks", "no"]
 
 
 def test_conversational_ranked_rows_and_skips(tmp_path, chat_tok):
@@ -295,7 +299,7 @@ def test_conversational_ranked_rows_and_skips(tmp_path, chat_tok):
                  "ranks": [1, 0, 2]}]
     for i, rows in enumerate((as_text, as_turns)):
         row = read_preference_rows(*_rows(tmp_path, rows, f"r{i}.jsonl"), tokenizer=chat_tok)[0]
-        assert row["responses"] == ["once<|im_end|>\n", "the end<|im_end|>\n", "so<|im_end|>\n"]
+        assert row["responses"] == ["once", "the end", "so"]
         assert row["ranks"] == [1, 0, 2]
     same = [_user("q"), _bot("a")]
     no_bot = [_user("q"), _user("again")]

@@ -15,7 +15,8 @@ and rejected are two whole conversations whose shared opening turns are the prom
 `prompt` column beside them, as in UltraFeedback, is then ignored; beside answers alone, it is
 the user's turn). These are rendered with the
 tokenizer's chat template, so reading them needs the tokenizer: the prompt is the template with
-its generation prompt, each response is what its turns add after that, end-of-turn included.
+its generation prompt, each response is what its turns add after that, less the closing
+end-of-turn (`render_chat`).
 
 Every format becomes the same thing: a group of K >= 2 responses to one prompt with ranks (a
 pair is a group of 2). Two layers:
@@ -180,22 +181,42 @@ def _render_conversational(raw: dict, fmt: str, tokenizer: Any, where: str) -> A
             if k is None:
                 return "no_assistant"
             prompt, responses = a[:k], [a[k:], b[k:]]
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    texts = []
-    for turns in responses:
-        full = tokenizer.apply_chat_template(prompt + turns, tokenize=False)
-        if not full.startswith(prompt_text):
-            raise DataError(f"{where}: the chat template does not render the prompt as a prefix of "
-                            "the whole conversation, so the response cannot be cut out; give "
-                            "prompt/chosen/rejected as plain strings instead")
-        texts.append(full[len(prompt_text):])
-    responses = texts
+    try:
+        prompt_text, responses = render_chat(tokenizer, prompt, responses)
+    except ValueError as err:
+        raise DataError(f"{where}: {err}; give prompt/chosen/rejected as plain strings instead") from None
     out = {**raw, "prompt": prompt_text}
     if fmt == "ranked":
         out["responses"] = responses
     else:
         out["chosen"], out["rejected"] = responses
     return out
+
+
+def render_chat(tokenizer: Any, prompt: list[dict], responses: Sequence[list[dict]],
+                ) -> tuple[str, list[str]]:
+    """(prompt text, response texts) of a conversation, as tether's reward models read it.
+
+    The prompt is the chat template with its generation prompt. Each response is what its turns
+    add after that, without the template's closing end-of-turn: an RM reads a response up to
+    its last real token, and PPO scores its rollouts without their EOS, so the two agree.
+    ValueError when the template does not render the prompt as a prefix of the conversation.
+    """
+    render = tokenizer.apply_chat_template
+    prompt_text = render(prompt, tokenize=False, add_generation_prompt=True)
+    sentinel = "tether-end-of-turn-probe"
+    probe = render(prompt + [{"role": "assistant", "content": sentinel}], tokenize=False)
+    at = probe.find(sentinel, len(prompt_text))
+    closing = probe[at + len(sentinel):] if at >= 0 else ""
+    texts = []
+    for turns in responses:
+        full = render(prompt + list(turns), tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError("the chat template does not render the prompt as a prefix of the "
+                             "whole conversation, so the response cannot be cut out")
+        text = full[len(prompt_text):]
+        texts.append(text[:len(text) - len(closing)] if closing and text.endswith(closing) else text)
+    return prompt_text, texts
 
 
 def _log_skips(source: str, counts: Counter, total: int) -> None:

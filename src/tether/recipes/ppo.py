@@ -83,7 +83,7 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     clock.lap("rollout")
     # 2. score: pi_ref logprobs (same T), calibrated RM scores, the missing-EOS penalty
     ref_logprobs = parts.reference.logprobs(seqs, cfg.temperature)
-    rm_scores = parts.reward.score(seqs, texts)
+    rm_scores = parts.reward.score(seqs, texts, parts.prompts.chats_at(indices))
     scores = rm_scores if cfg.missing_eos_penalty is None else torch.where(
         rollout.ended, rm_scores, torch.full_like(rm_scores, cfg.missing_eos_penalty))
     # 2b. pi_old and V_old. With one minibatch, the first update epoch's forward gives them

@@ -7,8 +7,8 @@ the same prompts, which is what makes resume exact.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -28,6 +28,7 @@ class PromptSet:
     texts: list[str]  # the prompt as the policy reads it (chat template applied)
     truncated: int = 0
     dropped: int = 0
+    chats: list[Optional[list[dict]]] = field(default_factory=list)  # messages, None if plain
 
     def batch(self, indices: Sequence[int], pad_token_id: int,
               device: Any) -> tuple[Tensor, Tensor, list[str]]:
@@ -35,18 +36,24 @@ class PromptSet:
         ids, mask = left_pad([self.ids[i] for i in indices], pad_token_id, device)
         return ids, mask, [self.texts[i] for i in indices]
 
+    def chats_at(self, indices: Sequence[int]) -> list[Optional[list[dict]]]:
+        """The prompts' messages (None for plain prompts), for an RM with its own chat template."""
+        return [self.chats[i] if self.chats else None for i in indices]
 
-def prompt_text(tokenizer: Any, row: dict, where: str) -> tuple[str, bool]:
-    """(text, is_chat) of one row: `prompt`, or `messages` rendered with the chat template and its
-    generation prompt. A final assistant turn (SFT-style rows) is left out: it is the answer."""
+
+def prompt_text(tokenizer: Any, row: dict, where: str) -> tuple[str, Optional[list[dict]]]:
+    """(text, messages or None) of one row: `prompt`, or `messages` rendered with the chat
+    template and its generation prompt. A final assistant turn (SFT-style rows) is left out: it
+    is the answer."""
     if "messages" in row and row["messages"]:
         messages = list(row["messages"])
         if messages[-1].get("role") == "assistant":
             messages = messages[:-1]
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{where}: 'messages' rows need a tokenizer with a chat template")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
-    return str(row["prompt"]), False
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, messages
+    return str(row["prompt"]), None
 
 
 def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) -> PromptSet:
@@ -58,7 +65,8 @@ def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) 
     out = PromptSet([], [])
     bos = tokenizer.bos_token_id
     for i, row in enumerate(ds):
-        text, chat = prompt_text(tokenizer, row, f"{source} row {i + 1}")
+        text, messages = prompt_text(tokenizer, row, f"{source} row {i + 1}")
+        chat = messages is not None
         # a rendered chat template carries its own special tokens
         ids = encode_response(tokenizer, text) if chat else encode_prompt(tokenizer, text)
         if len(ids) > max_length:
@@ -70,6 +78,7 @@ def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) 
             out.truncated += 1
         out.ids.append(ids)
         out.texts.append(text)
+        out.chats.append(messages)
     if out.truncated or out.dropped:
         log.warning("%s: %d prompt(s) longer than --max-prompt-length %d were %s", source,
                     out.truncated or out.dropped, max_length,

@@ -65,14 +65,14 @@ def evaluate(parts: Any) -> dict[str, float]:
     totals = {"eval/rm_score": 0.0, "eval/kl": 0.0, "eval/length": 0.0, "eval/eos_rate": 0.0}
     n = len(prompts.ids)
     for start in range(0, n, cfg.batch_size):
-        ids, mask, texts = prompts.batch(range(start, min(n, start + cfg.batch_size)),
-                                         parts.tokenizer.pad_token_id, parts.device)
+        rows = range(start, min(n, start + cfg.batch_size))
+        ids, mask, texts = prompts.batch(rows, parts.tokenizer.pad_token_id, parts.device)
         rollout = parts.generator.generate(ids, mask, rng)
         seqs = rollout.sequences()
         ref = parts.reference.logprobs(seqs, cfg.temperature)
         logprobs = _policy_logprobs(parts, seqs)
         kl = torch.where(rollout.response_mask.bool(), logprobs - ref, torch.zeros_like(ref)).sum(-1)
-        totals["eval/rm_score"] += float(parts.reward.score(seqs, texts).sum())
+        totals["eval/rm_score"] += float(parts.reward.score(seqs, texts, prompts.chats_at(rows)).sum())
         totals["eval/kl"] += float(kl.sum())
         totals["eval/length"] += float(rollout.response_mask.sum())
         totals["eval/eos_rate"] += float(rollout.ended.sum())

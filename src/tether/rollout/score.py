@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from tether.data.preference import encode_for_scoring
+from tether.data.preference import encode_for_scoring, render_chat
 from tether.models.critic import response_logits
 from tether.models.reward import calibrated_scores, right_pad
 from tether.ops.logprobs import token_logprobs
@@ -93,17 +93,20 @@ class RewardScorer:
         self.max_length = max_length
 
     @torch.no_grad()
-    def score(self, seqs: Sequences, prompt_texts: Optional[Sequence[str]] = None) -> Tensor:
-        """One calibrated score per rollout: (B,) float32."""
+    def score(self, seqs: Sequences, prompt_texts: Optional[Sequence[str]] = None,
+              prompt_chats: Optional[Sequence[Optional[list[dict]]]] = None) -> Tensor:
+        """One calibrated score per rollout: (B,) float32. prompt_chats: each prompt's messages
+        (None for a plain prompt), so that an RM with its own chat template reads them in it."""
         if self.rm_tokenizer is not None:
-            ids, mask = self._retokenized(seqs, prompt_texts)
+            ids, mask = self._retokenized(seqs, prompt_texts, prompt_chats)
         else:
             ids, mask = reward_model_inputs(seqs, self.eos_token_ids, self.pad_token_id)
         self.model.eval()
         return torch.cat([calibrated_scores(self.model, ids[rows], mask[rows])
                           for rows in row_chunks(ids.shape[0], self.chunk)])
 
-    def _retokenized(self, seqs: Sequences, prompt_texts: Optional[Sequence[str]]) -> tuple[Tensor, Tensor]:
+    def _retokenized(self, seqs: Sequences, prompt_texts: Optional[Sequence[str]],
+                     prompt_chats: Optional[Sequence[Optional[list[dict]]]] = None) -> tuple[Tensor, Tensor]:
         if prompt_texts is None:
             raise ValueError("an RM with its own tokenizer needs the prompt texts")
         keep = seqs.response_mask.bool()
@@ -112,10 +115,18 @@ class RewardScorer:
             keep &= ~torch.isin(seqs.response_ids, eos)
         responses = [self.policy_tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
                      for row, m in zip(seqs.response_ids, keep)]
-        # Encoded as the RM was trained and as `tether score` reads text: prompt and response
-        # separately, no EOS, an over-long sequence losing the start of its prompt.
-        rows = [encode_for_scoring(self.rm_tokenizer, p, [r], self.max_length)[0]
-                for p, r in zip(prompt_texts, responses)]
+        # A chat prompt is rendered in the RM's own chat template, when it has one, as
+        # `tether rm` renders conversational data. Then both are encoded as the RM was trained
+        # and as `tether score` reads text: prompt and response apart, no EOS, an over-long
+        # sequence losing the start of its prompt.
+        chats = prompt_chats if prompt_chats is not None else [None] * len(responses)
+        own_template = bool(getattr(self.rm_tokenizer, "chat_template", None))
+        rows = []
+        for text, chat, response in zip(prompt_texts, chats, responses):
+            if chat is not None and own_template:
+                text, (response,) = render_chat(self.rm_tokenizer, chat,
+                                                [[{"role": "assistant", "content": response}]])
+            rows.append(encode_for_scoring(self.rm_tokenizer, text, [response], self.max_length)[0])
         pad = self.rm_tokenizer.pad_token_id if self.rm_tokenizer.pad_token_id is not None else 0
         ids, mask = right_pad(rows, pad)
         device = seqs.input_ids.device
