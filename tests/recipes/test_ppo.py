@@ -322,5 +322,5 @@ def test_chat_prompts_reach_a_foreign_reward_model_in_its_own_chat_template(tiny
                 for s in samples]
     assert all(p.startswith("user: what is a") and p.endswith("assistant:") for p, _ in rendered)
     model = load_reward_model(str(rm_dir)).eval()
-    again = score_texts(model, rm_tok, [p for p, _ in rendered], [r[0] for _, r in rendered])
+    again = score_texts(model, rm_tok, [p for p, _ in rendered], [r[0] for _, r in rendered], chat=True)
     assert again == pytest.approx([s["rm_score"] for s in samples], abs=1e-4)

@@ -325,3 +325,26 @@ def test_a_rendered_prompt_that_opens_with_bos_keeps_a_single_bos(tok):
     plain = encode_prompt(tok, "Once upon a time")
     assert plain[0] == tok.bos_token_id and plain[1] != tok.bos_token_id
     assert encode_prompt(tok, tok.bos_token + "Once upon a time") == plain
+
+
+def test_chat_rows_are_encoded_as_sft_and_ppo_encode_chat_prompts(tmp_path):
+    """A tokenizer that adds BOS with a template that writes none: the rendered template owns the
+    special tokens, so RM/DPO rows, PPO prompts and SFT messages all start the same way."""
+    if not STORIES.exists():
+        pytest.skip("stories260K tokenizer not available")
+    from conftest import CHATML
+    from tether.data.tokenize import encode_response
+    from tether.recipes.ppo_data import prompt_text
+
+    chat_tok = load_tokenizer(str(STORIES))
+    chat_tok.chat_template = CHATML
+    ds, src = _rows(tmp_path, [{"prompt": [_user("hi")], "chosen": "a b", "rejected": "c"}])
+    rows = read_preference_rows(ds, src, tokenizer=chat_tok)
+    assert rows[0]["chat"] is True
+    group = tokenize_groups(rows, chat_tok, 512, "truncate", "mem")[0]
+    ppo_text, _ = prompt_text(chat_tok, {"messages": [_user("hi")]}, "mem")
+    assert group.prompt_ids == encode_response(chat_tok, ppo_text)
+    assert group.prompt_ids[0] != chat_tok.bos_token_id  # encode_prompt would have added one
+    plain = tokenize_groups([{"prompt": "hi", "responses": ["a", "b"], "ranks": [0, 1]}], chat_tok,
+                            512, "truncate", "mem")[0]
+    assert plain.prompt_ids[0] == chat_tok.bos_token_id

@@ -86,7 +86,8 @@ def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None
     """Parse any preference format into `{"prompt", "responses", "ranks", "row"}` dicts.
 
     `row` is the 0-based index of the source row. Optional keys: `margin` (float, pairs with a
-    margin column) and `gold` (list of K floats, when gold scores are given). Skipped rows are
+    margin column), `gold` (list of K floats, when gold scores are given) and `chat` (True for a
+    conversational row: its prompt is a rendered chat template, see `encode_for_scoring`). Skipped rows are
     added to `skipped` (reason -> count) and logged; malformed rows raise DataError.
     Conversational rows are rendered with `tokenizer`'s chat template (required for them).
     """
@@ -103,6 +104,7 @@ def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None
                 continue
             fmt_row = "ranked" if fmt == "ranked" else "pairs"
             parsed, reason = {"pairs": _parse_pair, "ranked": _parse_ranked}[fmt_row](raw, where)
+            parsed["chat"] = True  # a rendered template: its text carries its own special tokens
         else:
             parsed, reason = parse(raw, where)
         if reason:
@@ -402,12 +404,20 @@ def fit_to_length(prompt_ids: list[int], responses: Sequence[list[int]], max_len
     return prompt_ids, [list(r[:response_budget]) for r in responses]
 
 
+def encode_chat_or_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """A prompt's ids. A rendered chat template (`chat`) carries its own special tokens, so it
+    is encoded without adding any, as SFT and PPO encode it; a plain prompt gets the
+    tokenizer's own (`encode_prompt`)."""
+    return encode_response(tokenizer, prompt) if chat else encode_prompt(tokenizer, prompt)
+
+
 def encode_for_scoring(tokenizer: Any, prompt: str, responses: Sequence[str],
-                       max_length: Optional[int] = None) -> list[list[int]]:
+                       max_length: Optional[int] = None, chat: bool = False) -> list[list[int]]:
     """prompt + response ids for each response, cut together to `max_length` as in training
     (the responses of one prompt keep the same prompt context). Nothing is ever dropped: when
-    even that cannot fit, the last `max_length` tokens are kept."""
-    prompt_ids = encode_prompt(tokenizer, prompt)
+    even that cannot fit, the last `max_length` tokens are kept. `chat`: the prompt is a
+    rendered chat template (`encode_chat_or_prompt`)."""
+    prompt_ids = encode_chat_or_prompt(tokenizer, prompt, chat)
     encoded = [encode_response(tokenizer, r) for r in responses]
     if max_length is not None and len(prompt_ids) + max(map(len, encoded)) > max_length:
         fitted = fit_to_length(prompt_ids, encoded, max_length, prompt_special_count(tokenizer))
@@ -424,7 +434,7 @@ def tokenize_groups(rows: Sequence[dict], tokenizer: Any, max_length: int, over_
     counts: Counter = Counter()
     groups = []
     for row in rows:
-        prompt_ids = encode_prompt(tokenizer, row["prompt"])
+        prompt_ids = encode_chat_or_prompt(tokenizer, row["prompt"], row.get("chat", False))
         responses = [encode_response(tokenizer, r) for r in row["responses"]]
         if len(prompt_ids) + max(len(r) for r in responses) > max_length:
             fitted = fit_to_length(prompt_ids, responses, max_length, n_special) \

@@ -154,18 +154,19 @@ def calibrated_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch
 
 def score_texts(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
                 batch_size: int = 16, max_length: Optional[int] = None,
-                calibrated: bool = True) -> list[float]:
+                calibrated: bool = True, chat: bool = False) -> list[float]:
     """Score each (prompt, response) text pair: one float per pair, in input order.
 
     Tokenised the way the reward model was trained (`encode_prompt` + `encode_response`, no
-    EOS). Sequences longer than `max_length` are cut like training data (prompt from the left,
+    EOS; with `chat`, the prompts are rendered chat templates and get no added special tokens).
+    Sequences longer than `max_length` are cut like training data (prompt from the left,
     response from the right). Calibrated scores (bias added) unless `calibrated=False`.
     """
     from tether.data.preference import encode_for_scoring
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    seqs = [encode_for_scoring(tokenizer, p, [r], max_length)[0] for p, r in zip(prompts, responses)]
+    seqs = [encode_for_scoring(tokenizer, p, [r], max_length, chat)[0] for p, r in zip(prompts, responses)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return score_sequences(model, seqs, pad, batch_size, calibrated)
 

@@ -141,29 +141,30 @@ def load_rm_data(cfg: RMConfig, tokenizer: Any) -> tuple[list[Group], list[Group
 
 
 def calibration_texts(cfg: RMConfig, train_rows: Sequence[dict], tokenizer: Any = None,
-                      ) -> tuple[list[str], list[str], str]:
-    """(prompts, responses, name) of the calibration set: --calibration-data (prompt/completion
-    or prompt/response rows, or the best response of each preference row), else the best
-    response of each training row."""
+                      ) -> tuple[list[str], list[str], str, bool]:
+    """(prompts, responses, name, chat) of the calibration set: --calibration-data
+    (prompt/completion or prompt/response rows, or the best response of each preference row),
+    else the best response of each training row. chat: the prompts are rendered templates."""
     if cfg.calibration_data:
         ds, name = load_rows(cfg.calibration_data), cfg.calibration_data
         cols = set(ds.column_names)
         if "completion" in cols or "response" in cols:
             prompts, responses = read_prompt_responses(ds, name)
-            return prompts[:cfg.calibration_size], responses[:cfg.calibration_size], name
+            return prompts[:cfg.calibration_size], responses[:cfg.calibration_size], name, False
         train_rows = read_preference_rows(ds, name, tokenizer=tokenizer)
     else:
         name = f"{cfg.data} (best responses)"
     best = [(r["prompt"], r["responses"][r["ranks"].index(0)]) for r in train_rows]
     best = best[:cfg.calibration_size]
-    return [p for p, _ in best], [r for _, r in best], name
+    chat = any(r.get("chat", False) for r in train_rows)  # a file is all chat rows or none
+    return [p for p, _ in best], [r for _, r in best], name, chat
 
 
 def calibrate(model: Any, tokenizer: Any, cfg: RMConfig, train_rows: Sequence[dict]) -> dict:
     """Mean and std of raw scores on the calibration set; bias = -mean (SPEC stage 2)."""
-    prompts, responses, name = calibration_texts(cfg, train_rows, tokenizer)
+    prompts, responses, name, chat = calibration_texts(cfg, train_rows, tokenizer)
     raw = score_texts(model, tokenizer, prompts, responses, cfg.batch_size * 2, cfg.max_length,
-                      calibrated=False)
+                      calibrated=False, chat=chat)
     mean, std = statistics.fmean(raw), statistics.pstdev(raw)
     log.info("calibration on %s: %d responses, raw mean %.4f, std %.4f -> bias %.4f",
              name, len(raw), mean, std, -mean)

@@ -47,7 +47,8 @@ def score_rows(model: Any, tokenizer: Any, ds: Any, source: str, batch_size: int
     rows = read_preference_rows(ds, source, tokenizer=tokenizer)
     # the responses of a row are cut to --max-length together, with one prompt context, as in
     # training, so that scoring the held-out set reproduces eval/accuracy
-    seqs = [encode_for_scoring(tokenizer, r["prompt"], r["responses"], max_length) for r in rows]
+    seqs = [encode_for_scoring(tokenizer, r["prompt"], r["responses"], max_length, r.get("chat", False))
+            for r in rows]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     raw = score_sequences(model, [s for group in seqs for s in group], pad, batch_size, calibrated=False)
     out, at = [], 0

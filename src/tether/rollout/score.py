@@ -123,10 +123,12 @@ class RewardScorer:
         own_template = bool(getattr(self.rm_tokenizer, "chat_template", None))
         rows = []
         for text, chat, response in zip(prompt_texts, chats, responses):
-            if chat is not None and own_template:
+            rendered = chat is not None and own_template
+            if rendered:
                 text, (response,) = render_chat(self.rm_tokenizer, chat,
                                                 [[{"role": "assistant", "content": response}]])
-            rows.append(encode_for_scoring(self.rm_tokenizer, text, [response], self.max_length)[0])
+            rows.append(encode_for_scoring(self.rm_tokenizer, text, [response], self.max_length,
+                                           chat=rendered)[0])
         pad = self.rm_tokenizer.pad_token_id if self.rm_tokenizer.pad_token_id is not None else 0
         ids, mask = right_pad(rows, pad)
         device = seqs.input_ids.device
