@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import write_jsonl
 from tether.cli import main
@@ -62,3 +63,30 @@ def test_eval_with_a_reward_model_judge_and_a_response_file(tiny_models, rm_and_
     model, tok = load_reward_model(str(rm)).eval(), load_tokenizer(str(rm))
     expected = score_texts(model, tok, ["the cat", "a dog ran", "once upon a time", "the sun"], [" sat on the mat"] * 4)
     assert result["score_a_mean"] == pytest.approx(sum(expected) / 4, abs=1e-4)
+
+
+def test_chat_prompts_are_sampled_and_scored_without_added_special_tokens(tiny_models):
+    """Rendered chat prompts (e.g. DPO's KL samples from chat rows) keep the template's own
+    special tokens only: the Llama tokenizer here adds BOS to plain prompts, not to these."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import CHATML
+    from tether.data.tokenize import encode_prompt, encode_response
+    from tether.eval.sampling import response_logprobs, sample_responses
+
+    tok = load_tokenizer(str(tiny_models["llama"]), padding_side="left")
+    tok.chat_template = CHATML
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = encode_response(tok, prompt)
+    assert ids[0] != tok.bos_token_id
+    samples = sample_responses(model, tok, [prompt], n=2, max_new_tokens=3, chat=True)
+    assert samples.chat is True
+    response = samples.response_ids[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + response])).logits[0, len(ids) - 1:-1]
+    by_hand = logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).sum().item()
+    assert response_logprobs(model, tok, [prompt], [response], chat=True)[0] == pytest.approx(by_hand, abs=1e-4)
+    if encode_prompt(tok, prompt)[0] == tok.bos_token_id:  # the stories tokenizer adds BOS
+        assert response_logprobs(model, tok, [prompt], [response])[0] != pytest.approx(by_hand, abs=1e-4)

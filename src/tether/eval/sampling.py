@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tether.data.tokenize import encode_prompt
+from tether.data.preference import encode_chat_or_prompt
 from tether.training.progress import Progress
 
 
@@ -21,15 +21,18 @@ class Samples:
     responses: list[str]  # decoded, without the EOS
     response_ids: list[list[int]]  # token ids, including the EOS when the response ended
     ended: list[bool]  # the response contains an EOS
+    chat: bool = False  # the prompts are rendered chat templates (no special tokens added)
 
 
 @torch.no_grad()
 def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int = 1,
                      max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
-                     max_prompt_length: int | None = None, progress: str = "") -> Samples:
+                     max_prompt_length: int | None = None, progress: str = "",
+                     chat: bool = False) -> Samples:
     """`n` samples for every prompt, in prompt order. Deterministic for a given seed.
-    progress: a label for a progress bar over the samples (none when empty)."""
+    progress: a label for a progress bar over the samples (none when empty). chat: the prompts
+    are rendered chat templates, encoded without added special tokens."""
     from tether.models.load import eos_token_ids
     from tether.rollout.generate import KVCacheSampler, SamplingParams, left_pad
 
@@ -41,10 +44,10 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     device = next(model.parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
     flat = [p for p in prompts for _ in range(n)]
-    encoded = [encode_prompt(tokenizer, p) for p in flat]
+    encoded = [encode_chat_or_prompt(tokenizer, p, chat) for p in flat]
     if max_prompt_length:
         encoded = [e[-max_prompt_length:] for e in encoded]
-    out = Samples([], [], [], [])
+    out = Samples([], [], [], [], chat)
     bar = Progress(len(flat), desc=progress, enabled=bool(progress) and len(flat) > batch_size)
     for at in range(0, len(flat), batch_size):
         ids, mask = left_pad(encoded[at:at + batch_size], pad, device)
@@ -63,8 +66,10 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
 
 @torch.no_grad()
 def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
-                      response_ids: Sequence[Sequence[int]], batch_size: int = 64) -> list[float]:
-    """Summed log-probability of each response (token ids) given its prompt, at temperature 1."""
+                      response_ids: Sequence[Sequence[int]], batch_size: int = 64,
+                      chat: bool = False) -> list[float]:
+    """Summed log-probability of each response (token ids) given its prompt, at temperature 1.
+    chat: the prompts are rendered chat templates (see `sample_responses`)."""
     from tether.ops.logprobs import sequence_logprobs
 
     device = next(model.parameters()).device
@@ -73,7 +78,7 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
     for at in range(0, len(prompts), batch_size):
         rows, labels = [], []
         for prompt, resp in zip(prompts[at:at + batch_size], response_ids[at:at + batch_size]):
-            p = encode_prompt(tokenizer, prompt)
+            p = encode_chat_or_prompt(tokenizer, prompt, chat)
             rows.append(p + list(resp))
             labels.append([-100] * len(p) + list(resp))
         width = max(len(r) for r in rows)
@@ -91,6 +96,6 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
 def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, samples: Samples,
                     batch_size: int = 64) -> float:
     """Monte-Carlo KL(policy || reference) per sequence: mean of log pi(y) - log ref(y), y ~ pi."""
-    lp = response_logprobs(policy, tokenizer, samples.prompts, samples.response_ids, batch_size)
-    lr = response_logprobs(reference, tokenizer, samples.prompts, samples.response_ids, batch_size)
+    lp = response_logprobs(policy, tokenizer, samples.prompts, samples.response_ids, batch_size, samples.chat)
+    lr = response_logprobs(reference, tokenizer, samples.prompts, samples.response_ids, batch_size, samples.chat)
     return sum(a - b for a, b in zip(lp, lr)) / max(len(lp), 1)

@@ -96,7 +96,8 @@ def make_loss_fn(beta: float):
     return loss_fn
 
 
-def _eval_prompts(cfg: DPOConfig, tokenizer: Any) -> list[str]:
+def _eval_prompts(cfg: DPOConfig, tokenizer: Any) -> tuple[list[str], bool]:
+    """(distinct prompts, whether they are rendered chat templates) for the KL samples."""
     source = cfg.eval_data or cfg.data
     rows = read_preference_rows(load_rows(source), source, tokenizer=tokenizer)
     seen, prompts = set(), []
@@ -104,7 +105,7 @@ def _eval_prompts(cfg: DPOConfig, tokenizer: Any) -> list[str]:
         if r["prompt"] not in seen:
             seen.add(r["prompt"])
             prompts.append(r["prompt"])
-    return prompts[:cfg.kl_samples]
+    return prompts[:cfg.kl_samples], any(r.get("chat", False) for r in rows)
 
 
 def make_kl_hook(cfg: DPOConfig, tokenizer: Any):
@@ -118,7 +119,8 @@ def make_kl_hook(cfg: DPOConfig, tokenizer: Any):
         reference.to(next(model.parameters()).device)
         was_training = model.training
         model.eval()
-        samples = sample_responses(model, tokenizer, _eval_prompts(cfg, tokenizer), n=1,
+        prompts, chat = _eval_prompts(cfg, tokenizer)
+        samples = sample_responses(model, tokenizer, prompts, n=1, chat=chat,
                                    max_new_tokens=cfg.kl_response_length, seed=cfg.seed)
         kl = kl_to_reference(model, reference, tokenizer, samples)
         model.train(was_training)
