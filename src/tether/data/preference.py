@@ -13,10 +13,9 @@ Each may also be conversational, as chat models' preference data on the hub usua
 response is an assistant turn (a string or a message list), or, with no prompt messages, chosen
 and rejected are two whole conversations whose shared opening turns are the prompt (a string
 `prompt` column beside them, as in UltraFeedback, is then ignored; beside answers alone, it is
-the user's turn). These are rendered with the
-tokenizer's chat template, so reading them needs the tokenizer: the prompt is the template with
-its generation prompt, each response is what its turns add after that, less the closing
-end-of-turn (`render_chat`).
+the user's turn). These are rendered with the tokenizer's chat template, so reading them needs
+the tokenizer: the prompt is the template with its generation prompt, each response is what its
+turns add after that, less the closing end-of-turn (`render_chat`).
 
 Every format becomes the same thing: a group of K >= 2 responses to one prompt with ranks (a
 pair is a group of 2). Two layers:
@@ -41,7 +40,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from tether.data.io import load_rows, require_columns
-from tether.data.tokenize import encode_prompt, encode_response
+from tether.data.tokenize import encode_chat_or_prompt, encode_prompt, encode_response
 from tether.errors import DataError
 
 log = logging.getLogger("tether")
@@ -87,7 +86,8 @@ def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None
 
     `row` is the 0-based index of the source row. Optional keys: `margin` (float, pairs with a
     margin column), `gold` (list of K floats, when gold scores are given) and `chat` (True for a
-    conversational row: its prompt is a rendered chat template, see `encode_for_scoring`). Skipped rows are
+    conversational row: its prompt is a rendered chat template, see `encode_chat_or_prompt`).
+    Skipped rows are
     added to `skipped` (reason -> count) and logged; malformed rows raise DataError.
     Conversational rows are rendered with `tokenizer`'s chat template (required for them).
     """
@@ -402,13 +402,6 @@ def fit_to_length(prompt_ids: list[int], responses: Sequence[list[int]], max_len
         keep = prompt_budget - n_special
         prompt_ids = prompt_ids[:n_special] + prompt_ids[len(prompt_ids) - keep:]
     return prompt_ids, [list(r[:response_budget]) for r in responses]
-
-
-def encode_chat_or_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
-    """A prompt's ids. A rendered chat template (`chat`) carries its own special tokens, so it
-    is encoded without adding any, as SFT and PPO encode it; a plain prompt gets the
-    tokenizer's own (`encode_prompt`)."""
-    return encode_response(tokenizer, prompt) if chat else encode_prompt(tokenizer, prompt)
 
 
 def encode_for_scoring(tokenizer: Any, prompt: str, responses: Sequence[str],

@@ -30,6 +30,13 @@ def encode_response(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def encode_chat_or_prompt(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    """A prompt's ids. A rendered chat template (`chat`) carries its own special tokens, so it
+    is encoded without adding any, as SFT and PPO encode it; a plain prompt gets the
+    tokenizer's own (`encode_prompt`)."""
+    return encode_response(tokenizer, prompt) if chat else encode_prompt(tokenizer, prompt)
+
+
 def _adds_eos(tokenizer: Any) -> bool:
     return _adds_eos_cached(id(tokenizer), tokenizer)
 

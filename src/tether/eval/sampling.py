@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tether.data.preference import encode_chat_or_prompt
+from tether.data.tokenize import encode_chat_or_prompt
 from tether.training.progress import Progress
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from tether.data.io import load_rows, require_columns
-from tether.data.tokenize import encode_prompt, encode_response
+from tether.data.tokenize import encode_chat_or_prompt, encode_prompt
 from tether.errors import DataError
 from tether.rollout.generate import left_pad
 from tether.training.runtime import GlobalBatches
@@ -66,9 +66,7 @@ def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) 
     bos = tokenizer.bos_token_id
     for i, row in enumerate(ds):
         text, messages = prompt_text(tokenizer, row, f"{source} row {i + 1}")
-        chat = messages is not None
-        # a rendered chat template carries its own special tokens
-        ids = encode_response(tokenizer, text) if chat else encode_prompt(tokenizer, text)
+        ids = encode_chat_or_prompt(tokenizer, text, chat=messages is not None)
         if len(ids) > max_length:
             if truncation == "drop":
                 out.dropped += 1
