@@ -358,6 +358,12 @@ def load_config(cls: type, argv: list[str]) -> Any:
     """YAML (if --config is given) then flags, validated: the resolved config for one stage."""
     config_path, flags = parse_flags(cls, argv)
     values = {normalise_key(k): v for k, v in read_yaml(config_path).items()} if config_path else {}
+    # a run directory's own config.yaml names the config it was written from (save_config), so
+    # it can be fed back with --config, to the same stage only
+    stage = values.pop("stage", None)
+    if stage is not None and stage != cls.__name__:
+        raise ConfigError(f"{config_path} was written for {stage}, not {cls.__name__}: pass it to "
+                          "the stage that wrote it (see its run directory's config.yaml)")
     values.update(flags)
     return from_dict(cls, values, from_cli_keys=set(flags))
 

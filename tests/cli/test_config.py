@@ -84,3 +84,16 @@ def test_a_negated_flag_the_stage_does_not_have_is_named_as_unknown():
     with pytest.raises(ConfigError, match="unknown option --no-tensorboard for BoNConfig"):
         load_config(BoNConfig, args + ["--no-tensorboard"])
     assert load_config(BoNConfig, args + ["--no-progress"]).progress is False
+
+
+def test_a_run_directorys_own_config_yaml_feeds_back_to_its_stage_only(tmp_path):
+    from tether.config import RMConfig, save_config
+
+    cfg = load_config(SFTConfig, ["--model", "m", "--data", "d.jsonl", "--output-dir", "out",
+                                  "--lr", "0.0003"])
+    path = save_config(cfg, tmp_path)
+    assert yaml.safe_load(path.read_text())["stage"] == "SFTConfig"
+    again = load_config(SFTConfig, ["--config", str(path), "--max-steps", "7"])
+    assert again.lr == 0.0003 and again.max_steps == 7 and again.model == "m"
+    with pytest.raises(ConfigError, match="written for SFTConfig, not RMConfig"):
+        load_config(RMConfig, ["--config", str(path)])

@@ -5,7 +5,7 @@
  3. SFT on the demonstrations
  4. sample four responses per prompt from the SFT model and rank them with the noisy labeler
  5. train the reward model on those rankings (K-wise loss)
- 6. PPO at the default beta, and PPO at beta = 0
+ 6. PPO at the default beta, and PPO at beta = 0 with a 3x larger policy step (the proxy chased hard)
  7. DPO on the same rankings (every ranked pair)
  8. best-of-N from the SFT model
  9. judge every policy against SFT on held-out prompts with the gold judge
@@ -44,6 +44,9 @@ class DemoConfig(RunConfig):
     """A much smaller run (about a minute) for tests and smoke checks; its numbers mean little."""
     kl_coef: float = 0.1
     """The default-beta PPO run's KL coefficient."""
+    beta0_lr: float = 3e-4
+    """The beta = 0 run's policy learning rate. It is 3x the default run's (1e-4), so that the
+    proxy is chased hard enough, within the same 40 iterations, to show over-optimisation."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class Timer:
 # gives pairs that are easier to rank (90% RM accuracy with an earlier judge) but teaches the RM
 # only fluent-vs-broken, which PPO's samples never are: see "Measured" in docs/world.md.
 SAMPLE_TEMPERATURE = 1.0
+PPO_LR = 1e-4  # the default-beta run's policy learning rate
 RANK_K = 4  # samples ranked per training prompt: C(4, 2) = 6 comparisons for one forward of 4
 
 
@@ -175,11 +179,11 @@ def run(cfg: DemoConfig) -> dict:
         output_dir=str(d["rm"]), max_steps=sizes.rm_steps, lr=1e-3, batch_size=max(1, sizes.batch // 2), max_length=128,
         calibration_data=str(d["world"] / "sft.jsonl"), **common)))
     # 6. PPO at the default beta and at beta = 0
-    for name, beta in (("ppo", cfg.kl_coef), ("ppo_beta0", 0.0)):
-        timer.run(name, d[name], lambda name=name, beta=beta: ppo.run(PPOConfig(
+    for name, beta, lr in (("ppo", cfg.kl_coef, PPO_LR), ("ppo_beta0", 0.0, cfg.beta0_lr)):
+        timer.run(name, d[name], lambda name=name, beta=beta, lr=lr: ppo.run(PPOConfig(
             policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
             output_dir=str(d[name]), max_steps=sizes.ppo_steps, batch_size=sizes.ppo_batch,
-            response_length=sizes.response_length, temperature=1.0, lr=1e-4, value_lr=1e-3, kl_coef=beta,
+            response_length=sizes.response_length, temperature=1.0, lr=lr, value_lr=1e-3, kl_coef=beta,
             critic="head", gold_judge="world", **common)))
     # 7. DPO on the same rankings
     timer.run("dpo", d["dpo"], lambda: dpo.run(DPOConfig(

@@ -26,19 +26,21 @@ def _entity(rng: random.Random) -> Entity:
     return Entity(rng.choice(vocab.SIZES), rng.choice(vocab.COLOURS), rng.choice(vocab.KINDS))
 
 
-def _about(e: Entity, rng: random.Random) -> str:
-    """One sentence about an entity already introduced (it / the kind)."""
+def _about(e: Entity, p: str, rng: random.Random) -> str:
+    """One sentence about an entity already introduced (it / the kind / its full name), in the
+    story's place p: a story keeps its setting and its names, so the model learns to copy them."""
     v, v2 = rng.sample(vocab.KIND_VERBS[e.kind], 2)
     t, t2 = rng.sample(vocab.traits_for(e.kind), 2)
-    adv, p = rng.choice(vocab.ADVERBS), rng.choice(vocab.PLACES)
+    adv = rng.choice(vocab.ADVERBS)
     return rng.choice((
-        f"it {v} {adv} .",
-        f"the {e.kind} {v} and {v2} .",
+        f"it {v} {adv} in the {p} .",
+        f"the {e.kind} {v} and {v2} in the {p} .",
         f"then it {v} near the {p} .",
-        f"it is {t} .",
-        f"it is very {t} .",
+        f"it is {t} . it stays in the {p} .",
+        f"the {e.kind} is very {t} .",
         f"the {e.kind} is {t} and {t2} .",
         f"then it {rng.choice(vocab.GENERIC_VERBS[1:])} by the {p} .",
+        f"the {e.size} {e.colour} {e.kind} {v} in the {p} .",
     ))
 
 
@@ -70,15 +72,15 @@ def _name_subject(sentence: str, e: Entity) -> str:
 
 def story(rng: random.Random) -> str:
     """A short story (3 to 6 sentences) about one or two entities."""
-    a = _entity(rng)
-    sentences = [_intro(a, rng.choice(vocab.PLACES), rng)]
-    sentences += [_about(a, rng) for _ in range(rng.randint(1, 2))]
+    a, place = _entity(rng), rng.choice(vocab.PLACES)
+    sentences = [_intro(a, place, rng)]
+    sentences += [_about(a, place, rng) for _ in range(rng.randint(1, 2))]
     if rng.random() < 0.5:
         b = _entity(rng)
         while b.kind == a.kind:
             b = _entity(rng)
         sentences.append(_meeting(a, b, rng))
-        sentences.append(_name_subject(_about(b, rng), b))
+        sentences.append(_name_subject(_about(b, place, rng), b))
     return " ".join(dict.fromkeys(sentences))  # drop exact repeats, keep order
 
 
