@@ -67,7 +67,7 @@ class Sizes:
     response_length: int
 
 
-FULL = Sizes(corpus=20000, pretrain_steps=400, sft=2000, sft_steps=1500, pair_prompts=3000,
+FULL = Sizes(corpus=20000, pretrain_steps=400, sft=12000, sft_steps=1500, pair_prompts=3000,
              pair_eval_prompts=1000, rm_steps=300, ppo_steps=40, ppo_batch=64, dpo_steps=100,
              eval_prompts=200, bon_n=8, batch=32, response_length=48)
 QUICK = Sizes(corpus=600, pretrain_steps=20, sft=200, sft_steps=8, pair_prompts=64,
