@@ -14,8 +14,8 @@ MAX_POSITIONS = 128  # a prompt (~15 tokens) plus a response (<= 64) fits with r
 # Weights start with std 1/sqrt(width), not transformers' default 0.02 (a scale for wide models).
 # At 0.02 a model this narrow sits on a long plateau where attention ignores content: after
 # 400 pretraining steps it still could not copy a word from earlier in its context (it gave the
-# place a story had named 1/24 probability, the uniform guess). At 1/sqrt(width) copying is
-# learned within the first 100 steps. See "Measured" in docs/world.md.
+# place a story had named 1/24 probability, the uniform guess). At 1/sqrt(width) it learns to
+# copy from a copy-rich corpus within 100 steps. See "Tokenizer and base model" in docs/world.md.
 INIT_STD = HIDDEN_SIZE**-0.5
 
 
