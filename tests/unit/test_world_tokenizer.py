@@ -85,7 +85,7 @@ def _copy_probability(model, tokenizer, rows) -> float:
     return probs.gather(1, ids[:, -1:]).mean().item()
 
 
-def test_base_model_init_lets_it_learn_to_copy_from_context(tmp_path, tokenizer_dir, tokenizer):
+def test_base_model_init_lets_it_learn_to_copy_from_context(tokenizer_dir, tokenizer):
     """At transformers' default init (std 0.02) this narrow model sits on a plateau where its
     attention ignores which word it sees, and copying a word from earlier in the context is not
     learned for hundreds of steps. At the world's init (1/sqrt(width)) it is learned in 60."""
@@ -102,7 +102,7 @@ def test_base_model_init_lets_it_learn_to_copy_from_context(tmp_path, tokenizer_
                 f" then it rests by the {place}")
 
     rng = random.Random(0)
-    held_out = [sentence(rng) for _ in range(64)]
+    probes = [sentence(rng) for _ in range(64)]
     probabilities = {}
     for std in (0.02, base_model.INIT_STD):
         config = base_model_config(tokenizer_dir)
@@ -117,7 +117,7 @@ def test_base_model_init_lets_it_learn_to_copy_from_context(tmp_path, tokenizer_
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-        probabilities[std] = _copy_probability(model, tokenizer, held_out)
+        probabilities[std] = _copy_probability(model, tokenizer, probes)
     uniform = 1 / len(vocab.PLACES)
     assert probabilities[0.02] < 2 * uniform  # the plateau the default init leaves it on
     assert probabilities[base_model.INIT_STD] > 0.5
