@@ -102,8 +102,7 @@ def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None
             if isinstance(raw, str):  # a skip reason
                 counts[raw] += 1
                 continue
-            fmt_row = "ranked" if fmt == "ranked" else "pairs"
-            parsed, reason = {"pairs": _parse_pair, "ranked": _parse_ranked}[fmt_row](raw, where)
+            parsed, reason = (_parse_ranked if fmt == "ranked" else _parse_pair)(raw, where)
             parsed["chat"] = True  # a rendered template: its text carries its own special tokens
         else:
             parsed, reason = parse(raw, where)

@@ -82,8 +82,8 @@ def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remot
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             name, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
-    except ValueError as err:
-        if "Unrecognized configuration class" not in str(err):
+    except Exception as err:
+        if not (isinstance(err, ValueError) and "Unrecognized configuration class" in str(err)):
             raise TetherError(f"could not load a reward model (AutoModelForSequenceClassification, "
                               f"num_labels=1) from {name!r}: {type(err).__name__}: {err}") from None
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -93,9 +93,6 @@ def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remot
                               "class in transformers and no trunk tether can put a scalar head "
                               "on; use a reward-model backbone of another architecture") from None
         model = cls.from_pretrained(name, num_labels=1, dtype=dtype)
-    except Exception as err:
-        raise TetherError(f"could not load a reward model (AutoModelForSequenceClassification, "
-                          f"num_labels=1) from {name!r}: {type(err).__name__}: {err}") from None
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model
