@@ -648,7 +648,8 @@ class SamplingFields:
     response_length: int = 64
     """Most tokens per response; a response stops earlier at its first EOS."""
     temperature: float = 1.0
-    """Sampling temperature (1.0 samples the policy as it is, which is what KL is defined on)."""
+    """Sampling temperature (1.0 samples the policy as it is). A KL to a reference is measured
+    between the two models at this same temperature, since that is what the samples come from."""
     top_k: int = 0
     """Keep only the k most likely tokens (0 = off)."""
     top_p: float = 1.0

@@ -90,3 +90,37 @@ def test_chat_prompts_are_sampled_and_scored_without_added_special_tokens(tiny_m
     assert response_logprobs(model, tok, [prompt], [response], chat=True)[0] == pytest.approx(by_hand, abs=1e-4)
     if encode_prompt(tok, prompt)[0] == tok.bos_token_id:  # the stories tokenizer adds BOS
         assert response_logprobs(model, tok, [prompt], [response])[0] != pytest.approx(by_hand, abs=1e-4)
+
+
+def test_kl_to_reference_reads_both_models_at_the_sampling_temperature(tiny_models):
+    """Samples drawn at T come from softmax(logits / T): the KL estimate must read the policy and
+    the reference at the same T, or it measures nothing (it used to read them at T = 1)."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.eval.sampling import kl_to_reference, sample_responses
+
+    tok = load_tokenizer(str(tiny_models["llama"]), padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = ["the cat", "a dog ran"]
+    samples = sample_responses(policy, tok, prompts, n=2, max_new_tokens=4, temperature=0.5, seed=1)
+    assert samples.temperature == 0.5
+
+    def by_hand(model, temperature):
+        out = []
+        for prompt, response in zip(samples.prompts, samples.response_ids):
+            ids = tok(prompt)["input_ids"]
+            with torch.no_grad():
+                logits = model(torch.tensor([ids + response])).logits[0, len(ids) - 1:-1]
+            lp = (logits / temperature).log_softmax(-1)
+            out.append(lp.gather(-1, torch.tensor(response)[:, None]).sum().item())
+        return out
+
+    expected = [a - b for a, b in zip(by_hand(policy, 0.5), by_hand(reference, 0.5))]
+    at_one = [a - b for a, b in zip(by_hand(policy, 1.0), by_hand(reference, 1.0))]
+    kl = kl_to_reference(policy, reference, tok, samples)
+    assert kl == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+    assert kl != pytest.approx(sum(at_one) / len(at_one), abs=1e-3)

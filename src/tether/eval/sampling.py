@@ -22,6 +22,7 @@ class Samples:
     response_ids: list[list[int]]  # token ids, including the EOS when the response ended
     ended: list[bool]  # the response contains an EOS
     chat: bool = False  # the prompts are rendered chat templates (no special tokens added)
+    temperature: float = 1.0  # the samples were drawn from softmax(logits / temperature)
 
 
 @torch.no_grad()
@@ -47,7 +48,7 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     encoded = [encode_chat_or_prompt(tokenizer, p, chat) for p in flat]
     if max_prompt_length:
         encoded = [e[-max_prompt_length:] for e in encoded]
-    out = Samples([], [], [], [], chat)
+    out = Samples([], [], [], [], chat, temperature)
     bar = Progress(len(flat), desc=progress, enabled=bool(progress) and len(flat) > batch_size)
     for at in range(0, len(flat), batch_size):
         ids, mask = left_pad(encoded[at:at + batch_size], pad, device)
@@ -67,9 +68,10 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
 @torch.no_grad()
 def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
                       response_ids: Sequence[Sequence[int]], batch_size: int = 64,
-                      chat: bool = False) -> list[float]:
-    """Summed log-probability of each response (token ids) given its prompt, at temperature 1.
-    chat: the prompts are rendered chat templates (see `sample_responses`)."""
+                      chat: bool = False, temperature: float = 1.0) -> list[float]:
+    """Summed log-probability of each response (token ids) given its prompt, under
+    softmax(logits / temperature). chat: the prompts are rendered chat templates (see
+    `sample_responses`)."""
     from tether.ops.logprobs import sequence_logprobs
 
     device = next(model.parameters()).device
@@ -88,14 +90,18 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
         for i, (r, l) in enumerate(zip(rows, labels)):
             ids[i, :len(r)], lab[i, :len(l)], mask[i, :len(r)] = torch.tensor(r), torch.tensor(l), 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        sums, _ = sequence_logprobs(logits, lab.to(device))
+        sums, _ = sequence_logprobs(logits / temperature, lab.to(device))
         out.extend(sums.tolist())
     return out
 
 
 def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, samples: Samples,
                     batch_size: int = 64) -> float:
-    """Monte-Carlo KL(policy || reference) per sequence: mean of log pi(y) - log ref(y), y ~ pi."""
-    lp = response_logprobs(policy, tokenizer, samples.prompts, samples.response_ids, batch_size, samples.chat)
-    lr = response_logprobs(reference, tokenizer, samples.prompts, samples.response_ids, batch_size, samples.chat)
+    """Monte-Carlo KL(policy || reference) per sequence: mean of log pi(y) - log ref(y), y ~ pi.
+    Both models are read at the temperature the samples were drawn with: the samples come from
+    the tempered policy, so the estimate is the KL between the two tempered distributions (as
+    PPO's KL penalty is)."""
+    args = (samples.prompts, samples.response_ids, batch_size, samples.chat, samples.temperature)
+    lp = response_logprobs(policy, tokenizer, *args)
+    lr = response_logprobs(reference, tokenizer, *args)
     return sum(a - b for a, b in zip(lp, lr)) / max(len(lp), 1)
