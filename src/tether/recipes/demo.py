@@ -44,6 +44,10 @@ class DemoConfig(RunConfig):
     """A much smaller run (about a minute) for tests and smoke checks; its numbers mean little."""
     kl_coef: float = 0.1
     """The default-beta PPO run's KL coefficient."""
+    temperature: float = 0.7
+    """The sampling temperature of every stage that samples: the RM's rankings and test pairs,
+    both PPO runs, best-of-N and the evaluation (whose KL is read at the same temperature).
+    0.7 is tether's PPO default, as in lm-human-preferences."""
     beta0_lr: float = 3e-4
     """The beta = 0 run's policy learning rate. It is 3x the default run's (1e-4), so that the
     proxy is chased hard enough, within the same 40 iterations, to show over-optimisation."""
@@ -91,15 +95,15 @@ class Timer:
         self.seconds[name] = round(time.perf_counter() - t0, 1)
 
 
-# Samples as the SFT model writes them (the policy PPO starts from). A hotter second sample
-# gives pairs that are easier to rank (90% RM accuracy with an earlier judge) but teaches the RM
-# only fluent-vs-broken, which PPO's samples never are: see "Measured" in docs/world.md.
-SAMPLE_TEMPERATURE = 1.0
+# The RM's data are samples as the SFT model writes them at the demo's temperature (the policy
+# PPO starts from, sampled as PPO samples it). A hotter second sample gives pairs that are easier
+# to rank (90% RM accuracy with an earlier judge) but teaches the RM only fluent-vs-broken, which
+# PPO's samples never are: see "Measured" in docs/world.md.
 PPO_LR = 1e-4  # the default-beta run's policy learning rate
 RANK_K = 4  # samples ranked per training prompt: C(4, 2) = 6 comparisons for one forward of 4
 
 
-def make_preferences(sft_dir: Path, out: Path, sizes: Sizes, seed: int) -> None:
+def make_preferences(sft_dir: Path, out: Path, sizes: Sizes, seed: int, temperature: float) -> None:
     """The RM's data, from the SFT model: `rankings.jsonl`, RANK_K samples per training prompt
     ranked by the noisy labeler (Plackett-Luce), as InstructGPT's labelers ranked 4-9 samples;
     `pairs_eval.jsonl`, two samples per held-out prompt ordered by the gold judge (ties left
@@ -118,7 +122,7 @@ def make_preferences(sft_dir: Path, out: Path, sizes: Sizes, seed: int) -> None:
 
     def sample(prompts: list[str], k: int, seed_offset: int) -> list[list[str]]:
         flat = sample_responses(model, tok, prompts, n=k, max_new_tokens=sizes.response_length,
-                                temperature=SAMPLE_TEMPERATURE, seed=seed + seed_offset,
+                                temperature=temperature, seed=seed + seed_offset,
                                 progress="sampling SFT").responses
         # the preference readers reject empty responses and repeated ones within a group
         return [list(dict.fromkeys(r for r in flat[i * k:(i + 1) * k] if r.strip()))
@@ -172,7 +176,7 @@ def run(cfg: DemoConfig) -> dict:
         output_dir=str(d["sft"]), max_steps=sizes.sft_steps, lr=1e-3, batch_size=sizes.batch, max_length=128,
         **common)))
     # 4. preference rankings of SFT samples
-    timer.run("pairs", d["pairs"], lambda: make_preferences(d["sft"], d["pairs"], sizes, seed))
+    timer.run("pairs", d["pairs"], lambda: make_preferences(d["sft"], d["pairs"], sizes, seed, cfg.temperature))
     # 5. reward model
     timer.run("rm", d["rm"], lambda: rm.run(RMConfig(
         model=str(d["sft"]), data=str(d["pairs"] / "rankings.jsonl"), eval_data=str(d["pairs"] / "pairs_eval.jsonl"),
@@ -183,7 +187,7 @@ def run(cfg: DemoConfig) -> dict:
         timer.run(name, d[name], lambda name=name, beta=beta, lr=lr: ppo.run(PPOConfig(
             policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
             output_dir=str(d[name]), max_steps=sizes.ppo_steps, batch_size=sizes.ppo_batch,
-            response_length=sizes.response_length, temperature=1.0, lr=lr, value_lr=1e-3, kl_coef=beta,
+            response_length=sizes.response_length, temperature=cfg.temperature, lr=lr, value_lr=1e-3, kl_coef=beta,
             critic="head", gold_judge="world", **common)))
     # 7. DPO on the same rankings
     timer.run("dpo", d["dpo"], lambda: dpo.run(DPOConfig(
@@ -194,7 +198,7 @@ def run(cfg: DemoConfig) -> dict:
     timer.run("bon", d["bon"], lambda: bon.run(BoNConfig(
         policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts_eval.jsonl"),
         output_dir=str(d["bon"]), n=sizes.bon_n, max_prompts=sizes.eval_prompts, response_length=sizes.response_length,
-        seed=seed)))
+        temperature=cfg.temperature, seed=seed)))
     # 9. gold-judged evaluation of every policy against SFT
     t0 = time.perf_counter()
     results = {}
@@ -204,7 +208,7 @@ def run(cfg: DemoConfig) -> dict:
             policy_a=str(policy), policy_b=str(d["sft"]), prompts=str(d["world"] / "prompts_eval.jsonl"),
             judge="world", reference=str(d["sft"]) if name != "bon" else None,
             max_prompts=sizes.eval_prompts, output=str(d["eval"] / f"{name}_vs_sft.json"),
-            response_length=sizes.response_length, seed=seed + 1))
+            response_length=sizes.response_length, temperature=cfg.temperature, seed=seed + 1))
         atomic_write_json(d["eval"] / f"{name}_vs_sft.json", result)
         print(f"\n== {name} vs sft ==")
         print_table(result)
