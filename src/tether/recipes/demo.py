@@ -107,15 +107,17 @@ RANK_K = 4  # samples ranked per training prompt: C(4, 2) = 6 comparisons for on
 def make_preferences(sft_dir: Path, out: Path, sizes: Sizes, seed: int, temperature: float) -> None:
     """The RM's data, from the SFT model: `rankings.jsonl`, RANK_K samples per training prompt
     ranked by the noisy labeler (Plackett-Luce), as InstructGPT's labelers ranked 4-9 samples;
-    `pairs_eval.jsonl`, two samples per held-out prompt ordered by the gold judge (ties left
-    out): the clean test set."""
+    `pairs_eval.jsonl`, two samples per held-out prompt, ordered by the same noisy labeler
+    (Bradley-Terry) and carrying both gold scores, so that the RM's held-out accuracy is measured
+    against the labels and against gold. Prompts whose two samples tie on gold are left out:
+    there is no right answer to score there."""
     import random
 
     from tether.eval.sampling import sample_responses
     from tether.models.load import load_causal_lm, load_tokenizer
     from tether.models.save import mark_complete
     from tether.training.files import write_jsonl
-    from tether.world import World, rank_responses, score
+    from tether.world import World, label_pairs, rank_responses, score
 
     tok = load_tokenizer(str(sft_dir), padding_side="left")
     model = load_causal_lm(str(sft_dir)).eval()
@@ -138,15 +140,13 @@ def make_preferences(sft_dir: Path, out: Path, sizes: Sizes, seed: int, temperat
     write_jsonl(out / "rankings.jsonl", rows)
 
     prompts = world.prompts(sizes.pair_eval_prompts, "eval")
-    rows = []
-    for p, group in zip(prompts, sample(prompts, 2, 1)):
-        golds = [score(p, r) for r in group]
-        if len(group) == 2 and golds[0] != golds[1]:
-            best = int(golds[1] > golds[0])
-            rows.append({"prompt": p, "chosen": group[best], "rejected": group[1 - best],
-                         "gold_chosen": golds[best], "gold_rejected": golds[1 - best]})
-    log.info("demo: pairs_eval: %d gold-ordered pairs (%d prompts whose samples tie, repeat or "
-             "are empty left out)", len(rows), len(prompts) - len(rows))
+    kept = [(p, g) for p, g in zip(prompts, sample(prompts, 2, 1))
+            if len(g) == 2 and score(p, g[0]) != score(p, g[1])]
+    rows = label_pairs([p for p, _ in kept], [g[0] for _, g in kept], [g[1] for _, g in kept], seed)
+    against_gold = sum(r["gold_chosen"] < r["gold_rejected"] for r in rows)
+    log.info("demo: pairs_eval: %d labelled pairs, %d of them against gold (%d prompts whose "
+             "samples tie on gold, repeat or are empty left out)", len(rows), against_gold,
+             len(prompts) - len(rows))
     write_jsonl(out / "pairs_eval.jsonl", rows)
     mark_complete(out, "pairs", {})
 
