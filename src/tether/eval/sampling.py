@@ -90,7 +90,7 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
         for i, (r, l) in enumerate(zip(rows, labels)):
             ids[i, :len(r)], lab[i, :len(l)], mask[i, :len(r)] = torch.tensor(r), torch.tensor(l), 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        sums, _ = sequence_logprobs(logits / temperature, lab.to(device))
+        sums, _ = sequence_logprobs(logits, lab.to(device), temperature=temperature)
         out.extend(sums.tolist())
     return out
 

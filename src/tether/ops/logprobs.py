@@ -101,16 +101,20 @@ def sequence_logprobs(
     logits: Tensor,
     labels: Tensor,
     ignore_index: int = -100,
+    temperature: float = 1.0,
     *,
     max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> tuple[Tensor, Tensor]:
-    """Summed log-probability of the scored tokens of each sequence.
+    """Summed log-probability of the scored tokens of each sequence, under
+    softmax(logits / temperature).
 
     Args:
         logits: shape (B, L, V) from a causal LM run over input_ids of shape (B, L).
         labels: shape (B, L) long, aligned with input_ids (Hugging Face convention, not
             shifted), `ignore_index` where a token is not scored (prompt, padding).
             The shift happens here: logits[:, t] predicts labels[:, t + 1].
+        temperature: as in `token_logprobs`; the logits are scaled chunk by chunk, never copied
+            whole.
 
     Returns:
         (logprob_sum, num_tokens): logprob_sum shape (B,) float32, the sum of log p over the
@@ -121,7 +125,7 @@ def sequence_logprobs(
     # -100 is not a vocabulary id; gather any valid id there and zero it out below.
     safe_targets = targets.masked_fill(~scored, 0)
     logps = token_logprobs(
-        logits[:, :-1], safe_targets, max_chunk_elements=max_chunk_elements
+        logits[:, :-1], safe_targets, temperature, max_chunk_elements=max_chunk_elements
     )
     logps = torch.where(scored, logps, torch.zeros_like(logps))
     return logps.sum(-1), scored.sum(-1)
