@@ -68,6 +68,26 @@ def test_token_logprobs_gradient_matches_log_softmax():
     torch.testing.assert_close(ours, logits.grad)
 
 
+def test_token_logprobs_gradient_by_hand_with_temperature_and_weights():
+    # d log p(y) / d logits = (onehot(y) - p) / T, times the upstream gradient.
+    # [ln 9, 0] at T=2: p = [3/4, 1/4]. Token 0 with weight 2: 2 * ([1, 0] - p) / 2 = [0.25, -0.25].
+    # Token 1 with weight -1: -1 * ([0, 1] - p) / 2 = [0.375, -0.375].
+    logits = torch.tensor([[[math.log(9.0), 0.0], [math.log(9.0), 0.0]]], requires_grad=True)
+    out = token_logprobs(logits, torch.tensor([[0, 1]]), temperature=2.0)
+    (out * torch.tensor([[2.0, -1.0]])).sum().backward()
+    torch.testing.assert_close(logits.grad, torch.tensor([[[0.25, -0.25], [0.375, -0.375]]]))
+
+
+def test_token_logprobs_bf16_gradient_reaches_the_logits_in_their_dtype():
+    logits = torch.randn(2, 3, 5).to(torch.bfloat16).requires_grad_()
+    tokens = torch.tensor([[0, 1, 2], [4, 3, 2]])
+    token_logprobs(logits, tokens, temperature=0.7, max_chunk_elements=5).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+    reference = logits.detach().float().requires_grad_()
+    torch.log_softmax(reference / 0.7, -1).gather(-1, tokens[..., None]).sum().backward()
+    torch.testing.assert_close(logits.grad.float(), reference.grad, atol=1e-2, rtol=1e-2)
+
+
 def test_entropy_by_hand():
     # uniform over 4 -> ln 4 = 1.386294
     # [ln 3, 0] -> p = [3/4, 1/4]: H = 0.75 * 0.287682 + 0.25 * 1.386294 = 0.562335

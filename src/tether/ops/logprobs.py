@@ -8,6 +8,7 @@ differences between logprobs that PPO ratios and KL depend on), reduced, and dro
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # 2**26 float32 elements = 256 MiB per chunk: small next to the logits themselves, big enough
 # that a batch of short sequences is still done in a single chunk.
@@ -38,6 +39,32 @@ def _scaled_float(chunk: Tensor, temperature: float) -> Tensor:
     return chunk
 
 
+class _GatherLogSoftmax(torch.autograd.Function):
+    """log_softmax(x)[..., y] with a backward that keeps only x.
+
+    Forward: one fused log_softmax pass, then a gather; the (.., V) log_softmax output is a
+    temporary, not saved. Backward: d/dx = onehot(y) - softmax(x), times the incoming gradient,
+    built in one softmax pass plus in-place ops. On CPU this forward + backward takes about half
+    the time of `x[y] - logsumexp(x)` differentiated by autograd (whose backward runs three full
+    passes and allocates three (.., V) tensors), and it saves the same tensor (x) for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, tokens: Tensor) -> Tensor:
+        index = tokens.unsqueeze(-1)
+        ctx.save_for_backward(x, index)
+        return torch.log_softmax(x, dim=-1).gather(-1, index).squeeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        x, index = ctx.saved_tensors
+        g = grad.unsqueeze(-1)
+        grad_x = torch.softmax(x, dim=-1).mul_(-g)
+        grad_x.scatter_add_(-1, index, g)
+        return grad_x, None
+
+
 def token_logprobs(
     logits: Tensor,
     tokens: Tensor,
@@ -64,9 +91,7 @@ def token_logprobs(
         return out
     for bs, ts in _chunks(B, T, V, max_chunk_elements):
         x = _scaled_float(logits[bs, ts], temperature)
-        target = x.gather(-1, tokens[bs, ts].unsqueeze(-1)).squeeze(-1)
-        # log_softmax(x)[y] = x[y] - logsumexp(x): one gather, no (.., V) output tensor.
-        out[bs, ts] = target - torch.logsumexp(x, dim=-1)
+        out[bs, ts] = _GatherLogSoftmax.apply(x, tokens[bs, ts])
     return out
 
 
@@ -91,9 +116,9 @@ def entropy_from_logits(
         return out
     for bs, ts in _chunks(B, T, V, max_chunk_elements):
         x = _scaled_float(logits[bs, ts], temperature)
-        # H = -sum p log p = logsumexp(x) - sum p x, since log p = x - logsumexp(x).
-        p = torch.softmax(x, dim=-1)
-        out[bs, ts] = torch.logsumexp(x, dim=-1) - (p * x).sum(-1)
+        # H = -sum p log p, from one fused log_softmax pass; p * log p is formed in place.
+        log_p = torch.log_softmax(x, dim=-1)
+        out[bs, ts] = -log_p.exp().mul_(log_p).sum(-1)
     return out
 
 
