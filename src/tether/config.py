@@ -705,7 +705,9 @@ class EvalConfig(SamplingFields):
     judge: str = "world"
     """'world' for the built-in world's gold judge, or a reward model directory."""
     reference: Optional[str] = None
-    """Model to measure KL(A || reference) against, e.g. the SFT model (A must be a model)."""
+    """Model to measure KL(A || reference) against, e.g. the SFT model (A must be a model).
+    A is read as it was sampled (--temperature, and --top-k/--top-p when set); the reference at
+    the same temperature, untruncated."""
     max_prompts: int = 200
     """Use only the first this-many prompts (0 = all)."""
     output: str = ""

@@ -124,3 +124,41 @@ def test_kl_to_reference_reads_both_models_at_the_sampling_temperature(tiny_mode
     kl = kl_to_reference(policy, reference, tok, samples)
     assert kl == pytest.approx(sum(expected) / len(expected), abs=1e-4)
     assert kl != pytest.approx(sum(at_one) / len(at_one), abs=1e-3)
+
+
+def test_kl_to_reference_reads_the_policy_truncated_as_it_was_sampled(tiny_models):
+    """Samples drawn with top-k come from the policy's top-k distribution, renormalised: that is
+    the pi of KL(pi || ref). The reference stays whole (it is what the KL is measured to)."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.eval.sampling import kl_to_reference, sample_responses
+
+    tok = load_tokenizer(str(tiny_models["llama"]), padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    samples = sample_responses(policy, tok, ["the cat", "a dog ran"], n=2, max_new_tokens=4,
+                               temperature=0.8, top_k=3, seed=2)
+    assert (samples.temperature, samples.top_k, samples.top_p) == (0.8, 3, 1.0)
+
+    def by_hand(model, k):
+        out = []
+        for prompt, response in zip(samples.prompts, samples.response_ids):
+            ids = tok(prompt)["input_ids"]
+            with torch.no_grad():
+                scores = model(torch.tensor([ids + response])).logits[0, len(ids) - 1:-1] / 0.8
+            if k:
+                kth = scores.topk(k, dim=-1).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            lp = scores.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])
+            assert torch.isfinite(lp).all()  # with k = 3: every sampled token is in the top 3
+            out.append(lp.sum().item())
+        return out
+
+    expected = [a - b for a, b in zip(by_hand(policy, 3), by_hand(reference, 0))]
+    untruncated = [a - b for a, b in zip(by_hand(policy, 0), by_hand(reference, 0))]
+    kl = kl_to_reference(policy, reference, tok, samples)
+    assert kl == pytest.approx(sum(expected) / len(expected), abs=1e-4)
+    assert kl != pytest.approx(sum(untruncated) / len(untruncated), abs=1e-3)

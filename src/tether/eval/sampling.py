@@ -23,6 +23,8 @@ class Samples:
     ended: list[bool]  # the response contains an EOS
     chat: bool = False  # the prompts are rendered chat templates (no special tokens added)
     temperature: float = 1.0  # the samples were drawn from softmax(logits / temperature)
+    top_k: int = 0  # ... truncated to the top_k most likely tokens (0 = not truncated)
+    top_p: float = 1.0  # ... and to the top_p nucleus (1.0 = not truncated)
 
 
 @torch.no_grad()
@@ -48,7 +50,7 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     encoded = [encode_chat_or_prompt(tokenizer, p, chat) for p in flat]
     if max_prompt_length:
         encoded = [e[-max_prompt_length:] for e in encoded]
-    out = Samples([], [], [], [], chat, temperature)
+    out = Samples([], [], [], [], chat, temperature, top_k, top_p)
     bar = Progress(len(flat), desc=progress, enabled=bool(progress) and len(flat) > batch_size)
     for at in range(0, len(flat), batch_size):
         ids, mask = left_pad(encoded[at:at + batch_size], pad, device)
@@ -68,14 +70,17 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
 @torch.no_grad()
 def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
                       response_ids: Sequence[Sequence[int]], batch_size: int = 64,
-                      chat: bool = False, temperature: float = 1.0) -> list[float]:
+                      chat: bool = False, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0) -> list[float]:
     """Summed log-probability of each response (token ids) given its prompt, under
-    softmax(logits / temperature). chat: the prompts are rendered chat templates (see
-    `sample_responses`)."""
+    softmax(logits / temperature), truncated as a top-k / top-p sampler truncates it when those
+    are set. chat: the prompts are rendered chat templates (see `sample_responses`)."""
     from tether.ops.logprobs import sequence_logprobs
+    from tether.rollout.generate import truncate_scores
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    truncated = top_k > 0 or top_p < 1.0
     out: list[float] = []
     for at in range(0, len(prompts), batch_size):
         rows, labels = [], []
@@ -90,7 +95,9 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
         for i, (r, l) in enumerate(zip(rows, labels)):
             ids[i, :len(r)], lab[i, :len(l)], mask[i, :len(r)] = torch.tensor(r), torch.tensor(l), 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        sums, _ = sequence_logprobs(logits, lab.to(device), temperature=temperature)
+        if truncated:  # the tempered, truncated scores: read below at temperature 1
+            logits = truncate_scores(logits.float() / temperature, top_k, top_p)
+        sums, _ = sequence_logprobs(logits, lab.to(device), temperature=1.0 if truncated else temperature)
         out.extend(sums.tolist())
     return out
 
@@ -98,10 +105,12 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
 def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, samples: Samples,
                     batch_size: int = 64) -> float:
     """Monte-Carlo KL(policy || reference) per sequence: mean of log pi(y) - log ref(y), y ~ pi.
-    Both models are read at the temperature the samples were drawn with: the samples come from
-    the tempered policy, so the estimate is the KL between the two tempered distributions (as
-    PPO's KL penalty is)."""
+
+    pi is what the samples were drawn from: the policy at the samples' temperature, truncated by
+    their top-k / top-p when set. The reference is read at the same temperature and never
+    truncated, so the estimate says how far the samples' distribution is from the reference
+    model itself (PPO's KL penalty uses the same tempered reference)."""
     args = (samples.prompts, samples.response_ids, batch_size, samples.chat, samples.temperature)
-    lp = response_logprobs(policy, tokenizer, *args)
+    lp = response_logprobs(policy, tokenizer, *args, top_k=samples.top_k, top_p=samples.top_p)
     lr = response_logprobs(reference, tokenizer, *args)
     return sum(a - b for a, b in zip(lp, lr)) / max(len(lp), 1)

@@ -46,6 +46,21 @@ class Generator(Protocol):
         here) do nothing; an engine holding its own copy (vLLM) reloads it here."""
 
 
+def truncate_scores(scores: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Set to -inf the scores (tempered logits, (..., V)) of tokens that top-k / top-p sampling
+    can never draw; softmax of the result is the distribution such a sampler draws from."""
+    if top_k > 0 and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = torch.softmax(sorted_scores, dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
+        drop = (probs.cumsum(-1) - probs) > top_p
+        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    return scores
+
+
 def sample_next_token(logits: Tensor, params: SamplingParams, rng: torch.Generator) -> Tensor:
     """Draw one token per row from softmax(logits / T), optionally truncated by top-k/top-p.
 
@@ -54,16 +69,7 @@ def sample_next_token(logits: Tensor, params: SamplingParams, rng: torch.Generat
     torch.multinomial or an exponential race draw B x V (7x slower for a 4k vocabulary on CPU),
     and it never syncs with the host on a GPU.
     """
-    scores = logits.float() / params.temperature
-    if params.top_k > 0 and params.top_k < scores.shape[-1]:
-        kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-        probs = torch.softmax(sorted_scores, dim=-1)
-        # Drop a token when the tokens ranked above it already cover top_p (the first always stays).
-        drop = (probs.cumsum(-1) - probs) > params.top_p
-        scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+    scores = truncate_scores(logits.float() / params.temperature, params.top_k, params.top_p)
     cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
     # Scaled by the row's total, so rounding in the cumsum can never push u past the end.
     u = torch.rand((cdf.shape[0], 1), generator=rng, device=cdf.device) * cdf[:, -1:]
