@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 
 from tether.data.tokenize import encode_chat_or_prompt
+from tether.models.load import pad_id
 from tether.training.progress import Progress
 
 
@@ -40,7 +41,7 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     from tether.rollout.generate import KVCacheSampler, SamplingParams, left_pad
 
     eos = eos_token_ids(tokenizer, model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    pad = pad_id(tokenizer, eos[0])
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, eos_token_ids=tuple(eos), pad_token_id=pad)
     sampler = KVCacheSampler(model, params)
@@ -79,7 +80,7 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
     from tether.rollout.generate import truncate_scores
 
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     truncated = top_k > 0 or top_p < 1.0
     out: list[float] = []
     for at in range(0, len(prompts), batch_size):

@@ -35,6 +35,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str
     return tok
 
 
+def pad_id(tokenizer: Any, fallback: int = 0) -> int:
+    """The tokenizer's pad id, or `fallback` when it has none. Only for padding that a mask
+    hides: the id never reaches a loss or a logit that is read."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fallback
+
+
 def eos_token_ids(tokenizer: Any, model: Optional[Any] = None) -> list[int]:
     """All ids that end a response: the tokenizer's eos plus the generation config's eos list."""
     ids: list[int] = []

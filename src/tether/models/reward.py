@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from tether.errors import TetherError
+from tether.models.load import pad_id
 
 BIAS_KEY = "tether_reward_bias"
 STD_KEY = "tether_reward_std"
@@ -164,7 +165,7 @@ def score_texts(model: Any, tokenizer: Any, prompts: Sequence[str], responses: S
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     seqs = [encode_for_scoring(tokenizer, p, [r], max_length, chat)[0] for p, r in zip(prompts, responses)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     return score_sequences(model, seqs, pad, batch_size, calibrated)
 
 

@@ -24,7 +24,7 @@ from tether.config import ScoreConfig
 from tether.data.io import load_rows
 from tether.data.preference import (encode_for_scoring, read_preference_rows,
                                     read_prompt_responses)
-from tether.models.load import load_tokenizer
+from tether.models.load import load_tokenizer, pad_id
 from tether.models.reward import load_reward_model, reward_bias, score_sequences, score_texts
 from tether.models.save import mark_complete
 from tether.training.files import write_jsonl
@@ -49,7 +49,7 @@ def score_rows(model: Any, tokenizer: Any, ds: Any, source: str, batch_size: int
     # training, so that scoring the held-out set reproduces eval/accuracy
     seqs = [encode_for_scoring(tokenizer, r["prompt"], r["responses"], max_length, r.get("chat", False))
             for r in rows]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     raw = score_sequences(model, [s for group in seqs for s in group], pad, batch_size, calibrated=False)
     out, at = [], 0
     for r in rows:

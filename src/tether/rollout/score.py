@@ -12,6 +12,7 @@ from torch import Tensor
 
 from tether.data.preference import encode_for_scoring, render_chat
 from tether.models.critic import response_logits
+from tether.models.load import pad_id
 from tether.models.reward import calibrated_scores, right_pad
 from tether.ops.logprobs import token_logprobs
 from tether.rollout.types import Sequences
@@ -129,7 +130,7 @@ class RewardScorer:
                                                 [[{"role": "assistant", "content": response}]])
             rows.append(encode_for_scoring(self.rm_tokenizer, text, [response], self.max_length,
                                            chat=rendered)[0])
-        pad = self.rm_tokenizer.pad_token_id if self.rm_tokenizer.pad_token_id is not None else 0
+        pad = pad_id(self.rm_tokenizer)
         ids, mask = right_pad(rows, pad)
         device = seqs.input_ids.device
         return ids.to(device), mask.to(device)
