@@ -88,3 +88,30 @@ def test_two_processes_match_one_process(stories, tmp_path):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4), step
     assert (two / "model.safetensors").exists()
+
+
+def test_checkpointing_a_tied_model_does_not_print_accelerates_alias_notice(stories, tmp_path, caplog):
+    """stories260K ties lm_head to the embeddings. accelerate stores the pair once and warns that
+    a reload may lose the alias; for a checkpoint it cannot (load_state fills the live, still
+    tied modules; the resume test above runs this model), so tether drops that one notice."""
+    import logging
+
+    import torch
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from tether.training.checkpoint import load_checkpoint, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(AutoModelForCausalLM.from_pretrained(stories))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    with caplog.at_level(logging.WARNING):
+        ckpt = save_checkpoint(accelerator, tmp_path, step=1, state={})
+    assert not [r for r in caplog.records if "Removed shared tensor" in r.getMessage()]
+    assert not logging.getLogger("accelerate.utils.other").filters  # the filter is removed again
+    before = model.get_output_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.zero_()
+    load_checkpoint(accelerator, ckpt)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (model.get_output_embeddings().weight == before).all()

@@ -9,7 +9,9 @@ any recipe state (KL controller, best eval loss, ...).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -40,6 +42,28 @@ def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
+class _DropTiedWeightNotice(logging.Filter):
+    """accelerate's safetensors writer stores a tied weight (lm_head = embeddings) once and warns
+    that a reload may not restore the other name. For a checkpoint that warning never applies:
+    `load_state` copies into the same live modules, whose weights are still tied, and the resume
+    tests check that a tied model resumes exactly. The notice only alarms users, so it is
+    dropped while tether writes a checkpoint, and only then."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_tied_weights():
+    logger = logging.getLogger("accelerate.utils.other")
+    notice = _DropTiedWeightNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict,
                     keep: int = 2) -> Path:
     """Save everything needed to resume at `step`. All processes must call this."""
@@ -50,7 +74,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with _quiet_tied_weights():
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(tmp / STATE_FILE, {"step": step, **state})
