@@ -196,8 +196,8 @@ def run(cfg: DemoConfig) -> dict:
         timer.run(name, d[name], lambda name=name, beta=beta, lr=lr, steps=steps: ppo.run(PPOConfig(
             policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
             output_dir=str(d[name]), max_steps=steps, batch_size=sizes.ppo_batch,
-            response_length=sizes.response_length, temperature=cfg.temperature, lr=lr, value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF,
-            kl_coef=beta, critic="head", gold_judge="world", **common)))
+            response_length=sizes.response_length, temperature=cfg.temperature, lr=lr, kl_coef=beta,
+            value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, critic="head", gold_judge="world", **common)))
     # 7. DPO on the same rankings
     timer.run("dpo", d["dpo"], lambda: dpo.run(DPOConfig(
         model=str(d["sft"]), data=str(d["pairs"] / "rankings.jsonl"), output_dir=str(d["dpo"]),
