@@ -92,12 +92,8 @@ def test_chat_prompts_are_sampled_and_scored_without_added_special_tokens(tiny_m
         assert response_logprobs(model, tok, [prompt], [response])[0] != pytest.approx(by_hand, abs=1e-4)
 
 
-def test_kl_to_reference_reads_both_models_at_the_sampling_temperature(tiny_models):
-    """Samples drawn at T come from softmax(logits / T): the KL estimate must read the policy and
-    the reference at the same T, or it measures nothing (it used to read them at T = 1)."""
+def _policy_and_perturbed_reference(tiny_models):
     from transformers import AutoModelForCausalLM
-
-    from tether.eval.sampling import kl_to_reference, sample_responses
 
     tok = load_tokenizer(str(tiny_models["llama"]), padding_side="left")
     policy = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
@@ -105,60 +101,60 @@ def test_kl_to_reference_reads_both_models_at_the_sampling_temperature(tiny_mode
     with torch.no_grad():
         for p in reference.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    prompts = ["the cat", "a dog ran"]
-    samples = sample_responses(policy, tok, prompts, n=2, max_new_tokens=4, temperature=0.5, seed=1)
+    return tok, policy, reference
+
+
+def _logprob_sums(model, tok, samples, temperature, top_k=0):
+    """log p(response | prompt) of each sample by hand, under softmax(logits / T) truncated to
+    the top_k scores when top_k > 0."""
+    out = []
+    for prompt, response in zip(samples.prompts, samples.response_ids):
+        ids = tok(prompt)["input_ids"]
+        with torch.no_grad():
+            scores = model(torch.tensor([ids + response])).logits[0, len(ids) - 1:-1] / temperature
+        if top_k:
+            kth = scores.topk(top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        lp = scores.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])
+        assert torch.isfinite(lp).all()  # with top_k: every sampled token is in the top k
+        out.append(lp.sum().item())
+    return out
+
+
+def _mean_difference(a, b):
+    return sum(x - y for x, y in zip(a, b)) / len(a)
+
+
+def test_kl_to_reference_reads_both_models_at_the_sampling_temperature(tiny_models):
+    """Samples drawn at T come from softmax(logits / T): the KL estimate must read the policy and
+    the reference at the same T, or it measures nothing (it used to read them at T = 1)."""
+    from tether.eval.sampling import kl_to_reference, sample_responses
+
+    tok, policy, reference = _policy_and_perturbed_reference(tiny_models)
+    samples = sample_responses(policy, tok, ["the cat", "a dog ran"], n=2, max_new_tokens=4,
+                               temperature=0.5, seed=1)
     assert samples.temperature == 0.5
-
-    def by_hand(model, temperature):
-        out = []
-        for prompt, response in zip(samples.prompts, samples.response_ids):
-            ids = tok(prompt)["input_ids"]
-            with torch.no_grad():
-                logits = model(torch.tensor([ids + response])).logits[0, len(ids) - 1:-1]
-            lp = (logits / temperature).log_softmax(-1)
-            out.append(lp.gather(-1, torch.tensor(response)[:, None]).sum().item())
-        return out
-
-    expected = [a - b for a, b in zip(by_hand(policy, 0.5), by_hand(reference, 0.5))]
-    at_one = [a - b for a, b in zip(by_hand(policy, 1.0), by_hand(reference, 1.0))]
+    expected = _mean_difference(_logprob_sums(policy, tok, samples, 0.5),
+                                _logprob_sums(reference, tok, samples, 0.5))
+    at_one = _mean_difference(_logprob_sums(policy, tok, samples, 1.0),
+                              _logprob_sums(reference, tok, samples, 1.0))
     kl = kl_to_reference(policy, reference, tok, samples)
-    assert kl == pytest.approx(sum(expected) / len(expected), abs=1e-4)
-    assert kl != pytest.approx(sum(at_one) / len(at_one), abs=1e-3)
+    assert kl == pytest.approx(expected, abs=1e-4)
+    assert kl != pytest.approx(at_one, abs=1e-3)
 
 
 def test_kl_to_reference_reads_the_policy_truncated_as_it_was_sampled(tiny_models):
     """Samples drawn with top-k come from the policy's top-k distribution, renormalised: that is
     the pi of KL(pi || ref). The reference stays whole (it is what the KL is measured to)."""
-    from transformers import AutoModelForCausalLM
-
     from tether.eval.sampling import kl_to_reference, sample_responses
 
-    tok = load_tokenizer(str(tiny_models["llama"]), padding_side="left")
-    policy = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
-    reference = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    tok, policy, reference = _policy_and_perturbed_reference(tiny_models)
     samples = sample_responses(policy, tok, ["the cat", "a dog ran"], n=2, max_new_tokens=4,
                                temperature=0.8, top_k=3, seed=2)
     assert (samples.temperature, samples.top_k, samples.top_p) == (0.8, 3, 1.0)
-
-    def by_hand(model, k):
-        out = []
-        for prompt, response in zip(samples.prompts, samples.response_ids):
-            ids = tok(prompt)["input_ids"]
-            with torch.no_grad():
-                scores = model(torch.tensor([ids + response])).logits[0, len(ids) - 1:-1] / 0.8
-            if k:
-                kth = scores.topk(k, dim=-1).values[:, -1:]
-                scores = scores.masked_fill(scores < kth, float("-inf"))
-            lp = scores.log_softmax(-1).gather(-1, torch.tensor(response)[:, None])
-            assert torch.isfinite(lp).all()  # with k = 3: every sampled token is in the top 3
-            out.append(lp.sum().item())
-        return out
-
-    expected = [a - b for a, b in zip(by_hand(policy, 3), by_hand(reference, 0))]
-    untruncated = [a - b for a, b in zip(by_hand(policy, 0), by_hand(reference, 0))]
+    whole_reference = _logprob_sums(reference, tok, samples, 0.8)
+    expected = _mean_difference(_logprob_sums(policy, tok, samples, 0.8, top_k=3), whole_reference)
+    untruncated = _mean_difference(_logprob_sums(policy, tok, samples, 0.8), whole_reference)
     kl = kl_to_reference(policy, reference, tok, samples)
-    assert kl == pytest.approx(sum(expected) / len(expected), abs=1e-4)
-    assert kl != pytest.approx(sum(untruncated) / len(untruncated), abs=1e-3)
+    assert kl == pytest.approx(expected, abs=1e-4)
+    assert kl != pytest.approx(untruncated, abs=1e-3)
