@@ -86,12 +86,15 @@ class Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def run(self, name: str, out: Path, fn: Callable[[], Any]) -> None:
+    def run(self, name: str, out: Path, fn: Callable[[], Any], note: str = "") -> None:
+        """Run a stage unless its output is complete; `note` is logged when it does run."""
         if is_complete(out):
             log.info("demo: %s already complete in %s, skipping", name, out)
             return
         t0 = time.perf_counter()
         log.info("demo: ---- %s ----", name)
+        if note:
+            log.info("demo: %s", note)
         fn()
         self.seconds[name] = round(time.perf_counter() - t0, 1)
 
@@ -108,6 +111,9 @@ PPO_LR = 1e-4  # the default-beta run's policy learning rate
 # 9, flagged in none, with the same gold score (last 5 iterations: 1.66 against 1.62 for A).
 PPO_VALUE_LR = 1e-2
 PPO_VF_COEF = 1.0
+BETA0_NOTE = ("the beta = 0 run chases the reward model with no KL tether, to show over-optimisation. "
+              "Its health checks are expected to warn (the critic cannot follow a policy that moves "
+              "this fast); the run carries on.")
 RANK_K = 4  # samples ranked per training prompt: C(4, 2) = 6 comparisons for one forward of 4
 
 
@@ -193,15 +199,12 @@ def run(cfg: DemoConfig) -> dict:
     # 6. PPO at the default beta and at beta = 0
     for name, beta, lr, steps in (("ppo", cfg.kl_coef, PPO_LR, sizes.ppo_steps),
                                   ("ppo_beta0", 0.0, cfg.beta0_lr, sizes.ppo_beta0_steps)):
-        if beta == 0.0 and not is_complete(d[name]):
-            log.info("demo: the beta = 0 run chases the reward model with no KL tether, to show "
-                     "over-optimisation. Its health checks are expected to warn (the critic cannot "
-                     "follow a policy that moves this fast); the run carries on.")
         timer.run(name, d[name], lambda name=name, beta=beta, lr=lr, steps=steps: ppo.run(PPOConfig(
             policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
             output_dir=str(d[name]), max_steps=steps, batch_size=sizes.ppo_batch,
             response_length=sizes.response_length, temperature=cfg.temperature, lr=lr, kl_coef=beta,
-            value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, critic="head", gold_judge="world", **common)))
+            value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, critic="head", gold_judge="world", **common)),
+            note=BETA0_NOTE if beta == 0.0 else "")
     # 7. DPO on the same rankings
     timer.run("dpo", d["dpo"], lambda: dpo.run(DPOConfig(
         model=str(d["sft"]), data=str(d["pairs"] / "rankings.jsonl"), output_dir=str(d["dpo"]),
