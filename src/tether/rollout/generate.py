@@ -2,10 +2,11 @@
 without touching the PPO loop.
 
 Two backends ship here:
-- `KVCacheSampler` (default): a lean loop over the model's forward with a KV cache. One forward
-  call per generated token and no other per-token Python work (no logits processors, no
-  stopping-criteria objects, no per-step output bookkeeping); it stops as soon as every row has
-  ended. For small models that overhead is most of HF generate's time.
+- `KVCacheSampler` (default): a lean loop with a KV cache. One decode step per generated token
+  and no other per-token Python work (no logits processors, no stopping-criteria objects, no
+  per-step output bookkeeping); it stops as soon as every row has ended. For small models that
+  overhead is most of HF generate's time. On Llama, Mistral and Qwen2 the step is the fused one
+  of `tether.rollout.decode`; other models run their own forward with their own cache.
 - `HFGenerator`: transformers' `generate()`, for models whose cache or forward the lean loop
   does not support.
 Both return a `Rollout` whose responses are cut at their first EOS (any of the EOS ids).
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from tether.ops.masking import response_mask
+from tether.rollout.decode import decoder_for
 from tether.rollout.types import Rollout, position_ids_from_mask
 
 
@@ -108,12 +110,18 @@ def _accepts(model: Any, name: str) -> bool:
 
 
 class KVCacheSampler:
-    """Batched sampling over left-padded prompts with the model's own KV cache."""
+    """Batched sampling over left-padded prompts with a KV cache.
 
-    def __init__(self, model: Any, params: SamplingParams):
+    The prefill is the model's own forward. Each further token goes through the fused decode
+    step of `tether.rollout.decode` when the model is a Llama-family model it supports (fused=True,
+    the default), and through the model's own forward with its cache otherwise.
+    """
+
+    def __init__(self, model: Any, params: SamplingParams, fused: bool = True):
         self.model = model
         self.params = params
         self._keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self.decoder = decoder_for(model) if fused else None
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator) -> Rollout:
@@ -132,9 +140,13 @@ class KVCacheSampler:
         # Prefill: logits of the last position only (the rest would be (B, P, V) of waste).
         out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                          use_cache=True, **self._keep)
+        logits = out.logits[:, -1]
+        fused = self.decoder if self.decoder and self.decoder.fits(P + p.max_new_tokens) else None
+        if fused:
+            fused.start(out.past_key_values, prompt_mask, P + p.max_new_tokens)
         n = 0
         for t in range(p.max_new_tokens):
-            token = sample_next_token(out.logits[:, -1], p, rng)
+            token = sample_next_token(logits, p, rng)
             token = torch.where(finished, torch.full_like(token, p.pad_token_id), token)
             sampled[:, t] = token
             n = t + 1
@@ -144,9 +156,13 @@ class KVCacheSampler:
                     break
             if n == p.max_new_tokens:
                 break
+            if fused:
+                logits = fused.step(token, next_position[:, 0] + t)
+                continue
             out = self.model(input_ids=token[:, None], attention_mask=mask[:, :P + n],
                              position_ids=next_position + t, past_key_values=out.past_key_values,
                              use_cache=True)
+            logits = out.logits[:, -1]
         self.model.train(was_training)
         return finish_responses(prompt_ids, prompt_mask, sampled[:, :n], p)
 

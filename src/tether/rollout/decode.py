@@ -1,0 +1,173 @@
+"""A one-token decode step for Llama-family models that skips transformers' per-call overhead.
+
+Generation calls the model once per token with a batch of B single tokens. At that size the
+model's own forward is mostly overhead: mask building, cache objects, module dispatch, q/k/v
+and gate/up as separate matmuls, and a concatenation of the whole KV cache at every step. Here
+one step is a short loop over the layers that reads the model's own weights and norm, rotary
+and activation modules:
+
+- the KV cache lives in buffers allocated once for the whole response, written in place;
+- q, k, v come from one matmul on the concatenated weights, and gate and up from another
+  (the concatenations are rebuilt at every `start`, since the policy changes between rollouts);
+- grouped-query attention reads the shared K/V heads directly: the G query heads of a group
+  are treated as G query rows of one attention call;
+- on CPU each matmul is computed as W @ x^T: for B of a few dozen rows and weights that no
+  longer sit in cache, MKL runs that orientation about 1.4x faster than x @ W^T.
+
+The prefill still runs the model's own forward (one call; its cache is copied in). The decode
+step computes the same function as the model's forward, up to float rounding, and a unit test
+holds it to that for each supported architecture. Anything this module does not know exactly
+(another architecture, sliding-window layers, LoRA or quantized linears, sharded parameters)
+gets `None` from `decoder_for` and keeps the model's own forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# The CausalLM classes whose decoder layers are exactly: x + attn(input_layernorm(x)), then
+# x + down(act(gate(.)) * up(.)) on post_attention_layernorm(x), with rotary q/k and a plain
+# softmax attention (optional q/k/v/o/mlp biases).
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+def unsupported_reason(model: Any) -> Optional[str]:
+    """Why `model` cannot use the fused decode step, or None when it can."""
+    name = type(model).__name__
+    if name not in SUPPORTED:
+        return f"{name} is not one of {', '.join(SUPPORTED)}"
+    cfg = model.config
+    if any(kind != "full_attention" for kind in (getattr(cfg, "layer_types", None) or ())):
+        return "the model has sliding-window layers"
+    try:
+        body = model.model
+        parts = [model.lm_head]
+        for layer in body.layers:
+            a, m = layer.self_attn, layer.mlp
+            parts += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+            _ = (layer.input_layernorm, layer.post_attention_layernorm, a.head_dim, a.scaling, m.act_fn)
+        _ = (body.embed_tokens, body.norm, body.rotary_emb)
+    except AttributeError as err:
+        return f"unexpected module layout ({err})"
+    if any(type(p) is not torch.nn.Linear for p in parts):
+        return "some projections are not plain nn.Linear (LoRA, quantized, ...)"
+    params = list(model.parameters())
+    if any(type(p.data) is not torch.Tensor or p.numel() == 0 for p in params):
+        return "parameters are sharded (FSDP / ZeRO-3)"
+    if len({p.device for p in params}) != 1:
+        return "parameters are spread over several devices"
+    return None
+
+
+def decoder_for(model: Any) -> Optional["FusedDecoder"]:
+    """A FusedDecoder for `model`, or None when it must keep its own forward."""
+    return FusedDecoder(model) if unsupported_reason(model) is None else None
+
+
+def _cache_kv(cache: Any, i: int) -> tuple[Tensor, Tensor]:
+    """Layer i's (keys, values), each (B, H_kv, P, head_dim), from a transformers cache."""
+    if hasattr(cache, "layers"):
+        return cache.layers[i].keys, cache.layers[i].values
+    if hasattr(cache, "key_cache"):
+        return cache.key_cache[i], cache.value_cache[i]
+    return cache[i][0], cache[i][1]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _cat_bias(*linears: torch.nn.Linear) -> Optional[Tensor]:
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                      for m in linears])
+
+
+class FusedDecoder:
+    """`start` once per rollout (after the prefill), then `step` once per generated token."""
+
+    def __init__(self, model: Any):
+        self.model = model
+        cfg = model.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
+        self.window = getattr(cfg, "sliding_window", None)
+        self.layers: list[tuple] = []
+
+    def fits(self, total_length: int) -> bool:
+        """False when a sliding window would cut into the sequence (the model's forward then
+        applies it; this step does not)."""
+        return self.window is None or total_length <= self.window
+
+    @torch.no_grad()
+    def start(self, cache: Any, attention_mask: Tensor, max_len: int) -> None:
+        """Take over the prefill's cache. attention_mask: (B, P) of the prompts; max_len: the
+        longest sequence the cache must hold (P + response length)."""
+        body = self.model.model
+        B, P = attention_mask.shape
+        self.layers, self.keys, self.values = [], [], []
+        for i, layer in enumerate(body.layers):
+            a, m = layer.self_attn, layer.mlp
+            k, v = _cache_kv(cache, i)
+            keys = k.new_empty((B, k.shape[1], max_len, k.shape[3]))
+            values = v.new_empty((B, v.shape[1], max_len, v.shape[3]))
+            keys[:, :, :P] = k
+            values[:, :, :P] = v
+            self.keys.append(keys)
+            self.values.append(values)
+            self.layers.append((
+                layer.input_layernorm,
+                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), _cat_bias(a.q_proj, a.k_proj, a.v_proj),
+                a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm,
+                torch.cat([m.gate_proj.weight, m.up_proj.weight]), _cat_bias(m.gate_proj, m.up_proj),
+                m.down_proj.weight, m.down_proj.bias, m.act_fn, a.head_dim, a.scaling))
+        dtype = self.keys[0].dtype
+        # Additive mask over the cache: -inf on the prompts' left padding, 0 on everything written.
+        self.mask = torch.full((B, 1, 1, max_len), float("-inf"), dtype=dtype, device=attention_mask.device)
+        self.mask[:, 0, 0, :P].masked_fill_(attention_mask.bool(), 0.0)
+        self.length = P
+        self.linear = _linear_transposed if attention_mask.device.type == "cpu" else F.linear
+
+    @torch.no_grad()
+    def step(self, token: Tensor, position: Tensor) -> Tensor:
+        """Feed one token per row. token: (B,) long; position: (B,) its position id.
+        Returns the next-token logits (B, V)."""
+        body, linear = self.model.model, self.linear
+        B, n = token.shape[0], self.length
+        self.mask[:, 0, 0, n] = 0.0
+        mask = self.mask[..., :n + 1]
+        h = body.embed_tokens(token)  # (B, d)
+        cos, sin = body.rotary_emb(h, position[:, None])  # (B, 1, head_dim) each
+        H, Hk = self.heads, self.kv_heads
+        for i, (norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gu, b_gu, w_down, b_down, act, hd, scale
+                ) in enumerate(self.layers):
+            qkv = linear(norm1(h), w_qkv, b_qkv).contiguous()  # (B, (H + 2 Hk) hd); flash attention wants stride 1 on hd
+            q = qkv[:, :H * hd].reshape(B, H, hd)
+            k = qkv[:, H * hd:(H + Hk) * hd].reshape(B, Hk, hd)
+            q = q * cos + _rotate_half(q) * sin
+            self.keys[i][:, :, n] = k * cos + _rotate_half(k) * sin
+            self.values[i][:, :, n] = qkv[:, (H + Hk) * hd:].reshape(B, Hk, hd)
+            # The H // Hk query heads that share a K/V head are rows of one attention call.
+            o = F.scaled_dot_product_attention(
+                q.reshape(B, Hk, H // Hk, hd), self.keys[i][:, :, :n + 1], self.values[i][:, :, :n + 1],
+                attn_mask=mask, scale=scale)  # (B, Hk, H // Hk, hd)
+            h = h + linear(o.reshape(B, H * hd), w_o, b_o)
+            gu = linear(norm2(h), w_gu, b_gu)
+            inner = gu.shape[1] // 2
+            h = h + linear(act(gu[:, :inner]) * gu[:, inner:], w_down, b_down)
+        self.length = n + 1
+        head = self.model.lm_head
+        return linear(body.norm(h), head.weight, head.bias)
+
+
+def _linear_transposed(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x @ weight^T + bias computed as (weight @ x^T)^T: the faster orientation on CPU for a
+    few rows (see the module docstring). Returns a transposed (B, out) view."""
+    out = torch.mm(weight, x.t()) if bias is None else torch.addmm(bias[:, None], weight, x.t())
+    return out.t()
