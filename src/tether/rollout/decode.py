@@ -148,10 +148,10 @@ class FusedDecoder:
         for i, (norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gu, b_gu, w_down, b_down, act, hd, scale
                 ) in enumerate(self.layers):
             qkv = linear(norm1(h), w_qkv, b_qkv).contiguous()  # (B, (H + 2 Hk) hd); flash attention wants stride 1 on hd
-            q = qkv[:, :H * hd].reshape(B, H, hd)
-            k = qkv[:, H * hd:(H + Hk) * hd].reshape(B, Hk, hd)
-            q = q * cos + _rotate_half(q) * sin
-            self.keys[i][:, :, n] = k * cos + _rotate_half(k) * sin
+            qk = qkv[:, :(H + Hk) * hd].reshape(B, H + Hk, hd)  # q and k heads, rotated together
+            qk = qk * cos + _rotate_half(qk) * sin
+            q = qk[:, :H]
+            self.keys[i][:, :, n] = qk[:, H:]
             self.values[i][:, :, n] = qkv[:, (H + Hk) * hd:].reshape(B, Hk, hd)
             # The H // Hk query heads that share a K/V head are rows of one attention call.
             o = F.scaled_dot_product_attention(
