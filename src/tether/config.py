@@ -512,7 +512,8 @@ class PPOConfig(RunConfig):
     --response-length tokens (they all count as having no EOS)."""
     generation_backend: Literal["torch", "hf"] = "torch"
     """torch: tether's own sampling loop with a KV cache (no per-token Python work beyond one
-    forward call; faster for small models). hf: transformers' generate()."""
+    decode step, fused for Llama, Mistral and Qwen2 on CPU; faster for small models). hf:
+    transformers' generate()."""
     lr: float = 1e-6
     """Policy learning rate (AdamW). 1e-6 suits large models; tiny ones need 1e-4 or more."""
     value_lr: float = 1e-5

@@ -106,7 +106,7 @@ def test_sampler_with_the_fused_step_draws_what_the_plain_loop_draws():
     assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
 
 
-def test_other_models_keep_their_own_forward(tiny_models):
+def test_other_architectures_keep_their_own_forward(tiny_models):
     from transformers import AutoModelForCausalLM
 
     for arch in ("gpt2", "neox"):
@@ -114,6 +114,25 @@ def test_other_models_keep_their_own_forward(tiny_models):
         assert decoder_for(model) is None and "not one of" in unsupported_reason(model)
     sliding = _model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
     assert "sliding-window" in unsupported_reason(sliding)
+
+
+def test_supported_classes_in_unsupported_settings_keep_their_own_forward():
+    from transformers import LlamaForCausalLM
+
+    class RemoteLlama(LlamaForCausalLM):  # remote code may reuse the name for another layout
+        pass
+
+    RemoteLlama.__name__ = "LlamaForCausalLM"
+    assert "not one of" in unsupported_reason(RemoteLlama(_model("llama").config))
+    offloaded = _model("llama")
+    offloaded.model.layers[1].mlp._hf_hook = object()  # what accelerate's cpu_offload attaches
+    assert "hooks" in unsupported_reason(offloaded)
+    assert "CPU only" in unsupported_reason(_model("llama").to("meta"))  # measured on CPU only
+    moved = _model("llama")
+    decoder = decoder_for(moved)
+    assert decoder.fits(8)
+    moved.to("meta")  # moved after the sampler was built: the model's own forward again
+    assert not decoder.fits(8)
 
 
 def test_lora_wrapped_projections_keep_the_models_forward():

@@ -5,8 +5,8 @@ Two backends ship here:
 - `KVCacheSampler` (default): a lean loop with a KV cache. One decode step per generated token
   and no other per-token Python work (no logits processors, no stopping-criteria objects, no
   per-step output bookkeeping); it stops as soon as every row has ended. For small models that
-  overhead is most of HF generate's time. On Llama, Mistral and Qwen2 the step is the fused one
-  of `tether.rollout.decode`; other models run their own forward with their own cache.
+  overhead is most of HF generate's time. On CPU, for Llama, Mistral and Qwen2, the step is the
+  fused one of `tether.rollout.decode`; other models run their own forward with their own cache.
 - `HFGenerator`: transformers' `generate()`, for models whose cache or forward the lean loop
   does not support.
 Both return a `Rollout` whose responses are cut at their first EOS (any of the EOS ids).
@@ -113,8 +113,8 @@ class KVCacheSampler:
     """Batched sampling over left-padded prompts with a KV cache.
 
     The prefill is the model's own forward. Each further token goes through the fused decode
-    step of `tether.rollout.decode` when the model is a Llama-family model it supports (fused=True,
-    the default), and through the model's own forward with its cache otherwise.
+    step of `tether.rollout.decode` when it supports the model (fused=True, the default), and
+    through the model's own forward with its cache otherwise.
     """
 
     def __init__(self, model: Any, params: SamplingParams, fused: bool = True):
@@ -163,6 +163,8 @@ class KVCacheSampler:
                              position_ids=next_position + t, past_key_values=out.past_key_values,
                              use_cache=True)
             logits = out.logits[:, -1]
+        if fused:
+            fused.finish()
         self.model.train(was_training)
         return finish_responses(prompt_ids, prompt_mask, sampled[:, :n], p)
 
