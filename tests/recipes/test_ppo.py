@@ -366,3 +366,46 @@ def test_other_architectures_gain_against_a_reward_model_of_another_family(arch,
     late = sum(r["objective/rm_score"] for r in rows[-4:]) / 4
     before, after = _outside_text_rm_score(policy, task.rm), _outside_text_rm_score(out, task.rm)
     assert late > early + 0.3 and after > before + 0.3, (early, late, before, after)
+
+
+def test_two_processes_match_one_process(task, tmp_path):
+    """DDP over gloo with 4 rollouts per process gives the metrics of one process with 8: the
+    same prompts and sampling noise per row, advantages whitened over both processes, statistics
+    averaged over them, gradients all-reduced by DDP."""
+    from tether.data.tokenize import encode_prompt
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(task.policy)
+    names = ["Lily", "Tom", "Sue", "Ben", "Max", "Ann", "Tim", "Jack", "Amy", "Sam"]
+    texts = [f"Once upon a time, {n} saw a" for n in names]
+    lengths = [len(encode_prompt(tok, t)) for t in texts]
+    same = [t for t, n in zip(texts, lengths) if n == max(set(lengths), key=lengths.count)]
+    assert len(same) >= 2  # equal lengths: no prompt padding, which would differ per batch
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t} for t in same * 8])
+    one, two = tmp_path / "one", tmp_path / "two"
+
+    def args(out, batch):
+        return ["ppo", "--policy", str(task.policy), "--reward-model", str(task.rm), "--prompts",
+                str(prompts), "--output-dir", str(out), "--batch-size", str(batch),
+                "--response-length", "4", "--ignore-eos", "--max-steps", "3", "--lr", "1e-2",
+                "--value-lr", "1e-2", "--temperature", "1.0", "--no-progress", "--no-tensorboard"]
+
+    assert main(args(one, 8)) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(29500 + (os.getpid() + 250) % 500),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "tether", *args(two, 4)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    # means over rollouts or tokens (each process holds as many of both); not the batch-wide
+    # std, distinct-n and explained variance, which are per-process values averaged
+    compared = [k for k in METRICS if not k.startswith("timing/")
+                and k not in ("objective/rm_score_std", "response/distinct_2", "val/explained_var")]
+    for ra, rb in zip(a, b):
+        for key in compared + ["policy/grad_norm", "val/grad_norm"]:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+    assert a[0]["response/length"] == 4.0 and a[2]["policy/loss"] != a[1]["policy/loss"]
+    assert (two / "model.safetensors").exists()

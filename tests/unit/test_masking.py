@@ -102,3 +102,31 @@ def test_whiten_output_has_unit_variance_on_masked_entries():
     assert abs(out[:3].mean().item()) < 1e-6
     assert math.isclose(out[:3].var().item(), 1.0, rel_tol=1e-6)
     assert out[3].item() == 0.0
+
+
+class _OtherShard:
+    """A stand-in for an all-reduce across two processes: adds what the other process (holding
+    x, mask) would contribute to each of the two sums `masked_whiten` reduces, in call order."""
+
+    def __init__(self, x, mask):
+        self.x, self.mask, self.mean = x, mask, None
+
+    def __call__(self, t):
+        if self.mean is None:  # first call: (sum, count)
+            total = t + torch.stack([masked_sum(self.x, self.mask), self.mask.sum().to(t.dtype)])
+            self.mean = total[0] / total[1]
+            return total
+        return t + masked_sum((self.x - self.mean) ** 2, self.mask)  # second: centred squares
+
+
+def test_whitening_across_processes_equals_whitening_the_whole_batch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=gen) * 3 + 1
+    mask = (torch.rand(6, 5, generator=gen) > 0.3).long()
+    mask[:, 0] = 1
+    for shift in (True, False):
+        whole = masked_whiten(x, mask, shift_mean=shift)
+        mine = masked_whiten(x[:2], mask[:2], shift_mean=shift, all_reduce=_OtherShard(x[2:], mask[2:]))
+        torch.testing.assert_close(mine, whole[:2], rtol=1e-5, atol=1e-6)
+        alone = masked_whiten(x[:2], mask[:2], shift_mean=shift)  # without the reduction: differs
+        assert (alone - whole[:2]).abs().max() > 0.05

@@ -184,3 +184,14 @@ def test_distinct_ngrams_and_explained_variance_by_hand():
     assert explained_variance(returns, returns, full).item() == pytest.approx(1.0)
     assert explained_variance(torch.full((1, 4), 2.5), returns, full).item() == pytest.approx(0.0)
     assert explained_variance(-returns, returns, full).item() < 0
+
+
+def test_each_noise_shard_draws_what_the_whole_batch_draws_for_its_rows():
+    logits = torch.randn(12, 50, generator=torch.Generator().manual_seed(0))
+    whole = sample_next_token(logits, SamplingParams(1), torch.Generator().manual_seed(5))
+    parts = [sample_next_token(logits[4 * k:4 * k + 4], SamplingParams(1, noise_shard=(k, 3)),
+                               torch.Generator().manual_seed(5)) for k in range(3)]
+    assert torch.equal(torch.cat(parts), whole)
+    # without the shard, the second process would reuse the first one's noise
+    alone = sample_next_token(logits[4:8], SamplingParams(1), torch.Generator().manual_seed(5))
+    assert not torch.equal(alone, whole[4:8])

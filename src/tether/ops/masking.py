@@ -5,7 +5,8 @@ removed with `torch.where`, not by multiplying with 0, because padding positions
 inf or NaN (e.g. a -inf logprob), and inf * 0 is NaN.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -49,7 +50,8 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
 
 
 def masked_whiten(
-    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    all_reduce: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """(x - mean) / sqrt(var + eps), with mean and (unbiased) variance taken over the masked
     entries only, so padding does not drag the statistics.
@@ -58,14 +60,31 @@ def masked_whiten(
         x, mask: same shape, e.g. (B, T).
         shift_mean: False scales to unit variance but adds the mean back, as
             lm-human-preferences does for rewards (whitening would move their mean to 0).
+        all_reduce: with several processes, a function that sums a tensor over all of them;
+            the mean and variance are then those of every process's entries together, so N
+            processes whiten as one process holding the whole batch would.
     Returns:
         x's shape; 0 at masked-out positions.
     """
-    mean = masked_mean(x, mask)
-    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    if all_reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        mean, var = _global_mean_var(x, mask, all_reduce)
+    out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return _zero_out(out, mask)
+
+
+def _global_mean_var(x: Tensor, mask: Tensor,
+                     all_reduce: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased variance of the masked entries of all processes: two all-reduces, the
+    second of squares centred on the global mean (the two-pass form `masked_var` uses)."""
+    total = all_reduce(torch.stack([masked_sum(x, mask), _count(x, mask, None)]))
+    n = total[1]
+    mean = total[0] / n.clamp(min=1)
+    sq = all_reduce(masked_sum((x - mean) ** 2, mask))
+    return mean, torch.where(n > 1, sq / (n - 1).clamp(min=1), torch.zeros_like(sq))
 
 
 def response_mask(

@@ -98,29 +98,36 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     else:
         logprobs, values, entropy = score_old_policy(parts, seqs)
     # 3. per-token rewards: -beta * k1 on every response token, the score at the last one
-    beta = parts.kl_ctl.value
+    beta, all_reduce = parts.kl_ctl.value, parts.all_reduce_sum()
     rewards, kl = parts.reward_fn(logprobs, ref_logprobs, scores, mask, beta)
     issues = [check_reward_layout(rewards, logprobs, ref_logprobs, scores, mask, beta),
               check_kl_not_negative(kl.sum(-1))]
     if cfg.whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False)
-    # 4. advantages: GAE over response tokens, whitened over the batch; returns = A + V
+        rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
+    # 4. advantages: GAE over response tokens, whitened over the global batch; returns = A + V
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     exp = Experience(seqs, logprobs, ref_logprobs, values, rm_scores, scores, rollout.ended, kl,
-                     rewards, masked_whiten(advantages, mask), returns)
+                     rewards, masked_whiten(advantages, mask, all_reduce=all_reduce), returns)
     clock.lap("score")
     # 5. update: ppo_epochs passes of clipped policy + value (+ ptx) losses over minibatches
     update_stats = ppo_update(parts, exp, step, first)
     parts.generator.sync_weights()
     clock.lap("update")
-    # 6. KL control: adaptive beta follows this batch's mean KL per sequence
+    # 6. KL control: adaptive beta follows this batch's mean KL per sequence. The statistics
+    #    are averaged over processes, so every process logs, controls and checks the same values.
     stats = {**experience_metrics(exp, beta), "objective/entropy": entropy, **update_stats}
-    metrics = {k: float(v) for k, v in stats.items()}  # the iteration's one host sync
+    metrics = parts.mean_over_processes(stats)
     check_finite(torch.tensor(metrics["policy/loss"] + metrics["val/loss"]), step, "the PPO loss")
-    parts.kl_ctl.update(metrics["objective/kl"], n_steps=exp.rewards.shape[0])
+    world = parts.accelerator.num_processes
+    parts.kl_ctl.update(metrics["objective/kl"], n_steps=exp.rewards.shape[0] * world)
     # 7. health: the reference probe is unchanged, and the trends are sane
     issues += [parts.probe.check(parts.reference)] + parts.health.observe(metrics)
     issues = [i for i in issues if i is not None]
+    if world > 1 and any_process(parts.accelerator, bool(issues)) and not issues:
+        # a check on this process's own rollouts fired elsewhere: act on it here too, so that
+        # an abort stops every process together
+        issues = [HealthIssue("other_process", "another process reported a health issue at this "
+                              "iteration; its log names it")]
     metrics["health/issues"] = float(len(issues))
     metrics.update(clock.metrics())
     return IterationResult(metrics, exp, texts, issues)

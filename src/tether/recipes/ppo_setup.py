@@ -67,6 +67,21 @@ class PPOParts:
             out.append(("val", self.critic, self.optimizers[1]))
         return out
 
+    def all_reduce_sum(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """A sum over all processes, for batch statistics; None with a single process."""
+        if self.accelerator.num_processes == 1:
+            return None
+        return lambda t: self.accelerator.reduce(t, reduction="sum")
+
+    def mean_over_processes(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each 0-dim statistic averaged over the processes (every process holds the same
+        number of rollouts), as Python floats: the iteration's one host sync."""
+        values = torch.stack([torch.as_tensor(v).to(self.device, torch.float32).reshape(())
+                              for v in stats.values()])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="mean")
+        return dict(zip(stats, values.tolist()))
+
     def policy_lm(self) -> Any:
         """The policy as a plain (possibly peft-wrapped) causal LM."""
         return self.accelerator.unwrap_model(self.actor).lm
@@ -172,7 +187,8 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
         actor, critic, optimizers[0], optimizers[1] = accelerator.prepare(actor, critic, *optimizers)
     # 4. generation, KL control, health probe, PPO-ptx
     params = SamplingParams(cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
-                            () if cfg.ignore_eos else eos_ids, tokenizer.pad_token_id)
+                            () if cfg.ignore_eos else eos_ids, tokenizer.pad_token_id,
+                            noise_shard=(accelerator.process_index, accelerator.num_processes))
     generator = make_generator(cfg.generation_backend, accelerator.unwrap_model(actor).lm, params)
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
               if cfg.kl_target is not None else FixedKLController(cfg.kl_coef))

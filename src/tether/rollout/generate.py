@@ -34,6 +34,10 @@ class SamplingParams:
     top_p: float = 1.0  # 1.0 = off
     eos_token_ids: tuple[int, ...] = ()  # empty = never stop early (benchmarks)
     pad_token_id: int = 0
+    # (this process, number of processes): each step draws the noise of every process's rows
+    # and keeps its own, so N processes with B rows each sample what one process with N * B
+    # rows would (the rows of process p being rows p*B .. (p+1)*B - 1 of that batch)
+    noise_shard: tuple[int, int] = (0, 1)
 
 
 class Generator(Protocol):
@@ -74,7 +78,9 @@ def sample_next_token(logits: Tensor, params: SamplingParams, rng: torch.Generat
     scores = truncate_scores(logits.float() / params.temperature, params.top_k, params.top_p)
     cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
     # Scaled by the row's total, so rounding in the cumsum can never push u past the end.
-    u = torch.rand((cdf.shape[0], 1), generator=rng, device=cdf.device) * cdf[:, -1:]
+    B, (shard, shards) = cdf.shape[0], params.noise_shard
+    u = torch.rand((B * shards, 1), generator=rng, device=cdf.device)[shard * B:(shard + 1) * B]
+    u = u * cdf[:, -1:]
     # The first token whose cumulative probability exceeds u; a zero-probability token never is.
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
     return token.clamp_(max=cdf.shape[-1] - 1)
