@@ -78,7 +78,8 @@ def test_reference_sharing_parameters_with_the_policy_is_caught(tiny_models):
 
 def test_sustained_high_clipfrac_and_negative_explained_variance():
     monitor = HealthMonitor(HealthThresholds(clipfrac_patience=3, explained_var_patience=2, warmup=2))
-    good = {"response/length": 10.0, "objective/entropy": 2.0, "response/distinct_2": 0.9}
+    good = {"response/length": 10.0, "objective/entropy": 2.0, "response/distinct_2": 0.9,
+            "objective/kl_per_token": 0.05, "objective/rm_score": 0.5}
     names = []
     for clipfrac, ev in [(0.5, -1.0), (0.5, -1.0), (0.5, -1.0), (0.5, -1.0), (0.1, 0.5)]:
         issues = monitor.observe({**good, "policy/clipfrac": clipfrac, "val/explained_var": ev})
@@ -92,20 +93,50 @@ def test_sustained_high_clipfrac_and_negative_explained_variance():
 def test_collapse_against_the_first_iteration(key):
     monitor = HealthMonitor()
     first = {"response/length": 20.0, "objective/entropy": 3.0, "response/distinct_2": 0.8,
-             "policy/clipfrac": 0.1, "val/explained_var": 0.5}
+             "policy/clipfrac": 0.1, "val/explained_var": 0.5, "objective/kl_per_token": 0.05,
+             "objective/rm_score": 0.5}
     assert monitor.observe(first) == []
     assert monitor.observe({**first, key: first[key] * 0.9}) == []
     issues = monitor.observe({**first, key: first[key] * 0.1})
     assert [i.check for i in issues] == ["collapse"] and key in issues[0].message
 
 
+def _trend(kl, rm):
+    return {"response/length": 10.0, "objective/entropy": 2.0, "response/distinct_2": 0.9,
+            "policy/clipfrac": 0.1, "val/explained_var": 0.5, "objective/kl_per_token": kl,
+            "objective/rm_score": rm}
+
+
+def test_reward_rising_while_kl_explodes_is_caught():
+    """The per-token KL of the demo's beta = 0 run at seed 0 (iterations 4-10) with its RM score:
+    caught at iteration 9, where the KL has reached 0.54 nats/token from 0.09 five iterations
+    earlier while the score rose from 0.72 to 0.81."""
+    kl = [0.00, 0.02, 0.06, 0.09, 0.13, 0.21, 0.26, 0.42, 0.54, 0.91]
+    rm = [-0.02, 0.30, 0.53, 0.72, 0.74, 0.82, 0.86, 0.86, 0.81, 0.86]
+    monitor = HealthMonitor()
+    fired = [i + 1 for i, (k, r) in enumerate(zip(kl, rm)) if monitor.observe(_trend(k, r))]
+    assert fired == [9, 10]
+    assert "reward hacking" in monitor.observe(_trend(1.2, 0.9))[0].message
+
+
+@pytest.mark.parametrize("kl, rm", [
+    ([0.1, 0.12, 0.15, 0.2, 0.25, 0.3, 0.35], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]),  # KL stays small
+    ([0.6, 0.6, 0.7, 0.7, 0.8, 0.8, 0.9], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]),  # large but not growing 2x
+    ([0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.2], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]),  # the RM score fell
+])
+def test_kl_that_grows_slowly_or_without_reward_is_not_reward_hacking(kl, rm):
+    monitor = HealthMonitor()
+    assert all(monitor.observe(_trend(k, r)) == [] for k, r in zip(kl, rm))
+
+
 def test_monitor_state_round_trips():
     a = HealthMonitor()
     a.observe({"response/length": 5.0, "objective/entropy": 1.0, "response/distinct_2": 0.5,
-               "policy/clipfrac": 0.9, "val/explained_var": -1.0})
+               "policy/clipfrac": 0.9, "val/explained_var": -1.0, "objective/kl_per_token": 0.3,
+               "objective/rm_score": 0.2})
     b = HealthMonitor()
     b.load_state_dict(a.state_dict())
-    assert b.state_dict() == a.state_dict()
+    assert b.state_dict() == a.state_dict() and b.recent == [[0.3, 0.2]]
 
 
 def test_enforce_warns_or_aborts(caplog):

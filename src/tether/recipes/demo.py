@@ -112,8 +112,8 @@ PPO_LR = 1e-4  # the default-beta run's policy learning rate
 PPO_VALUE_LR = 1e-2
 PPO_VF_COEF = 1.0
 BETA0_NOTE = ("the beta = 0 run chases the reward model with no KL tether, to show over-optimisation. "
-              "Its health checks are expected to warn (the critic cannot follow a policy that moves "
-              "this fast); the run carries on.")
+              "Its health checks are expected to warn (reward rising while the KL explodes, and a "
+              "critic that cannot follow a policy moving this fast); the run carries on.")
 RANK_K = 4  # samples ranked per training prompt: C(4, 2) = 6 comparisons for one forward of 4
 
 

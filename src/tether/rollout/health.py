@@ -128,6 +128,12 @@ class HealthThresholds:
     collapse_length: float = 0.25  # response length below this fraction of the first iteration's
     collapse_entropy: float = 0.25  # entropy below this fraction of the first iteration's
     collapse_distinct: float = 0.5  # distinct-2 below this fraction of the first iteration's
+    # reward hacking: the per-token KL is at least kl_explosion_per_token and at least
+    # kl_explosion_growth times what it was kl_explosion_window iterations ago, while the RM
+    # score rose over the same iterations
+    kl_explosion_per_token: float = 0.5
+    kl_explosion_growth: float = 2.0
+    kl_explosion_window: int = 5
 
 
 @dataclass
@@ -138,10 +144,12 @@ class HealthMonitor:
     first: dict = field(default_factory=dict)  # the first iteration's length/entropy/distinct
     streaks: dict = field(default_factory=dict)  # check name -> iterations in a row it failed
     iterations: int = 0
+    recent: list = field(default_factory=list)  # [kl_per_token, rm_score] of the last iterations
 
     def observe(self, metrics: dict[str, float]) -> list[HealthIssue]:
         """metrics: this iteration's logged values (policy/clipfrac, val/explained_var,
-        response/length, objective/entropy, response/distinct_2)."""
+        response/length, objective/entropy, response/distinct_2, objective/kl_per_token,
+        objective/rm_score)."""
         th, issues = self.thresholds, []
         self.iterations += 1
         if self._sustained("high_clipfrac", metrics["policy/clipfrac"] > th.clipfrac_max,
@@ -156,6 +164,7 @@ class HealthMonitor:
                 f"{th.explained_var_patience} iterations: the critic is not learning. Check "
                 "--value-lr and --vf-coef.")))
         issues += self._collapse(metrics)
+        issues += self._kl_explosion(metrics)
         return issues
 
     def _sustained(self, name: str, failing: bool, patience: int) -> bool:
@@ -179,13 +188,30 @@ class HealthMonitor:
                     "lower --lr.")))
         return issues
 
+    def _kl_explosion(self, metrics: dict[str, float]) -> list[HealthIssue]:
+        th = self.thresholds
+        self.recent.append([float(metrics["objective/kl_per_token"]), float(metrics["objective/rm_score"])])
+        self.recent = self.recent[-(th.kl_explosion_window + 1):]
+        if len(self.recent) <= th.kl_explosion_window:
+            return []
+        (kl_then, rm_then), (kl, rm) = self.recent[0], self.recent[-1]
+        if kl >= th.kl_explosion_per_token and kl >= th.kl_explosion_growth * kl_then and rm > rm_then:
+            return [HealthIssue("kl_explosion", (
+                f"objective/kl_per_token rose from {kl_then:.3g} to {kl:.3g} nats over the last "
+                f"{th.kl_explosion_window} iterations while objective/rm_score rose from "
+                f"{rm_then:.3g} to {rm:.3g}: the policy is buying reward with distance from the "
+                "reference (reward hacking). Raise --kl-coef, or set --kl-target."))]
+        return []
+
     def state_dict(self) -> dict:
-        return {"first": dict(self.first), "streaks": dict(self.streaks), "iterations": self.iterations}
+        return {"first": dict(self.first), "streaks": dict(self.streaks), "iterations": self.iterations,
+                "recent": [list(r) for r in self.recent]}
 
     def load_state_dict(self, state: dict) -> None:
         self.first = dict(state.get("first", {}))
         self.streaks = dict(state.get("streaks", {}))
         self.iterations = int(state.get("iterations", 0))
+        self.recent = [list(r) for r in state.get("recent", [])]
 
 
 def enforce(issues: list[HealthIssue], mode: str, step: int) -> None:
