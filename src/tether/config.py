@@ -489,6 +489,12 @@ class PPOConfig(RunConfig):
     """Rollouts per optimizer step; 0 means the whole batch. One minibatch is the cheapest
     setting: the first epoch's forward pass then also gives the old logprobs and values, so no
     separate scoring pass of the policy and critic is needed."""
+    micro_batch_size: int = 0
+    """Rollouts per forward and backward pass inside a minibatch; 0 means the whole minibatch.
+    Gradients of the micro-batches add up to the minibatch's (each weighted by its share of the
+    response tokens) before its one optimizer step, so the update is the same while the
+    activations held at once are one micro-batch's. Below the minibatch it costs a no-grad
+    scoring pass for the old logprobs and values (also run in micro-batches)."""
     ppo_epochs: int = 4
     """Passes over each batch of rollouts (4 in InstructGPT and the N+ details paper)."""
     response_length: int = 64
@@ -602,6 +608,9 @@ class PPOConfig(RunConfig):
         if self.mini_batch_size < 0 or (self.mini_batch_size and self.batch_size % self.mini_batch_size):
             raise ConfigError(f"--mini-batch-size must divide --batch-size ({self.batch_size}); "
                               f"got {self.mini_batch_size}")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.minibatch % self.micro_batch_size):
+            raise ConfigError(f"--micro-batch-size must divide the minibatch ({self.minibatch} "
+                              f"rollouts); got {self.micro_batch_size}")
         if not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ConfigError(f"--top-p must be in (0, 1] and --top-k >= 0; got {self.top_p}, {self.top_k}")
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
@@ -617,6 +626,16 @@ class PPOConfig(RunConfig):
     def minibatch(self) -> int:
         """Rollouts per optimizer step (mini_batch_size, with 0 meaning the whole batch)."""
         return self.mini_batch_size or self.batch_size
+
+    @property
+    def micro(self) -> int:
+        """Rollouts per forward/backward (micro_batch_size, with 0 meaning the minibatch)."""
+        return min(self.micro_batch_size or self.minibatch, self.minibatch)
+
+    @property
+    def reuses_first_forward(self) -> bool:
+        """One minibatch in one micro-batch: the first epoch's forward gives pi_old and V_old."""
+        return self.minibatch >= self.batch_size and self.micro >= self.minibatch
 
 
 @dataclass(frozen=True)

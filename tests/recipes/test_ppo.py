@@ -409,3 +409,21 @@ def test_two_processes_match_one_process(task, tmp_path):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
     assert a[0]["response/length"] == 4.0 and a[2]["policy/loss"] != a[1]["policy/loss"]
     assert (two / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("extra", [(), ("--mini-batch-size", "4"), ("--critic", "head", "--ptx-coef", "0.5")])
+def test_micro_batches_give_the_update_of_the_whole_minibatch(task, tmp_path, extra):
+    """Gradients accumulated over micro-batches of 2 rollouts, each weighted by its share of the
+    response tokens (which differ per row: EOS ends some early), equal the minibatch's own."""
+    if "--ptx-coef" in extra:
+        extra = (*extra, "--ptx-data", str(task.ptx))
+    whole, micro = tmp_path / "whole", tmp_path / "micro"
+    assert main(_args(task, whole, "--max-steps", "3", *extra)) == 0
+    assert main(_args(task, micro, "--max-steps", "3", "--micro-batch-size", "2", *extra)) == 0
+    a, b = read_metrics(whole / "metrics.jsonl"), read_metrics(micro / "metrics.jsonl")
+    assert any(0 < r["response/eos_rate"] < 1 for r in a)  # rows of different lengths
+    keys = ["objective/kl", "objective/rm_score", "policy/loss", "val/loss", "policy/clipfrac",
+            "policy/approx_kl", "val/clipfrac", "policy/grad_norm"] + (["ptx/loss"] if "--ptx-coef" in extra else [])
+    for ra, rb in zip(a, b):
+        for key in keys:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)

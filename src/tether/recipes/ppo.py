@@ -89,14 +89,14 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     # 2b. pi_old and V_old. With one minibatch, the first update epoch's forward gives them
     #     (ratio exactly 1) and its graph is reused; otherwise a no-grad pass scores the batch.
     first = None
-    if cfg.minibatch >= cfg.batch_size:
+    if cfg.reuses_first_forward:
         clock.lap("score")
         first = forward_policy(parts, seqs)
         clock.lap("update")
         logprobs, values = first.logprobs.detach(), first.values.detach()
         entropy = mean_entropy(first.logits, mask, cfg.temperature)
     else:
-        logprobs, values, entropy = score_old_policy(parts, seqs)
+        logprobs, values, entropy = score_old_policy(parts, seqs, chunk=cfg.micro_batch_size)
     # 3. per-token rewards: -beta * k1 on every response token, the score at the last one
     beta, all_reduce = parts.kl_ctl.value, parts.all_reduce_sum()
     rewards, kl = parts.reward_fn(logprobs, ref_logprobs, scores, mask, beta)

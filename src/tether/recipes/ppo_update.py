@@ -10,6 +10,7 @@ minibatch's advantages must be known before the first optimizer step.
 from __future__ import annotations
 
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -99,22 +100,36 @@ def ppo_update(parts: Any, exp: Experience, step: int,
 
 def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
                    ptx_index: int) -> dict[str, Tensor]:
-    """One clipped policy + value (+ ptx) loss, backward, clip, optimizer step."""
+    """One optimizer step on a minibatch: the clipped policy + value (+ ptx) loss, backward over
+    micro-batches of --micro-batch-size rollouts, gradient clipping, optimizer step.
+
+    Each micro-batch's loss (a mean over its response tokens) is weighted by its share of the
+    minibatch's response tokens, so the accumulated gradient and the returned statistics are
+    those of the whole minibatch. Under DDP, gradients are synchronised on the last backward only.
+    """
     cfg = parts.cfg
-    out = out if out is not None else forward_policy(parts, mb.seqs)
-    p_loss, p_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.cliprange)
-    v_loss, v_stats = value_loss(out.values, mb.values, mb.returns, mb.mask, cfg.cliprange_value)
-    loss = p_loss + cfg.vf_coef * v_loss
-    row = {"policy/loss": p_loss.detach(), "val/loss": v_loss.detach(), **p_stats, **v_stats}
+    B = mb.rewards.shape[0]
+    micro = B if out is not None else min(cfg.micro, B)
+    tokens = mb.mask.sum().clamp(min=1)
+    row: dict[str, Tensor] = {}
+    for start in range(0, B, micro):
+        whole, last = micro >= B, start + micro >= B
+        part = mb if whole else mb.rows(torch.arange(start, min(start + micro, B)))
+        weight = 1.0 if whole else part.mask.sum() / tokens
+        with ExitStack() as stack:
+            if not last:  # accumulate locally; DDP all-reduces on the last backward
+                for _, model, _ in parts.trainables():
+                    stack.enter_context(parts.accelerator.no_sync(model))
+            loss, stats = _ppo_loss(parts, part, out if whole else None)
+            loss = loss * weight
+            if last and parts.ptx is not None:  # once per minibatch, with its last micro-batch
+                ptx_loss = _ptx_loss(parts, ptx_index)
+                loss = loss + cfg.ptx_coef * ptx_loss
+            parts.accelerator.backward(loss)
+        for key, value in stats.items():
+            row[key] = row.get(key, 0.0) + value * weight
     if parts.ptx is not None:
-        batch = parts.ptx.batch(ptx_index, parts.device)
-        lm = parts.policy_lm()
-        logits = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    use_cache=False).logits
-        ptx_loss, _ = sft_loss(logits, batch["labels"])
-        loss = loss + cfg.ptx_coef * ptx_loss
         row["ptx/loss"] = ptx_loss.detach()
-    parts.accelerator.backward(loss)
     for name, model, optimizer in parts.trainables():
         if cfg.max_grad_norm > 0:
             params = [p for p in model.parameters() if p.requires_grad]
@@ -123,3 +138,21 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return row
+
+
+def _ppo_loss(parts: Any, mb: Experience, out: Optional[PolicyOutput]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped policy loss plus vf_coef times the clipped value loss, on `mb`'s rows."""
+    cfg = parts.cfg
+    out = out if out is not None else forward_policy(parts, mb.seqs)
+    p_loss, p_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.cliprange)
+    v_loss, v_stats = value_loss(out.values, mb.values, mb.returns, mb.mask, cfg.cliprange_value)
+    stats = {"policy/loss": p_loss.detach(), "val/loss": v_loss.detach(), **p_stats, **v_stats}
+    return p_loss + cfg.vf_coef * v_loss, stats
+
+
+def _ptx_loss(parts: Any, ptx_index: int) -> Tensor:
+    """PPO-ptx: the pretraining (SFT-style) loss on the ptx batch `ptx_index`."""
+    batch = parts.ptx.batch(ptx_index, parts.device)
+    logits = parts.policy_lm()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               use_cache=False).logits
+    return sft_loss(logits, batch["labels"])[0]
