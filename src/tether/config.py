@@ -524,6 +524,12 @@ class PPOConfig(RunConfig):
     """Policy learning rate (AdamW). 1e-6 suits large models; tiny ones need 1e-4 or more."""
     value_lr: float = 1e-5
     """Critic learning rate: 10x the policy's, as the critic starts far from its targets."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """How both learning rates move over the run's optimizer steps (max-steps x ppo-epochs x
+    minibatches per batch) after the warmup: held, decayed linearly to 0 (the annealing of the
+    N+ details and cleanrl), or along a cosine to 0."""
+    warmup_ratio: float = 0.0
+    """Fraction of the optimizer steps over which both learning rates ramp up from 0."""
     adam_eps: float = 1e-5
     """AdamW epsilon; 1e-5 as in the N+ details (the 1e-8 default amplifies tiny gradients)."""
     max_grad_norm: float = 1.0
@@ -608,6 +614,8 @@ class PPOConfig(RunConfig):
         if self.mini_batch_size < 0 or (self.mini_batch_size and self.batch_size % self.mini_batch_size):
             raise ConfigError(f"--mini-batch-size must divide --batch-size ({self.batch_size}); "
                               f"got {self.mini_batch_size}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.minibatch % self.micro_batch_size):
             raise ConfigError(f"--micro-batch-size must divide the minibatch ({self.minibatch} "
                               f"rollouts); got {self.micro_batch_size}")
@@ -631,6 +639,11 @@ class PPOConfig(RunConfig):
     def micro(self) -> int:
         """Rollouts per forward/backward (micro_batch_size, with 0 meaning the minibatch)."""
         return min(self.micro_batch_size or self.minibatch, self.minibatch)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, per model: what a learning-rate schedule spans."""
+        return self.max_steps * self.ppo_epochs * (self.batch_size // self.minibatch)
 
     @property
     def reuses_first_forward(self) -> bool:

@@ -177,9 +177,10 @@ def _comparable(row):
     return {k: v for k, v in row.items() if not k.startswith("timing/")}
 
 
-def test_resume_reproduces_the_uninterrupted_metrics(task, tmp_path):
+@pytest.mark.parametrize("schedule", [(), ("--lr-scheduler", "cosine", "--warmup-ratio", "0.1")])
+def test_resume_reproduces_the_uninterrupted_metrics(task, tmp_path, schedule):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    extra = ("--max-steps", "5", "--kl-target", "1.0", "--kl-horizon", "100")
+    extra = ("--max-steps", "5", "--kl-target", "1.0", "--kl-horizon", "100", *schedule)
     assert main(_args(task, full, *extra, "--save-every", "2", "--keep-checkpoints", "5")) == 0
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
@@ -427,3 +428,19 @@ def test_micro_batches_give_the_update_of_the_whole_minibatch(task, tmp_path, ex
     for ra, rb in zip(a, b):
         for key in keys:
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+
+
+def test_a_linear_schedule_anneals_both_learning_rates_to_zero(task, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(task, out, "--max-steps", "3", "--lr-scheduler", "linear")) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    # 3 iterations x 4 epochs x 1 minibatch = 12 steps at lr * (1 - i / 12); each iteration logs
+    # the mean over its 4 steps: iteration 1 has i = 0..3, iteration 3 has i = 8..11
+    expected = [sum(1 - i / 12 for i in range(4 * k, 4 * k + 4)) / 4 for k in range(3)]
+    assert [r["policy/lr"] / 1e-2 for r in rows] == pytest.approx(expected, rel=1e-6)
+    assert [r["val/lr"] / 1e-2 for r in rows] == pytest.approx(expected, rel=1e-6)
+    assert list((out / "checkpoints").glob("*/custom_checkpoint_*"))  # the schedulers' state
+    constant = tmp_path / "constant"
+    assert main(_args(task, constant, "--max-steps", "1")) == 0
+    assert "policy/lr" not in read_metrics(constant / "metrics.jsonl")[0]  # no schedule, no state
+    assert not list((constant / "checkpoints").glob("*/custom_checkpoint_*"))

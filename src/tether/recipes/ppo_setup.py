@@ -22,7 +22,7 @@ from tether.rollout.generate import Generator, SamplingParams, left_pad, make_ge
 from tether.rollout.health import HealthMonitor, ReferenceProbe
 from tether.rollout.score import Reference, RewardScorer, same_vocabulary
 from tether.rollout.types import Rollout
-from tether.training.runtime import GlobalBatches, adamw, make_accelerator, resolve_dtype
+from tether.training.runtime import GlobalBatches, adamw, make_accelerator, make_scheduler, resolve_dtype
 
 log = logging.getLogger("tether")
 
@@ -41,6 +41,7 @@ class PPOParts:
     actor: Actor  # the policy (and with --critic head its value head), as prepared by accelerate
     critic: Optional[Critic]  # the separate critic; None with --critic head
     optimizers: list  # [policy] or [policy, critic]
+    schedulers: list  # one per optimizer, or empty for constant learning rates without warmup
     reference: Reference
     reward: RewardScorer
     generator: Generator
@@ -181,6 +182,15 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
         frozen.to(device)
     # 3. optimizers; accelerate prepares (and checkpoints) only the trainable side
     optimizers = make_optimizers(cfg, actor, critic)
+    # A schedule only when asked for: constant rates keep the checkpoints free of scheduler
+    # state. As in SFT, it is checkpointed but not wrapped by accelerate (which would step it
+    # once per process).
+    schedulers = []
+    if cfg.lr_scheduler != "constant" or cfg.warmup_ratio > 0:
+        schedulers = [make_scheduler(o, cfg.lr_scheduler, cfg.warmup_ratio, cfg.optimizer_steps)
+                      for o in optimizers]
+        for scheduler in schedulers:
+            accelerator.register_for_checkpointing(scheduler)
     if critic is None:
         actor, optimizers[0] = accelerator.prepare(actor, optimizers[0])
     else:
@@ -198,6 +208,6 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
     ptx = (PtxData(cfg.ptx_data, tokenizer, cfg.max_prompt_length + cfg.response_length,
                    cfg.minibatch, cfg.seed) if cfg.ptx_data else None)
     order = GlobalBatches(len(prompts.ids), cfg.batch_size, 1, accelerator.num_processes, cfg.seed)
-    return PPOParts(cfg, accelerator, tokenizer, actor, critic, optimizers, reference, reward,
-                    generator, kl_ctl, prompts, order, eos_ids, probe, eval_prompts=eval_prompts,
+    return PPOParts(cfg, accelerator, tokenizer, actor, critic, optimizers, schedulers, reference,
+                    reward, generator, kl_ctl, prompts, order, eos_ids, probe, eval_prompts=eval_prompts,
                     ptx=ptx)

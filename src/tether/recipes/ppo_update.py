@@ -137,6 +137,9 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
             row[f"{name}/grad_norm"] = torch.as_tensor(norm).detach().float()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    for (name, _, _), scheduler in zip(parts.trainables(), parts.schedulers):
+        row[f"{name}/lr"] = torch.tensor(scheduler.get_last_lr()[0])  # the rate this step used
+        scheduler.step()
     return row
 
 
