@@ -105,17 +105,22 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
 
     Each micro-batch's loss (a mean over its response tokens) is weighted by its share of the
     minibatch's response tokens, so the accumulated gradient and the returned statistics are
-    those of the whole minibatch. Under DDP, gradients are synchronised on the last backward only.
+    those of the whole minibatch. With several processes the share is of all processes' tokens
+    (times the number of processes, as DDP averages their gradients), so a process with longer
+    responses weighs more, as it would in one process. Under DDP, gradients are synchronised on
+    the last backward only.
     """
     cfg = parts.cfg
-    B = mb.rewards.shape[0]
+    B, world = mb.rewards.shape[0], parts.accelerator.num_processes
     micro = B if out is not None else min(cfg.micro, B)
     tokens = mb.mask.sum().clamp(min=1)
+    if world > 1:  # the mean token count per process, over all processes
+        tokens = parts.accelerator.reduce(mb.mask.sum().float(), reduction="sum").clamp(min=1) / world
     row: dict[str, Tensor] = {}
     for start in range(0, B, micro):
         whole, last = micro >= B, start + micro >= B
         part = mb if whole else mb.rows(torch.arange(start, min(start + micro, B)))
-        weight = 1.0 if whole else part.mask.sum() / tokens
+        weight = 1.0 if whole and world == 1 else part.mask.sum() / tokens
         with ExitStack() as stack:
             if not last:  # accumulate locally; DDP all-reduces on the last backward
                 for _, model, _ in parts.trainables():
