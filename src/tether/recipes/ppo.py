@@ -114,11 +114,16 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     parts.generator.sync_weights()
     clock.lap("update")
     # 6. KL control: adaptive beta follows this batch's mean KL per sequence. The statistics
-    #    are averaged over processes, so every process logs, controls and checks the same values.
+    #    are those of all processes' rollouts together (means over rollouts and over tokens), so
+    #    every process logs, controls and checks the same values.
     stats = {**experience_metrics(exp, beta), "objective/entropy": entropy, **update_stats}
+    world = parts.accelerator.num_processes
+    if world > 1:  # token means: each process's weighted by its share of all response tokens
+        share = mask.sum() * world / parts.accelerator.reduce(mask.sum().float(), reduction="sum")
+        for key in ("objective/kl_per_token", "objective/entropy"):
+            stats[key] = stats[key] * share
     metrics = parts.mean_over_processes(stats)
     check_finite(torch.tensor(metrics["policy/loss"] + metrics["val/loss"]), step, "the PPO loss")
-    world = parts.accelerator.num_processes
     parts.kl_ctl.update(metrics["objective/kl"], n_steps=exp.rewards.shape[0] * world)
     # 7. health: the reference probe is unchanged, and the trends are sane
     issues += [parts.probe.check(parts.reference)] + parts.health.observe(metrics)
