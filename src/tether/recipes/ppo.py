@@ -118,8 +118,8 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     #    every process logs, controls and checks the same values.
     stats = {**experience_metrics(exp, beta), "objective/entropy": entropy, **update_stats}
     world = parts.accelerator.num_processes
-    if world > 1:  # token means: each process's weighted by its share of all response tokens
-        share = mask.sum() * world / parts.accelerator.reduce(mask.sum().float(), reduction="sum")
+    if all_reduce is not None:  # token means: each process's weighted by its share of all tokens
+        share = mask.sum() * world / all_reduce(mask.sum().float())
         for key in ("objective/kl_per_token", "objective/entropy"):
             stats[key] = stats[key] * share
     metrics = parts.mean_over_processes(stats)

@@ -111,11 +111,11 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
     the last backward only.
     """
     cfg = parts.cfg
-    B, world = mb.rewards.shape[0], parts.accelerator.num_processes
+    B, world, all_reduce = mb.rewards.shape[0], parts.accelerator.num_processes, parts.all_reduce_sum()
     micro = B if out is not None else min(cfg.micro, B)
     tokens = mb.mask.sum().clamp(min=1)
-    if world > 1:  # the mean token count per process, over all processes
-        tokens = parts.accelerator.reduce(mb.mask.sum().float(), reduction="sum").clamp(min=1) / world
+    if all_reduce is not None:  # the mean token count per process, over all processes
+        tokens = all_reduce(mb.mask.sum().float()).clamp(min=1) / world
     row: dict[str, Tensor] = {}
     for start in range(0, B, micro):
         whole, last = micro >= B, start + micro >= B

@@ -109,7 +109,7 @@ class FusedDecoder:
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.window = getattr(cfg, "sliding_window", None)
-        self.layers: list[tuple] = []
+        self.finish()  # no rollout yet: no buffers
 
     def fits(self, total_length: int) -> bool:
         """False when a sliding window would cut into the sequence (the model's forward then
@@ -148,7 +148,11 @@ class FusedDecoder:
 
     def finish(self) -> None:
         """Drop the rollout's KV buffers and concatenated weights."""
-        self.layers, self.keys, self.values, self.mask = [], [], [], None
+        self.layers: list[tuple] = []  # per layer: norms, fused weights and biases, act, sizes
+        self.keys: list[Tensor] = []  # per layer (B, H_kv, max_len, head_dim)
+        self.values: list[Tensor] = []
+        self.mask: Optional[Tensor] = None  # (B, 1, 1, max_len) additive
+        self.length = 0  # positions written so far
 
     @torch.no_grad()
     def step(self, token: Tensor, position: Tensor) -> Tensor:
