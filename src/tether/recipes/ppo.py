@@ -23,7 +23,7 @@ from tether.recipes.ppo_outputs import evaluate, gold_score, load_judge, sample_
 from tether.recipes.ppo_setup import PPOParts, build
 from tether.recipes.ppo_update import forward_policy, mean_entropy, ppo_update, score_old_policy
 from tether.rollout.health import HealthIssue, check_kl_not_negative, check_reward_layout, enforce
-from tether.rollout.stats import experience_metrics
+from tether.rollout.stats import batch_wide_metrics, experience_metrics
 from tether.rollout.types import Experience
 from tether.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tether.training.metrics import MetricsWriter
@@ -114,14 +114,18 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     parts.generator.sync_weights()
     clock.lap("update")
     # 6. KL control: adaptive beta follows this batch's mean KL per sequence. The statistics
-    #    are those of all processes' rollouts together (means over rollouts and over tokens), so
-    #    every process logs, controls and checks the same values.
+    #    are those of all processes' rollouts together, so every process logs, controls and
+    #    checks the same values.
     stats = {**experience_metrics(exp, beta), "objective/entropy": entropy, **update_stats}
     world = parts.accelerator.num_processes
     if all_reduce is not None:  # token means: each process's weighted by its share of all tokens
         share = mask.sum() * world / all_reduce(mask.sum().float())
         for key in ("objective/kl_per_token", "objective/entropy"):
             stats[key] = stats[key] * share
+        # the rest, on the gathered batch: the same value on every process, which the mean keeps
+        gathered = [parts.accelerator.gather(t) for t in (
+            seqs.response_ids, mask, exp.values, exp.returns, exp.rm_scores)]
+        stats.update(batch_wide_metrics(*gathered))
     metrics = parts.mean_over_processes(stats)
     check_finite(torch.tensor(metrics["policy/loss"] + metrics["val/loss"]), step, "the PPO loss")
     parts.kl_ctl.update(metrics["objective/kl"], n_steps=exp.rewards.shape[0] * world)

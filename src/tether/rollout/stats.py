@@ -43,20 +43,32 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
                        torch.zeros_like(var_returns))
 
 
+def batch_wide_metrics(response_ids: Tensor, mask: Tensor, values: Tensor, returns: Tensor,
+                       rm_scores: Tensor) -> dict[str, Tensor]:
+    """The metrics that are not means over rollouts or tokens, so that several processes must
+    compute them on the gathered global batch: the RM score spread, distinct-2 and explained
+    variance. (B, T) tensors and rm_scores (B,)."""
+    return {
+        "objective/rm_score_std": rm_scores.std() if rm_scores.numel() > 1 else torch.zeros(()),
+        "response/distinct_2": distinct_ngrams(response_ids, mask, 2),
+        "val/explained_var": explained_variance(values, returns, mask),
+    }
+
+
 def experience_metrics(exp: Experience, kl_coef: float) -> dict[str, Tensor]:
     """objective/, response/ and val/explained_var metrics of one iteration's buffer."""
     mask = exp.mask
     kl_per_seq = exp.kl.sum(-1)
+    wide = batch_wide_metrics(exp.seqs.response_ids, mask, exp.values, exp.returns, exp.rm_scores)
     return {
         "objective/kl": kl_per_seq.mean(),
         "objective/kl_per_token": masked_mean(exp.kl, mask),
         "objective/rm_score": exp.rm_scores.mean(),
-        "objective/rm_score_std": exp.rm_scores.std() if exp.rm_scores.numel() > 1
-        else torch.zeros(()),
+        "objective/rm_score_std": wide["objective/rm_score_std"],
         "objective/rlhf_reward": (exp.scores - kl_coef * kl_per_seq).mean(),
         "objective/kl_coef": torch.tensor(float(kl_coef)),
         "response/length": mask.sum(-1).float().mean(),
         "response/eos_rate": exp.ended.float().mean(),
-        "response/distinct_2": distinct_ngrams(exp.seqs.response_ids, mask, 2),
-        "val/explained_var": explained_variance(exp.values, exp.returns, mask),
+        "response/distinct_2": wide["response/distinct_2"],
+        "val/explained_var": wide["val/explained_var"],
     }
