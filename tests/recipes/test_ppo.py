@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from dataclasses import fields
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -390,21 +391,24 @@ def test_two_processes_match_one_process(task, tmp_path):
         return ["ppo", "--policy", str(task.policy), "--reward-model", str(task.rm), "--prompts",
                 str(prompts), "--output-dir", str(out), "--batch-size", str(batch),
                 "--response-length", "4", "--max-steps", "3", "--lr", "1e-2",
-                "--value-lr", "1e-2", "--temperature", "1.0", "--no-progress", "--no-tensorboard"]
+                "--value-lr", "1e-2", "--temperature", "1.0", "--gold-judge", "judges:length_judge",
+                "--no-progress", "--no-tensorboard"]
 
     assert main(args(one, 8)) == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--main_process_port", str(29500 + (os.getpid() + 250) % 500),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "tether", *args(two, 4)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tests = str(Path(__file__).resolve().parent.parent)  # where `judges` lives
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
     # every metric: means over rollouts (each process holds as many), over tokens (weighted by
     # each process's share), and the batch-wide std, distinct-2 and explained variance
-    compared = [k for k in METRICS if not k.startswith("timing/")]
+    compared = [k for k in METRICS if not k.startswith("timing/")] + ["objective/gold_score"]
     for ra, rb in zip(a, b):
         for key in compared + ["policy/grad_norm", "val/grad_norm"]:
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)

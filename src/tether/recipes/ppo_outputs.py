@@ -10,6 +10,7 @@ import torch
 
 from tether.models.critic import save_value_head
 from tether.models.save import mark_complete, save_model
+from tether.training.runtime import sum_across_processes
 
 EVAL_SEED = 7919  # held-out prompts get the same sampling noise at every evaluation
 
@@ -35,12 +36,14 @@ def load_judge(spec: str | None):
 
 
 def gold_score(parts: Any, result: Any, judge: Any) -> float:
-    """Mean outside-judge score of this iteration's responses (decoded without the EOS)."""
+    """Mean outside-judge score of this iteration's responses (decoded without the EOS), over
+    every process's rollouts (each process judges its own; they hold as many)."""
     exp = result.experience
     texts = [parts.tokenizer.decode(exp.seqs.response_ids[i][exp.mask[i].bool()].tolist(),
                                     skip_special_tokens=True) for i in range(exp.rewards.shape[0])]
     scores = judge(result.prompt_texts, texts)
-    return float(sum(scores) / max(len(scores), 1))
+    mean = float(sum(scores) / max(len(scores), 1))
+    return sum_across_processes(parts.accelerator, mean) / parts.accelerator.num_processes
 
 
 def sample_rows(parts: Any, result: Any, n: int) -> list[dict]:
