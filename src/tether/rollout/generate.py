@@ -196,7 +196,9 @@ class HFGenerator:
             eos_token_id=list(p.eos_token_ids) or None,
             # without EOS ids, HF would fall back to the model's own: forbid them instead
             min_new_tokens=p.max_new_tokens if not p.eos_token_ids else None, use_cache=True)
-        seed = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device))
+        # generate() draws its own noise: seed it apart per process (the same seed everywhere
+        # would give every process the same noise), though not as one process would draw it
+        seed = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device)) + p.noise_shard[0]
         devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
         was_training = self.model.training
         self.model.eval()
