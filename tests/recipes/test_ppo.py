@@ -370,11 +370,13 @@ def test_other_architectures_gain_against_a_reward_model_of_another_family(arch,
     assert late > early + 0.3 and after > before + 0.3, (early, late, before, after)
 
 
-def test_two_processes_match_one_process(task, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--micro-batch-size", "2")])
+def test_two_processes_match_one_process(task, tmp_path, extra):
     """DDP over gloo with 4 rollouts per process gives the metrics of one process with 8: the
     same prompts and sampling noise per row, advantages whitened over both processes, statistics
     averaged over them, losses weighted by each process's share of all response tokens (EOS ends
-    some responses early), gradients all-reduced by DDP."""
+    some responses early), gradients all-reduced by DDP (with micro-batches, on the last
+    backward of each minibatch only)."""
     from tether.data.tokenize import encode_prompt
     from transformers import AutoTokenizer
 
@@ -392,7 +394,7 @@ def test_two_processes_match_one_process(task, tmp_path):
                 str(prompts), "--output-dir", str(out), "--batch-size", str(batch),
                 "--response-length", "4", "--max-steps", "3", "--lr", "1e-2",
                 "--value-lr", "1e-2", "--temperature", "1.0", "--gold-judge", "judges:length_judge",
-                "--no-progress", "--no-tensorboard"]
+                "--no-progress", "--no-tensorboard", *extra]
 
     assert main(args(one, 8)) == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
