@@ -97,3 +97,17 @@ def test_a_run_directorys_own_config_yaml_feeds_back_to_its_stage_only(tmp_path)
     assert again.lr == 0.0003 and again.max_steps == 7 and again.model == "m"
     with pytest.raises(ConfigError, match="written for SFTConfig, not RMConfig"):
         load_config(RMConfig, ["--config", str(path)])
+
+
+def test_ppo_batch_splits_and_schedule_are_validated():
+    from tether.config import PPOConfig
+
+    ppo = ["--policy", "p", "--reward-model", "r", "--prompts", "x.jsonl", "--output-dir", "o",
+           "--batch-size", "8"]
+    with pytest.raises(ConfigError, match="--micro-batch-size must divide the minibatch \\(4"):
+        load_config(PPOConfig, ppo + ["--mini-batch-size", "4", "--micro-batch-size", "3"])
+    with pytest.raises(ConfigError, match="--warmup-ratio must be in"):
+        load_config(PPOConfig, ppo + ["--warmup-ratio", "1.0"])
+    cfg = load_config(PPOConfig, ppo + ["--mini-batch-size", "4", "--micro-batch-size", "2"])
+    assert (cfg.minibatch, cfg.micro, cfg.reuses_first_forward, cfg.optimizer_steps) == (4, 2, False, 800)
+    assert load_config(PPOConfig, ppo).reuses_first_forward  # one minibatch, one micro-batch
