@@ -116,16 +116,15 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     # 6. KL control: adaptive beta follows this batch's mean KL per sequence. The statistics
     #    are those of all processes' rollouts together, so every process logs, controls and
     #    checks the same values.
-    stats = {**experience_metrics(exp, beta), "objective/entropy": entropy, **update_stats}
-    world = parts.accelerator.num_processes
+    world, wide = parts.accelerator.num_processes, None
+    if all_reduce is not None:  # the spread, distinct-2 and EV of the gathered batch: the same
+        wide = batch_wide_metrics(*[parts.accelerator.gather(t) for t in (  # on every process
+            seqs.response_ids, mask, exp.values, exp.returns, exp.rm_scores)])
+    stats = {**experience_metrics(exp, beta, wide), "objective/entropy": entropy, **update_stats}
     if all_reduce is not None:  # token means: each process's weighted by its share of all tokens
         share = mask.sum() * world / all_reduce(mask.sum().float())
         for key in ("objective/kl_per_token", "objective/entropy"):
             stats[key] = stats[key] * share
-        # the rest, on the gathered batch: the same value on every process, which the mean keeps
-        gathered = [parts.accelerator.gather(t) for t in (
-            seqs.response_ids, mask, exp.values, exp.returns, exp.rm_scores)]
-        stats.update(batch_wide_metrics(*gathered))
     metrics = parts.mean_over_processes(stats)
     check_finite(torch.tensor(metrics["policy/loss"] + metrics["val/loss"]), step, "the PPO loss")
     parts.kl_ctl.update(metrics["objective/kl"], n_steps=exp.rewards.shape[0] * world)

@@ -5,6 +5,8 @@ Everything stays a 0-dim tensor until the recipe logs it, so a GPU run syncs onc
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -55,11 +57,15 @@ def batch_wide_metrics(response_ids: Tensor, mask: Tensor, values: Tensor, retur
     }
 
 
-def experience_metrics(exp: Experience, kl_coef: float) -> dict[str, Tensor]:
-    """objective/, response/ and val/explained_var metrics of one iteration's buffer."""
+def experience_metrics(exp: Experience, kl_coef: float,
+                       wide: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
+    """objective/, response/ and val/explained_var metrics of one iteration's buffer. wide: the
+    `batch_wide_metrics` to report, when they were taken over more than this buffer (the
+    gathered batch of several processes); by default they are this buffer's."""
     mask = exp.mask
     kl_per_seq = exp.kl.sum(-1)
-    wide = batch_wide_metrics(exp.seqs.response_ids, mask, exp.values, exp.returns, exp.rm_scores)
+    if wide is None:
+        wide = batch_wide_metrics(exp.seqs.response_ids, mask, exp.values, exp.returns, exp.rm_scores)
     return {
         "objective/kl": kl_per_seq.mean(),
         "objective/kl_per_token": masked_mean(exp.kl, mask),
