@@ -43,9 +43,12 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """
     n = _count(x, mask, None)
     sq = masked_sum((x - masked_mean(x, mask)) ** 2, mask)
-    if not unbiased:
-        return sq / n.clamp(min=1)
-    # torch.where instead of an `if n < 2` keeps the count on the device.
+    return _bessel(sq, n) if unbiased else sq / n.clamp(min=1)
+
+
+def _bessel(sq: Tensor, n: Tensor) -> Tensor:
+    """Sum of squared deviations -> unbiased variance; 0 for fewer than 2 entries. torch.where
+    instead of an `if n < 2` keeps the count on the device."""
     return torch.where(n > 1, sq / (n - 1).clamp(min=1), torch.zeros_like(sq))
 
 
@@ -83,8 +86,7 @@ def _global_mean_var(x: Tensor, mask: Tensor,
     total = all_reduce(torch.stack([masked_sum(x, mask), _count(x, mask, None)]))
     n = total[1]
     mean = total[0] / n.clamp(min=1)
-    sq = all_reduce(masked_sum((x - mean) ** 2, mask))
-    return mean, torch.where(n > 1, sq / (n - 1).clamp(min=1), torch.zeros_like(sq))
+    return mean, _bessel(all_reduce(masked_sum((x - mean) ** 2, mask)), n)
 
 
 def response_mask(
