@@ -370,13 +370,15 @@ def test_other_architectures_gain_against_a_reward_model_of_another_family(arch,
     assert late > early + 0.3 and after > before + 0.3, (early, late, before, after)
 
 
-@pytest.mark.parametrize("extra", [(), ("--micro-batch-size", "2")])
+@pytest.mark.parametrize("extra", [(), ("--micro-batch-size", "2"), ("--critic", "head", "--ptx-coef", "0.5")])
 def test_two_processes_match_one_process(task, tmp_path, extra):
     """DDP over gloo with 4 rollouts per process gives the metrics of one process with 8: the
     same prompts and sampling noise per row, advantages whitened over both processes, statistics
     averaged over them, losses weighted by each process's share of all response tokens (EOS ends
     some responses early), gradients all-reduced by DDP (with micro-batches, on the last
-    backward of each minibatch only)."""
+    backward of each minibatch only). With PPO-ptx each process reads its share of the ptx
+    batch, its LM loss divided by the mean ptx token count per process; that forward goes around
+    the DDP wrapper but into the same backward, so DDP all-reduces its gradient too."""
     from tether.data.tokenize import encode_prompt
     from transformers import AutoTokenizer
 
@@ -388,6 +390,8 @@ def test_two_processes_match_one_process(task, tmp_path, extra):
     assert len(same) >= 2  # equal lengths: no prompt padding, which would differ per batch
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t} for t in same * 8])
     one, two = tmp_path / "one", tmp_path / "two"
+    if "--ptx-coef" in extra:
+        extra = (*extra, "--ptx-data", str(task.ptx))
 
     def args(out, batch):
         return ["ppo", "--policy", str(task.policy), "--reward-model", str(task.rm), "--prompts",
@@ -412,7 +416,8 @@ def test_two_processes_match_one_process(task, tmp_path, extra):
     # each process's share), and the batch-wide std, distinct-2 and explained variance
     compared = [k for k in METRICS if not k.startswith("timing/")] + ["objective/gold_score"]
     for ra, rb in zip(a, b):
-        for key in compared + ["policy/grad_norm", "val/grad_norm"]:
+        grad_norms = ["policy/grad_norm"] + ([] if "head" in extra else ["val/grad_norm"])
+        for key in compared + grad_norms + (["ptx/loss"] if "--ptx-coef" in extra else []):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
     assert any(0 < r["response/eos_rate"] < 1 for r in a)  # responses of different lengths
     assert a[2]["policy/loss"] != a[1]["policy/loss"]

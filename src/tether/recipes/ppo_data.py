@@ -90,9 +90,13 @@ class PtxData:
     """PPO-ptx rows (InstructGPT): plain text kept under a language-modelling loss.
 
     Rows hold `text`, or `prompt` + `completion`. Batch k uses rows decided by the seed alone.
+    With several processes, batch k is shared out as the prompts are: each process reads
+    `rows_per_batch` rows of a global batch of `rows_per_batch x world_size`, the rows one
+    process would read alone with that many per batch.
     """
 
-    def __init__(self, source: str, tokenizer: Any, max_length: int, rows_per_batch: int, seed: int):
+    def __init__(self, source: str, tokenizer: Any, max_length: int, rows_per_batch: int, seed: int,
+                 world_size: int = 1, rank: int = 0):
         ds = load_rows(source)
         if "text" in ds.column_names:
             require_columns(ds, ["text"], source)
@@ -103,11 +107,13 @@ class PtxData:
         eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         self.rows = [(encode_prompt(tokenizer, t) + eos)[:max_length] for t in texts]
         self.pad = tokenizer.pad_token_id
-        self.order = GlobalBatches(len(self.rows), rows_per_batch, 1, 1, seed + 1)
+        self.order = GlobalBatches(len(self.rows), rows_per_batch, 1, world_size, seed + 1)
+        self.rank = rank
 
     def batch(self, k: int, device: Any) -> dict[str, Tensor]:
-        """Right-padded input_ids, attention_mask and labels (-100 on padding) of batch k."""
-        rows = [self.rows[i] for i in self.order.step_indices(k, 0)[0]]
+        """This process's right-padded input_ids, attention_mask and labels (-100 on padding)
+        of batch k."""
+        rows = [self.rows[i] for i in self.order.step_indices(k, self.rank)[0]]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -206,7 +206,8 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
                            cfg.temperature)
     probe.check(reference)  # records the baseline before any update
     ptx = (PtxData(cfg.ptx_data, tokenizer, cfg.max_prompt_length + cfg.response_length,
-                   cfg.minibatch, cfg.seed) if cfg.ptx_data else None)
+                   cfg.minibatch, cfg.seed, accelerator.num_processes, accelerator.process_index)
+           if cfg.ptx_data else None)
     order = GlobalBatches(len(prompts.ids), cfg.batch_size, 1, accelerator.num_processes, cfg.seed)
     return PPOParts(cfg, accelerator, tokenizer, actor, critic, optimizers, schedulers, reference,
                     reward, generator, kl_ctl, prompts, order, eos_ids, probe, eval_prompts=eval_prompts,

@@ -159,8 +159,15 @@ def _ppo_loss(parts: Any, mb: Experience, out: Optional[PolicyOutput]) -> tuple[
 
 
 def _ptx_loss(parts: Any, ptx_index: int) -> Tensor:
-    """PPO-ptx: the pretraining (SFT-style) loss on the ptx batch `ptx_index`."""
+    """PPO-ptx: the pretraining (SFT-style) loss on the ptx batch `ptx_index`, a mean over its
+    tokens. With several processes each holds its share of the batch, and its summed NLL is
+    divided by the mean token count per process: DDP's average of the gradients is then that
+    of the mean over all the batch's tokens, as in one process."""
     batch = parts.ptx.batch(ptx_index, parts.device)
+    normalizer, all_reduce = None, parts.all_reduce_sum()
+    if all_reduce is not None:
+        tokens = (batch["labels"][:, 1:] != -100).sum().float()
+        normalizer = all_reduce(tokens).clamp(min=1) / parts.accelerator.num_processes
     logits = parts.policy_lm()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                use_cache=False).logits
-    return sft_loss(logits, batch["labels"])[0]
+    return sft_loss(logits, batch["labels"], normalizer)[0]
