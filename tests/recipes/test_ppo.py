@@ -376,7 +376,7 @@ def test_two_processes_match_one_process(task, tmp_path, extra):
     same prompts and sampling noise per row, advantages whitened over both processes, statistics
     averaged over them, losses weighted by each process's share of all response tokens (EOS ends
     some responses early), gradients all-reduced by DDP (with micro-batches, on the last
-    backward of each minibatch only). With PPO-ptx each process reads its share of the ptx
+    backward of each minibatch only), and the held-out evaluation shared out between them. With PPO-ptx each process reads its share of the ptx
     batch, its LM loss divided by the mean ptx token count per process; that forward goes around
     the DDP wrapper but into the same backward, so DDP all-reduces its gradient too."""
     from tether.data.tokenize import encode_prompt
@@ -389,6 +389,8 @@ def test_two_processes_match_one_process(task, tmp_path, extra):
     same = [t for t, n in zip(texts, lengths) if n == max(set(lengths), key=lengths.count)]
     assert len(same) >= 2  # equal lengths: no prompt padding, which would differ per batch
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": t} for t in same * 8])
+    # 11 held-out prompts: a global batch of 8, then 3 rows, all on the first process
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": t} for t in (same * 11)[:11]])
     one, two = tmp_path / "one", tmp_path / "two"
     if "--ptx-coef" in extra:
         extra = (*extra, "--ptx-data", str(task.ptx))
@@ -398,7 +400,8 @@ def test_two_processes_match_one_process(task, tmp_path, extra):
                 str(prompts), "--output-dir", str(out), "--batch-size", str(batch),
                 "--response-length", "4", "--max-steps", "3", "--lr", "1e-2",
                 "--value-lr", "1e-2", "--temperature", "1.0", "--gold-judge", "judges:length_judge",
-                "--no-progress", "--no-tensorboard", *extra]
+                "--eval-prompts", str(held_out), "--eval-every", "2", "--no-progress",
+                "--no-tensorboard", *extra]
 
     assert main(args(one, 8)) == 0
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -417,10 +420,12 @@ def test_two_processes_match_one_process(task, tmp_path, extra):
     compared = [k for k in METRICS if not k.startswith("timing/")] + ["objective/gold_score"]
     for ra, rb in zip(a, b):
         grad_norms = ["policy/grad_norm"] + ([] if "head" in extra else ["val/grad_norm"])
-        for key in compared + grad_norms + (["ptx/loss"] if "--ptx-coef" in extra else []):
+        evals = [k for k in ra if k.startswith("eval/")] if ra["step"] in (2, 3) else []
+        for key in compared + grad_norms + evals + (["ptx/loss"] if "--ptx-coef" in extra else []):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
     assert any(0 < r["response/eos_rate"] < 1 for r in a)  # responses of different lengths
     assert a[2]["policy/loss"] != a[1]["policy/loss"]
+    assert "eval/rm_score" in a[1] and a[1]["eval/rm_score"] != a[2]["eval/rm_score"]
     assert (two / "model.safetensors").exists()
 
 

@@ -195,3 +195,21 @@ def test_each_noise_shard_draws_what_the_whole_batch_draws_for_its_rows():
     # without the shard, the second process would reuse the first one's noise
     alone = sample_next_token(logits[4:8], SamplingParams(1), torch.Generator().manual_seed(5))
     assert not torch.equal(alone, whole[4:8])
+
+
+def test_noise_rows_pick_any_window_of_a_batch_spread_over_processes():
+    """A short last batch of 7 rows over processes holding 4 rows each: 4 on the first, 3 on
+    the second. Each draws the whole batch's noise for its own window."""
+    logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(1))
+    whole = sample_next_token(logits, SamplingParams(1), torch.Generator().manual_seed(9))
+    first = sample_next_token(logits[:4], SamplingParams(1), torch.Generator().manual_seed(9),
+                              noise_rows=(0, 7))
+    second = sample_next_token(logits[4:], SamplingParams(1), torch.Generator().manual_seed(9),
+                               noise_rows=(4, 7))
+    assert torch.equal(torch.cat([first, second]), whole)
+    # the shard rule would read the second process's 3 rows as rows 3..5 of a batch of 6
+    shard = sample_next_token(logits[4:], SamplingParams(1, noise_shard=(1, 2)),
+                              torch.Generator().manual_seed(9))
+    assert not torch.equal(shard, whole[4:])
+    with pytest.raises(ValueError, match="outside a batch of 7"):
+        sample_next_token(logits[4:], SamplingParams(1), torch.Generator(), noise_rows=(5, 7))

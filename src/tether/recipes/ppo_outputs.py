@@ -62,24 +62,37 @@ def sample_rows(parts: Any, result: Any, n: int) -> list[dict]:
 @torch.no_grad()
 def evaluate(parts: Any) -> dict[str, float]:
     """Mean RM score, KL to the reference (per sequence), length and EOS rate of the policy's
-    responses to the held-out prompts, sampled as in training."""
-    cfg, prompts = parts.cfg, parts.eval_prompts
-    rng = torch.Generator(device=parts.device).manual_seed(cfg.seed * 1_000_003 + EVAL_SEED)
-    totals = {"eval/rm_score": 0.0, "eval/kl": 0.0, "eval/length": 0.0, "eval/eos_rate": 0.0}
-    n = len(prompts.ids)
-    for start in range(0, n, cfg.batch_size):
-        rows = range(start, min(n, start + cfg.batch_size))
+    responses to the held-out prompts, sampled as in training.
+
+    The prompts go in global batches of --batch-size rows per process. Each process samples its
+    rows of a batch with that batch's noise for those rows (each batch seeded on its own), and
+    the sums are added over processes: N processes evaluate every prompt once, with the samples
+    one process would draw with N times the batch size.
+    """
+    cfg, prompts, acc = parts.cfg, parts.eval_prompts, parts.accelerator
+    world, rank, n = acc.num_processes, acc.process_index, len(prompts.ids)
+    per_process, totals = cfg.batch_size, torch.zeros(4, dtype=torch.float64)
+    for k, start in enumerate(range(0, n, per_process * world)):
+        size = min(per_process * world, n - start)  # this global batch's rows
+        lo, hi = rank * per_process, min((rank + 1) * per_process, size)  # this process's
+        if lo >= hi:
+            continue  # the last batch is short: nothing left for this process
+        rows = range(start + lo, start + hi)
+        rng = torch.Generator(device=parts.device).manual_seed(cfg.seed * 1_000_003 + EVAL_SEED + k)
         ids, mask, texts = prompts.batch(rows, parts.tokenizer.pad_token_id, parts.device)
-        rollout = parts.generator.generate(ids, mask, rng)
+        rollout = parts.generator.generate(ids, mask, rng, noise_rows=(lo, size))
         seqs = rollout.sequences()
         ref = parts.reference.logprobs(seqs, cfg.temperature)
         logprobs = _policy_logprobs(parts, seqs)
         kl = torch.where(rollout.response_mask.bool(), logprobs - ref, torch.zeros_like(ref)).sum(-1)
-        totals["eval/rm_score"] += float(parts.reward.score(seqs, texts, prompts.chats_at(rows)).sum())
-        totals["eval/kl"] += float(kl.sum())
-        totals["eval/length"] += float(rollout.response_mask.sum())
-        totals["eval/eos_rate"] += float(rollout.ended.sum())
-    return {k: v / n for k, v in totals.items()}
+        scores = parts.reward.score(seqs, texts, prompts.chats_at(rows))
+        totals += torch.stack([scores.sum(), kl.sum(), rollout.response_mask.sum(),
+                               rollout.ended.sum()]).double().cpu()
+    all_reduce = parts.all_reduce_sum()
+    if all_reduce is not None:
+        totals = all_reduce(totals.to(parts.device)).cpu()
+    names = ("eval/rm_score", "eval/kl", "eval/length", "eval/eos_rate")
+    return {name: float(total) / n for name, total in zip(names, totals)}
 
 
 def _policy_logprobs(parts: Any, seqs: Any) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -43,9 +43,13 @@ class SamplingParams:
 class Generator(Protocol):
     """A generation backend. `generate` samples one response per prompt row."""
 
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator) -> Rollout:
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator,
+                 noise_rows: Optional[tuple[int, int]] = None) -> Rollout:
         """prompt_ids, prompt_mask: (B, P), left-padded. rng: the sampling noise, so that an
-        iteration's samples depend only on the seed and the iteration (exact resume)."""
+        iteration's samples depend only on the seed and the iteration (exact resume).
+        noise_rows: (offset, total): these B rows are rows offset .. offset + B - 1 of a batch
+        of `total` rows spread over processes, and draw that batch's noise for those rows;
+        None: the rows of this process's shard (`SamplingParams.noise_shard`)."""
 
     def sync_weights(self) -> None:
         """Called after every policy update. Backends that share the policy's parameters (both
@@ -67,10 +71,24 @@ def truncate_scores(scores: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tenso
     return scores
 
 
-def sample_next_token(logits: Tensor, params: SamplingParams, rng: torch.Generator) -> Tensor:
+def noise_window(B: int, params: SamplingParams,
+                 noise_rows: Optional[tuple[int, int]] = None) -> tuple[int, int]:
+    """(offset, total) of B rows in the batch whose noise each step draws (see `Generator`)."""
+    if noise_rows is not None:
+        offset, total = noise_rows
+        if offset < 0 or offset + B > total:
+            raise ValueError(f"noise rows {offset}..{offset + B - 1} lie outside a batch of {total}")
+        return offset, total
+    shard, shards = params.noise_shard
+    return shard * B, shards * B
+
+
+def sample_next_token(logits: Tensor, params: SamplingParams, rng: torch.Generator,
+                      noise_rows: Optional[tuple[int, int]] = None) -> Tensor:
     """Draw one token per row from softmax(logits / T), optionally truncated by top-k/top-p.
 
-    logits: (B, V) any float dtype. Returns (B,) long. Inverse-CDF sampling: one uniform per row
+    logits: (B, V) any float dtype. noise_rows: as in `Generator.generate`. Returns (B,) long.
+    Inverse-CDF sampling: one uniform per row
     and a binary search in the cumulative probabilities. That needs B random numbers where
     torch.multinomial or an exponential race draw B x V (7x slower for a 4k vocabulary on CPU),
     and it never syncs with the host on a GPU.
@@ -78,8 +96,9 @@ def sample_next_token(logits: Tensor, params: SamplingParams, rng: torch.Generat
     scores = truncate_scores(logits.float() / params.temperature, params.top_k, params.top_p)
     cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
     # Scaled by the row's total, so rounding in the cumsum can never push u past the end.
-    B, (shard, shards) = cdf.shape[0], params.noise_shard
-    u = torch.rand((B * shards, 1), generator=rng, device=cdf.device)[shard * B:(shard + 1) * B]
+    B = cdf.shape[0]
+    offset, total = noise_window(B, params, noise_rows)
+    u = torch.rand((total, 1), generator=rng, device=cdf.device)[offset:offset + B]
     u = u * cdf[:, -1:]
     # The first token whose cumulative probability exceeds u; a zero-probability token never is.
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)
@@ -130,9 +149,11 @@ class KVCacheSampler:
         self.decoder = decoder_for(model) if fused else None
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator) -> Rollout:
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator,
+                 noise_rows: Optional[tuple[int, int]] = None) -> Rollout:
         p = self.params
         B, P = prompt_ids.shape
+        noise_rows = noise_window(B, p, noise_rows)
         was_training = self.model.training
         self.model.eval()  # no gradient checkpointing, so the cache is used
         # The attention mask grows by one column a step: allocate it once, slice it per step.
@@ -152,7 +173,7 @@ class KVCacheSampler:
             fused.start(out.past_key_values, prompt_mask, P + p.max_new_tokens)
         n = 0
         for t in range(p.max_new_tokens):
-            token = sample_next_token(logits, p, rng)
+            token = sample_next_token(logits, p, rng, noise_rows)
             token = torch.where(finished, torch.full_like(token, p.pad_token_id), token)
             sampled[:, t] = token
             n = t + 1
@@ -186,7 +207,8 @@ class HFGenerator:
         self.params = params
 
     @torch.no_grad()
-    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator) -> Rollout:
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator,
+                 noise_rows: Optional[tuple[int, int]] = None) -> Rollout:
         from transformers import GenerationConfig
 
         p = self.params
@@ -198,7 +220,8 @@ class HFGenerator:
             min_new_tokens=p.max_new_tokens if not p.eos_token_ids else None, use_cache=True)
         # generate() draws its own noise: seed it apart per process (the same seed everywhere
         # would give every process the same noise), though not as one process would draw it
-        seed = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device)) + p.noise_shard[0]
+        offset = noise_window(prompt_ids.shape[0], p, noise_rows)[0]
+        seed = int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device)) + offset
         devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
         was_training = self.model.training
         self.model.eval()
