@@ -21,6 +21,13 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
         load_rows(str(path))
 
 
+def test_a_cut_off_line_is_reported_at_its_own_end(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": "Lily saw a"\n{"prompt": "b"}\n')
+    with pytest.raises(DataError, match=r"cut\.jsonl:2: malformed JSON \(Expecting ',' delimiter at column 24\)"):
+        load_rows(str(path))
+
+
 def test_non_object_line_is_reported(tmp_path):
     path = tmp_path / "list.jsonl"
     path.write_text('{"prompt": "a", "completion": "b"}\n[1, 2]\n')

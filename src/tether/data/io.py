@@ -35,7 +35,7 @@ def read_json_lines(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # so a cut-off line reports its own last column
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}). "
                                 "Each line must be one JSON object.") from None
