@@ -472,7 +472,8 @@ class PPOConfig(RunConfig):
     reference that the KL penalty ties the policy to. Required."""
     reward_model: str = ""
     """A tether reward model, or any Hugging Face SequenceClassification model with
-    num_labels=1. Its calibration bias (tether_reward_bias) is added to every score. Required."""
+    num_labels=1. Its calibration bias (tether_reward_bias) is added to every score. A checkpoint
+    without a trained scalar head (a causal LM) is refused. Required."""
     prompts: str = ""
     """Prompts to sample from: a file or dataset with a `prompt` column, or `messages` (rendered
     with the chat template and its generation prompt). Required."""

@@ -256,10 +256,15 @@ def test_gold_judge_is_logged_each_iteration(tiny_models, tmp_path):
 
     from conftest import write_jsonl
 
-    model = tiny_models["llama"]
+    from tether.models.load import load_tokenizer
+    from tether.models.reward import init_reward_model
+
+    model, rm = tiny_models["llama"], tmp_path / "rm"
+    init_reward_model(str(model), pad_token_id=0).save_pretrained(rm)
+    load_tokenizer(str(model)).save_pretrained(rm)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat sat"}] * 8)
     out = tmp_path / "ppo_gold"
-    assert main(["ppo", "--policy", str(model), "--reward-model", str(model), "--prompts", str(prompts),
+    assert main(["ppo", "--policy", str(model), "--reward-model", str(rm), "--prompts", str(prompts),
                  "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4", "--response-length", "4",
                  "--critic", "head", "--gold-judge", "judges:length_judge", "--no-progress",
                  "--no-tensorboard"]) == 0

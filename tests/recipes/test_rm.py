@@ -13,8 +13,9 @@ from tether.cli import main
 from tether.data.preference import collate_groups, tokenize_groups
 from tether.losses.reward import pairwise_loss
 from tether.models.load import load_tokenizer
-from tether.models.reward import (BIAS_KEY, init_reward_model, load_reward_model, score_texts,
-                                  sequence_scores)
+from tether.errors import TetherError
+from tether.models.reward import (BIAS_KEY, init_reward_model, load_reward_model, scalar_head,
+                                  score_texts, sequence_scores)
 from tether.recipes.rm import rm_loss_sum
 from tether.training.metrics import read_metrics
 
@@ -303,3 +304,18 @@ def test_conversational_preferences_train_rm_and_dpo_and_score(tiny_models, tmp_
     assert main(["dpo", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "dpo"),
                  "--max-steps", "2", "--batch-size", "4", "--kl-samples", "2", "--kl-response-length", "4",
                  "--no-progress", "--no-tensorboard"]) == 0
+
+
+def test_a_causal_lm_is_refused_where_a_trained_reward_model_is_needed(tiny_models, tmp_path, capsys):
+    """transformers would load a causal LM as a SequenceClassification model with a random head,
+    and PPO would optimise noise: PPO, best-of-N and scoring refuse it and say what to do."""
+    lm = tiny_models["llama"]
+    with pytest.raises(TetherError, match=r"not a trained reward model.*score\.weight missing.*tether rm"):
+        load_reward_model(str(lm))
+    assert scalar_head(init_reward_model(str(lm))).weight.abs().sum() > 0  # `tether rm` starts one
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat sat"}] * 4)
+    assert main(["ppo", "--policy", str(lm), "--reward-model", str(lm), "--prompts", str(prompts),
+                 "--output-dir", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "4",
+                 "--no-progress", "--no-tensorboard"]) != 0
+    assert "not a trained reward model" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -76,13 +76,16 @@ def generic_reward_class(config: Any) -> Optional[type]:
 
 
 def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
-                      pad_token_id: int | None = None) -> Any:
-    """Load a hub-convention reward model (num_labels=1), or start one from a causal LM."""
+                      pad_token_id: int | None = None, trained: bool = True) -> Any:
+    """Load a hub-convention reward model (num_labels=1), or (trained=False) start one from a
+    causal LM. With trained=True a checkpoint without a scalar head is refused: transformers
+    would give it a random head, and every score would be noise."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code,
+            output_loading_info=True)
     except Exception as err:
         if not (isinstance(err, ValueError) and "Unrecognized configuration class" in str(err)):
             raise TetherError(f"could not load a reward model (AutoModelForSequenceClassification, "
@@ -93,7 +96,15 @@ def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remot
             raise TetherError(f"{name!r} ({config.model_type}) has no sequence-classification "
                               "class in transformers and no trunk tether can put a scalar head "
                               "on; use a reward-model backbone of another architecture") from None
-        model = cls.from_pretrained(name, num_labels=1, dtype=dtype)
+        model, info = cls.from_pretrained(name, num_labels=1, dtype=dtype, output_loading_info=True)
+    if trained:
+        head = scalar_head_name(model)
+        missing = sorted(k for k in info.get("missing_keys", ()) if k.split(".")[0] == head)
+        if missing:
+            raise TetherError(
+                f"{name!r} is not a trained reward model: its checkpoint has no scalar head "
+                f"({', '.join(missing)} missing), so transformers would start a random one. Is it "
+                f"a causal LM? Train a reward model from it first: tether rm --model {name} ...")
     if pad_token_id is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = pad_token_id
     return model
@@ -102,7 +113,7 @@ def load_reward_model(name: str, dtype: torch.dtype = torch.float32, trust_remot
 def init_reward_model(lm_name: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                       pad_token_id: int | None = None, seed: int = 0) -> Any:
     """A reward model from a causal-LM checkpoint: its trunk plus a fresh head ~ N(0, 1/(d+1))."""
-    model = load_reward_model(lm_name, dtype, trust_remote_code, pad_token_id)
+    model = load_reward_model(lm_name, dtype, trust_remote_code, pad_token_id, trained=False)
     head = scalar_head(model)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
