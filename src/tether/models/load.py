@@ -81,13 +81,22 @@ def prepare_for_training(model: Any, gradient_checkpointing: bool) -> None:
             model.enable_input_require_grads()
 
 
+DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Set every dropout probability to 0 (RL logprobs must not be noisy)."""
+    """Set every dropout probability to 0 (RL logprobs must not be noisy): dropout modules,
+    the config, and the probabilities that modules copied from the config when they were built
+    (Llama, Mistral and Qwen2 attention keep `attention_dropout` as a float and apply it in
+    train mode, whatever the config says afterwards)."""
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
-    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
-                "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        for key in DROPOUT_KEYS:
+            if isinstance(getattr(module, key, None), float):
+                setattr(module, key, 0.0)
+    for key in DROPOUT_KEYS:
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, 0.0)
 

@@ -22,7 +22,7 @@ from tether.data.io import load_rows
 from tether.data.preference import load_preference_groups, read_preference_rows
 from tether.data.sft import IGNORE
 from tether.losses.dpo import dpo_loss
-from tether.models.load import apply_lora, count_parameters, load_causal_lm, load_tokenizer
+from tether.models.load import apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer
 from tether.ops.logprobs import sequence_logprobs
 from tether.training.loop import LoopSpec, train_supervised
 from tether.training.runtime import finish_run, resolve_dtype, start_run
@@ -144,6 +144,9 @@ def run(cfg: DPOConfig) -> dict:
     # 3. model; the reference log-probs come from it before any update (and before LoRA)
     model = load_causal_lm(cfg.model, resolve_dtype(cfg.dtype), cfg.trust_remote_code,
                            cfg.gradient_checkpointing)
+    # dropout off: the policy's log-probs are compared with the reference's, and dropout in the
+    # train-mode forward would move the loss away from log 2 before any update
+    disable_dropout(model)
     model.to(accelerator.device)
     fill_reference_logps(model, train + held, tokenizer.pad_token_id, cfg.batch_size * 2)
     if cfg.lora_r > 0:
