@@ -48,6 +48,11 @@ class LlamaShape:
         mlp = 3 * self.hidden * self.intermediate  # gate, up, down
         return attn + mlp
 
+    def query_side_params(self) -> int:
+        """Weights of one decoder layer used per query position: q, o and the MLP (k and v are
+        needed at every position a later query attends to)."""
+        return self.hidden * self.hidden * 2 + 3 * self.hidden * self.intermediate
+
     def trunk_matmul_params(self) -> int:
         """Non-embedding matmul weights of the trunk (all layers; no embedding, no lm_head)."""
         return self.layers * self.layer_matmul_params()
@@ -167,14 +172,20 @@ def attention_flops_full(shape: LlamaShape, seq_len: int) -> float:
 
 
 def forward_flops(shape: LlamaShape, n_seqs: int, seq_len: int, head: str,
-                  head_positions: Optional[int] = None) -> float:
+                  head_positions: Optional[int] = None, last_layer_rows: Optional[int] = None) -> float:
     """One forward over n_seqs full sequences of seq_len tokens.
 
     head: "lm" (vocab logits), "scalar" (hidden -> 1, a critic or RM) or "none".
     head_positions: how many positions per sequence get the head (default: all of them).
+    last_layer_rows: the last layer computes queries, attention, o and MLP at the last this
+    many positions only (keys and values everywhere), as `tether.models.tail` does; default all.
     """
     pos = seq_len if head_positions is None else head_positions
     trunk = 2.0 * shape.trunk_matmul_params() * seq_len + attention_flops_full(shape, seq_len)
+    if last_layer_rows is not None and last_layer_rows < seq_len:
+        skipped = seq_len - last_layer_rows  # the first positions, each attending to i + 1 keys
+        trunk -= 2.0 * shape.query_side_params() * skipped
+        trunk -= 4.0 * shape.hidden * skipped * (skipped + 1) / 2
     head_cost = {"lm": 2.0 * shape.hidden * shape.vocab, "scalar": 2.0 * shape.hidden, "none": 0.0}[head]
     return n_seqs * (trunk + head_cost * pos)
 

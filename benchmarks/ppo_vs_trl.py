@@ -120,29 +120,33 @@ def tether_work(shape: LlamaShape, s: Settings, critic: str) -> dict[str, float]
       one-token forward per further token): the same work as HF generate;
     * scoring (no grad): reference forward over P+T-1 tokens (the last column predicts nothing
       and is not fed) with the LM head on the T response-predicting positions only
-      (`logits_to_keep`); RM forward over all P+T tokens (trunk + head);
+      (`logits_to_keep`) and the last layer's query side there only (`tether.models.tail`);
+      RM forward over all P+T tokens, its last layer's query side at the one position read;
     * pi_old and V_old: with one minibatch, the first epoch's forward gives them (no scoring pass
       of the policy or the critic);
-    * update, per epoch: policy forward over P+T-1 tokens, LM head on T positions [+ with
-      --critic separate, the critic's trunk over P+T-1 tokens and its scalar head; with
-      --critic head, a d->1 head on T positions of the policy's trunk]; backward = 2x forward;
+    * update, per epoch: policy forward over P+T-1 tokens, LM head and the last layer's query
+      side on T positions [+ with --critic separate, the critic's trunk over P+T-1 tokens, its
+      last layer's query side on T positions, its scalar head everywhere; with --critic head, a d->1
+      head on T positions of the policy's trunk]; backward = 2x forward;
     * health probe: `ReferenceProbe.check` re-scores 2 probe rows (prompt + 8 tokens, last
-      column not fed, LM head on 8 positions) with the reference every iteration.
+      column not fed, LM head and last layer's query side on 8 positions) with the reference
+      every iteration.
     """
-    n, seq = s.rollouts, s.prompt_len + s.response_len
-    fwd_policy = forward_flops(shape, n, seq - 1, "lm", head_positions=s.response_len)
-    fwd_critic = forward_flops(shape, n, seq - 1, "scalar")
+    n, seq, T = s.rollouts, s.prompt_len + s.response_len, s.response_len
+    fwd_policy = forward_flops(shape, n, seq - 1, "lm", head_positions=T, last_layer_rows=T)
+    fwd_critic = forward_flops(shape, n, seq - 1, "scalar", last_layer_rows=T)  # head everywhere
     work = {
         "generation": generation_flops(shape, n, s.prompt_len, s.response_len),
         "score_reference": fwd_policy,
-        "score_reward": forward_flops(shape, n, seq, "scalar"),
+        "score_reward": forward_flops(shape, n, seq, "scalar", head_positions=1, last_layer_rows=1),
         "update_policy_fwd_bwd": s.ppo_epochs * 3 * fwd_policy,
     }
     if critic == "separate":
         work["update_critic_fwd_bwd"] = s.ppo_epochs * 3 * fwd_critic
     else:  # the value head on the policy's trunk: d -> 1 per response position
         work["update_value_head"] = s.ppo_epochs * 3 * n * s.response_len * 2.0 * shape.hidden
-    work["health_probe"] = forward_flops(shape, 2, s.prompt_len + 8 - 1, "lm", head_positions=8)
+    work["health_probe"] = forward_flops(shape, 2, s.prompt_len + 8 - 1, "lm", head_positions=8,
+                                         last_layer_rows=8)
     return work
 
 

@@ -8,8 +8,9 @@
 
 Every forward here returns only the response part of a left-padded (prompt + response) batch:
 column t of the output is what predicts response token t (sequence column P + t), which is
-sequence column P - 1 + t. Logits of prompt positions are never computed, and the last column
-(which predicts nothing that is scored) is not fed.
+sequence column P - 1 + t. Logits of prompt positions are never computed, the last column
+(which predicts nothing that is scored) is not fed, and where `tether.models.tail` supports the
+model its last layer runs at the response-predicting positions only.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Optional
 from torch import Tensor, nn
 
 from tether.models.reward import per_token_scalars, reward_bias
+from tether.models.tail import reading_last
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -42,8 +44,9 @@ def response_logits(lm: Any, input_ids: Tensor, attention_mask: Tensor, position
     """
     keep = _accepts_logits_to_keep(lm) if keep_arg is None else keep_arg
     kwargs = {"logits_to_keep": n_response} if keep else {}
-    logits = lm(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
-                position_ids=position_ids[:, :-1], use_cache=False, **kwargs).logits
+    with reading_last(lm, n_response):  # the last layer runs at those positions only
+        logits = lm(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                    position_ids=position_ids[:, :-1], use_cache=False, **kwargs).logits
     return logits if keep else logits[:, -n_response:]
 
 
@@ -103,8 +106,9 @@ class Critic(nn.Module):
         predicts y_t. The RM's calibration bias is added, so a critic initialised from the RM
         starts out predicting calibrated scores."""
         # As for the policy, the last column is never read: it is not fed.
-        values = per_token_scalars(self.model, input_ids[:, :-1], attention_mask[:, :-1],
-                                   position_ids[:, :-1])
+        with reading_last(self.model, n_response):
+            values = per_token_scalars(self.model, input_ids[:, :-1], attention_mask[:, :-1],
+                                       position_ids[:, :-1])
         return values[:, -n_response:] + reward_bias(self.model)
 
 

@@ -128,7 +128,8 @@ def per_token_scalars(model: Any, input_ids: torch.Tensor, attention_mask: torch
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The head applied at every position: shape (B, T) float32 (a critic's values)."""
     kwargs = {"position_ids": position_ids} if position_ids is not None else {}
-    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                             **kwargs).last_hidden_state
     head = scalar_head(model)
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
@@ -145,8 +146,13 @@ def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     Equals `AutoModelForSequenceClassification(...)(input_ids).logits[:, 0]` whenever the pad id
     occurs only in padding (HF reads the last token that is not the pad id).
     """
-    hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    from tether.models.tail import reading_last
+
     last = last_token_index(attention_mask)
+    read = input_ids.shape[1] - int(last.min()) if last.numel() else 0  # from the earliest last token on
+    with reading_last(model, read):
+        hidden = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False).last_hidden_state
     picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     head = scalar_head(model)
     return head(picked.to(head.weight.dtype)).squeeze(-1).float()
