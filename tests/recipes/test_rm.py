@@ -11,9 +11,9 @@ import torch
 
 from tether.cli import main
 from tether.data.preference import collate_groups, tokenize_groups
+from tether.errors import TetherError
 from tether.losses.reward import pairwise_loss
 from tether.models.load import load_tokenizer
-from tether.errors import TetherError
 from tether.models.reward import (BIAS_KEY, init_reward_model, load_reward_model, scalar_head,
                                   score_texts, sequence_scores)
 from tether.recipes.rm import rm_loss_sum
@@ -308,7 +308,8 @@ def test_conversational_preferences_train_rm_and_dpo_and_score(tiny_models, tmp_
 
 def test_a_causal_lm_is_refused_where_a_trained_reward_model_is_needed(tiny_models, tmp_path, capsys):
     """transformers would load a causal LM as a SequenceClassification model with a random head,
-    and PPO would optimise noise: PPO, best-of-N and scoring refuse it and say what to do."""
+    and PPO would optimise noise: `load_reward_model` (behind PPO, best-of-N, scoring and eval)
+    refuses it and says what to do."""
     lm = tiny_models["llama"]
     with pytest.raises(TetherError, match=r"not a trained reward model.*score\.weight missing.*tether rm"):
         load_reward_model(str(lm))

@@ -127,12 +127,27 @@ def test_what_it_does_not_support_runs_the_model_s_own_layer():
     (ids, mask, pos), T = _batch(True), 5
     response_logits(checkpointed, ids, mask, pos, T).sum().backward()
     assert seen[0] == 11  # checkpointing recomputes the layer later, outside the block: not pruned
-    with reading_last(_model("llama"), 3):  # a KV cache (generation): the model's own layer
-        pass
     model = _model("llama")
     seen = _mlp_rows(model)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=mask, use_cache=True)  # outside any block
-        with reading_last(model, 3):
+        with reading_last(model, 3):  # a KV cache (generation's prefill): the layer's own forward
             model(input_ids=ids, attention_mask=mask, use_cache=True)
     assert seen == [12, 12]
+
+
+def test_nothing_of_it_outlives_the_block():
+    import copy
+    import pickle
+
+    model = _model("llama")
+    layer = last_layer(model)
+    (ids, mask, pos), T = _batch(True), 4
+    with reading_last(model, T):
+        with reading_last(model, T + 1):  # nested: the inner count, then the outer one again
+            assert layer._tether_read == T + 1
+        assert layer._tether_read == T
+        response_logits(model, ids, mask, pos, T)
+    assert "forward" not in vars(layer) and "_tether_read" not in vars(layer)
+    pickle.loads(pickle.dumps(model))
+    copy.deepcopy(model)

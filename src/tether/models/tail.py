@@ -7,9 +7,9 @@ prompt position feeds later positions through the next layer's keys and values. 
 layer's output at a position that is not read feeds nothing: there only its keys and values are
 needed. Inside `reading_last(model, n)`, the last layer computes keys and values at every
 position, and its queries, attention output, MLP and residual stream at the last n positions
-only. The positions before them come out as zeros, which nothing reads. For a small model with
-long prompts that is most of a layer's work: a quarter less work in the last of 4 layers on the
-PPO benchmark's model, and 46 of 47 positions of it for its reward model.
+only. The positions before them come out as zeros, which nothing reads. On the PPO benchmark's
+model (4 layers, 16-token prompts, 32-token responses) that skips 15 of 47 positions in the
+policy's last layer and 46 of 47 in the reward model's: 6% of the head critic's model FLOPs.
 
 It applies to transformers' own Llama, Mistral and Qwen2 decoder layers under SDPA attention,
 where it computes the layer's own function (the same modules, rotary formula and attention
@@ -51,6 +51,8 @@ def last_layer(model: Any) -> Optional[torch.nn.Module]:
         return None  # sharded (FSDP / ZeRO-3)
     if any(hasattr(m, "_hf_hook") for m in layer.modules()):
         return None  # accelerate moves or offloads weights at forward time
+    if "forward" in vars(layer) and "_tether_read" not in vars(layer):
+        return None  # something else has replaced this layer's forward
     return layer
 
 
@@ -62,15 +64,20 @@ def reading_last(model: Any, n: int) -> Iterator[None]:
     if layer is None or (layer.training and getattr(layer, "gradient_checkpointing", False)):
         yield  # checkpointing would recompute the layer after this block, at full length
         return
-    if not hasattr(layer, "_tether_layer_forward"):
-        layer._tether_layer_forward = layer.forward
-        layer._tether_read = None
+    # The layer's forward is replaced for the block only, so that nothing of it outlives the
+    # block (a saved or pickled model holds plain transformers layers).
+    nested = "_tether_read" in vars(layer)
+    previous = layer._tether_read if nested else None
+    if not nested:
         layer.forward = types.MethodType(_tail_forward, layer)
-    previous, layer._tether_read = layer._tether_read, n
+    layer._tether_read = n
     try:
         yield
     finally:
-        layer._tether_read = previous
+        if nested:
+            layer._tether_read = previous
+        else:
+            del layer.forward, layer._tether_read
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -83,16 +90,16 @@ def _tail_forward(self: Any, hidden_states: Tensor, attention_mask: Optional[Ten
                   use_cache: Optional[bool] = False,
                   position_embeddings: Optional[tuple[Tensor, Tensor]] = None, **kwargs: Any) -> Tensor:
     """The decoder layer's forward, its output computed at the last `self._tether_read`
-    positions only. Falls back to the layer's own forward outside `reading_last`, with a
-    cache, or with a mask it does not know."""
+    positions only. Falls back to the layer's own forward with a cache, or with a mask it does
+    not know."""
     B, L, _ = hidden_states.shape
     n = self._tether_read
     known_mask = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.dtype == torch.bool)
-    if n is None or n >= L or past_key_values is not None or position_embeddings is None or not known_mask:
-        return self._tether_layer_forward(hidden_states, attention_mask=attention_mask,
-                                          position_ids=position_ids, past_key_values=past_key_values,
-                                          use_cache=use_cache, position_embeddings=position_embeddings,
-                                          **kwargs)
+    if n >= L or past_key_values is not None or position_embeddings is None or not known_mask:
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask,
+                                  position_ids=position_ids, past_key_values=past_key_values,
+                                  use_cache=use_cache, position_embeddings=position_embeddings,
+                                  **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     start, attn = L - n, self.self_attn

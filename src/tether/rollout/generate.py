@@ -88,10 +88,9 @@ def sample_next_token(logits: Tensor, params: SamplingParams, rng: torch.Generat
     """Draw one token per row from softmax(logits / T), optionally truncated by top-k/top-p.
 
     logits: (B, V) any float dtype. noise_rows: as in `Generator.generate`. Returns (B,) long.
-    Inverse-CDF sampling: one uniform per row
-    and a binary search in the cumulative probabilities. That needs B random numbers where
-    torch.multinomial or an exponential race draw B x V (7x slower for a 4k vocabulary on CPU),
-    and it never syncs with the host on a GPU.
+    Inverse-CDF sampling: one uniform per row and a binary search in the cumulative
+    probabilities. That needs B random numbers where torch.multinomial or an exponential race
+    draw B x V (7x slower for a 4k vocabulary on CPU), and it never syncs with the host on a GPU.
     """
     scores = truncate_scores(logits.float() / params.temperature, params.top_k, params.top_p)
     cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1)
