@@ -80,11 +80,6 @@ def reading_last(model: Any, n: int) -> Iterator[None]:
             del layer.forward, layer._tether_read
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _tail_forward(self: Any, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
                   position_ids: Optional[Tensor] = None, past_key_values: Any = None,
                   use_cache: Optional[bool] = False,
@@ -101,6 +96,7 @@ def _tail_forward(self: Any, hidden_states: Tensor, attention_mask: Optional[Ten
                                   use_cache=use_cache, position_embeddings=position_embeddings,
                                   **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import rotate_half  # Mistral's and Qwen2's too
 
     start, attn = L - n, self.self_attn
     x = self.input_layernorm(hidden_states)
@@ -108,8 +104,8 @@ def _tail_forward(self: Any, hidden_states: Tensor, attention_mask: Optional[Ten
     k = attn.k_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)
     v = attn.v_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)
     cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # (B or 1, 1, L, head_dim)
-    q = q * cos[:, :, start:] + _rotate_half(q) * sin[:, :, start:]
-    k = k * cos + _rotate_half(k) * sin
+    q = q * cos[:, :, start:] + rotate_half(q) * sin[:, :, start:]
+    k = k * cos + rotate_half(k) * sin
     if attention_mask is None:  # plain causal: query row i (position start + i) sees keys <= it
         rows = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[start:]
         mask = rows[None, None]
