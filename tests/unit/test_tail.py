@@ -18,6 +18,8 @@ def _config(arch: str, **extra):
         return T.LlamaConfig(attention_bias=True, mlp_bias=True, **common)
     if arch == "mistral":  # a sliding window shorter than the sequences, head_dim != d / H
         return T.MistralConfig(sliding_window=5, head_dim=16, **common)
+    if arch == "qwen3":  # RMSNorm on each head's q and k
+        return T.Qwen3Config(head_dim=8, **common)
     return T.Qwen2Config(**common)  # q/k/v biases
 
 
@@ -59,7 +61,7 @@ def _grads(model):
 
 
 @pytest.mark.parametrize("padded", [True, False])
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_logits_and_gradients_match_the_full_last_layer(arch, padded):
     model, (ids, mask, pos), T = _model(arch), _batch(padded), 5
     seen = _mlp_rows(model)

@@ -11,7 +11,7 @@ only. The positions before them come out as zeros, which nothing reads. On the P
 model (4 layers, 16-token prompts, 32-token responses) that skips 15 of 47 positions in the
 policy's last layer and 46 of 47 in the reward model's: 6% of the head critic's model FLOPs.
 
-It applies to transformers' own Llama, Mistral and Qwen2 decoder layers under SDPA attention,
+It applies to transformers' own Llama, Mistral, Qwen2 and Qwen3 decoder layers under SDPA,
 where it computes the layer's own function (the same modules, rotary formula and attention
 call, only on fewer query rows; a unit test holds outputs and gradients to the model's own
 forward). Anything else runs the model's own layer unchanged: other architectures, another
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 
 def last_layer(model: Any) -> Optional[torch.nn.Module]:
@@ -100,8 +100,11 @@ def _tail_forward(self: Any, hidden_states: Tensor, attention_mask: Optional[Ten
 
     start, attn = L - n, self.self_attn
     x = self.input_layernorm(hidden_states)
-    q = attn.q_proj(x[:, start:]).view(B, n, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)
+    q = attn.q_proj(x[:, start:]).view(B, n, -1, attn.head_dim)
+    k = attn.k_proj(x).view(B, L, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3: an RMSNorm over each head's q and k
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = attn.v_proj(x).view(B, L, -1, attn.head_dim).transpose(1, 2)
     cos, sin = (t.unsqueeze(1) for t in position_embeddings)  # (B or 1, 1, L, head_dim)
     q = q * cos[:, :, start:] + rotate_half(q) * sin[:, :, start:]
