@@ -81,6 +81,17 @@ def prepare_for_training(model: Any, gradient_checkpointing: bool) -> None:
             model.enable_input_require_grads()
 
 
+def weights_not_in_place(module: torch.nn.Module) -> Optional[str]:
+    """Why `module`'s weights cannot be read directly at forward time, or None when they can:
+    code that calls a module's weights itself (rather than its forward) needs them whole and
+    where they are."""
+    if any(type(p.data) is not torch.Tensor or p.numel() == 0 for p in module.parameters()):
+        return "parameters are sharded (FSDP / ZeRO-3)"
+    if any(hasattr(m, "_hf_hook") for m in module.modules()):
+        return "accelerate hooks move or offload weights at forward time"
+    return None
+
+
 DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
                 "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob")
 

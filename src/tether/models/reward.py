@@ -23,6 +23,7 @@ import torch
 
 from tether.errors import TetherError
 from tether.models.load import pad_id
+from tether.models.tail import reading_last
 
 BIAS_KEY = "tether_reward_bias"
 STD_KEY = "tether_reward_std"
@@ -146,8 +147,6 @@ def sequence_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.T
     Equals `AutoModelForSequenceClassification(...)(input_ids).logits[:, 0]` whenever the pad id
     occurs only in padding (HF reads the last token that is not the pad id).
     """
-    from tether.models.tail import reading_last
-
     last = last_token_index(attention_mask)
     read = input_ids.shape[1] - int(last.min()) if last.numel() else 0  # from the earliest last token on
     with reading_last(model, read):

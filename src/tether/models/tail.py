@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tether.models.load import weights_not_in_place
+
 SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 
@@ -46,11 +48,8 @@ def last_layer(model: Any) -> Optional[torch.nn.Module]:
     config = getattr(layer.self_attn, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return None
-    params = list(layer.parameters())
-    if any(type(p.data) is not torch.Tensor or p.numel() == 0 for p in params):
-        return None  # sharded (FSDP / ZeRO-3)
-    if any(hasattr(m, "_hf_hook") for m in layer.modules()):
-        return None  # accelerate moves or offloads weights at forward time
+    if weights_not_in_place(layer) is not None:
+        return None
     if "forward" in vars(layer) and "_tether_read" not in vars(layer):
         return None  # something else has replaced this layer's forward
     return layer
@@ -96,7 +95,7 @@ def _tail_forward(self: Any, hidden_states: Tensor, attention_mask: Optional[Ten
                                   use_cache=use_cache, position_embeddings=position_embeddings,
                                   **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.models.llama.modeling_llama import rotate_half  # Mistral's and Qwen2's too
+    from transformers.models.llama.modeling_llama import rotate_half  # Qwen's and Mistral's too
 
     start, attn = L - n, self.self_attn
     x = self.input_layernorm(hidden_states)

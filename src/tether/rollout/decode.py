@@ -32,6 +32,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers.models.llama.modeling_llama import rotate_half  # Mistral's and Qwen2's too
+
+from tether.models.load import weights_not_in_place
 
 # The CausalLM classes whose decoder layers are exactly: x + attn(input_layernorm(x)), then
 # x + down(act(gate(.)) * up(.)) on post_attention_layernorm(x), with rotary q/k and a plain
@@ -62,13 +65,12 @@ def unsupported_reason(model: Any) -> Optional[str]:
         return f"unexpected module layout ({err})"
     if any(type(p) is not torch.nn.Linear for p in parts):
         return "some projections are not plain nn.Linear (LoRA, quantized, ...)"
+    reason = weights_not_in_place(model)
+    if reason is not None:
+        return reason
     params = list(model.parameters())
-    if any(type(p.data) is not torch.Tensor or p.numel() == 0 for p in params):
-        return "parameters are sharded (FSDP / ZeRO-3)"
     if len({p.device for p in params}) != 1:
         return "parameters are spread over several devices"
-    if any(hasattr(m, "_hf_hook") for m in model.modules()):
-        return "accelerate hooks move or offload weights at forward time"
     if params[0].device.type != "cpu":
         return "the fused step runs on CPU only"
     return None
@@ -86,11 +88,6 @@ def _cache_kv(cache: Any, i: int) -> tuple[Tensor, Tensor]:
     if hasattr(cache, "key_cache"):
         return cache.key_cache[i], cache.value_cache[i]
     return cache[i][0], cache[i][1]
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def _cat_bias(*linears: torch.nn.Linear) -> Optional[Tensor]:
@@ -170,7 +167,7 @@ class FusedDecoder:
             # (B, (H + 2 Hk) hd), made contiguous: flash attention needs stride 1 along hd
             qkv = linear(norm1(h), w_qkv, b_qkv).contiguous()
             qk = qkv[:, :(H + Hk) * hd].reshape(B, H + Hk, hd)  # q and k heads, rotated together
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + rotate_half(qk) * sin
             q = qk[:, :H]
             self.keys[i][:, :, n] = qk[:, H:]
             self.values[i][:, :, n] = qkv[:, (H + Hk) * hd:].reshape(B, Hk, hd)
