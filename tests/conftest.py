@@ -1,5 +1,12 @@
 """Shared fixtures: tiny random models of several architectures, built locally, and the real
-pretrained stories260K from ../shared when it is there."""
+pretrained stories260K from ../shared when it is there.
+
+Every tiny model, and its tokenizer, is built here the same way whether or not ../shared exists:
+a fixture never changes what a test means. The tiny Llama has a SentencePiece-style vocabulary
+(byte fallback, "▁" for spaces, BOS added) and the GPT-2, Qwen2 and NeoX models a byte-level
+BPE, so the tests that need two vocabularies always have them. Tests that need the real model
+or the real data take the `stories` / `hh_rlhf` fixtures, which skip with a reason when ../shared
+is out of reach."""
 
 from __future__ import annotations
 
@@ -51,16 +58,75 @@ def _bpe_tokenizer(path: Path, chat: bool):
     return fast
 
 
+_NAMES = "Lily Tom Sue Ben Max Ann Tim Jack Amy Sam Mia Leo".split()
+_THINGS = "ball cat dog tree cake bird toy box car hat sun park".split()
+_MORE = ("apple garden window mother father little brother sister happy sunny rainy morning night "
+         "flower butterfly rabbit turtle kitten puppy forest river mountain castle dragon princess "
+         "cookie sandwich picnic balloon rainbow jumped laughed smiled shouted whispered looked "
+         "found wanted needed decided helped shared wonderful beautiful scared brave curious "
+         "together suddenly quickly slowly because always never friends family school teacher "
+         "purple yellow orange green blue pink sparkly shiny fluffy tiny enormous gentle").split()
+_STORY = ("Once upon a time, {n} saw a {t}.", "{n} liked the {t} and was happy.",
+          "One day, {n} went to the park with a friend.", "{n} said: what is that big red {t}?",
+          "The little {t} was sad, so {n} played with it.", "They ran and sang under the sun.")
+
+
+def _llama_tokenizer(path: Path):
+    """A Llama-style tokenizer trained here, laid out like stories260K's: 512 ids, <unk> <s> </s>
+    first, then the 256 byte-fallback tokens <0x00>..<0xFF>, then the learned pieces; spaces
+    become "▁", BOS is added, no pad."""
+    import random
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    rng = random.Random(0)
+    corpus = [" ".join(rng.choice(_STORY).format(n=rng.choice(_NAMES), t=rng.choice(_THINGS))
+                       for _ in range(3)) + " " + " ".join(rng.sample(_MORE + _WORDS, 8)) + "."
+              for _ in range(600)]
+    specials = ["<unk>", "<s>", "</s>"]
+    learner = Tokenizer(models.BPE(unk_token="<unk>"))
+    learner.normalizer = normalizers.Sequence([normalizers.Prepend("▁"),
+                                               normalizers.Replace(" ", "▁")])
+    learner.pre_tokenizer = pre_tokenizers.Sequence([  # no merge across words or punctuation
+        pre_tokenizers.Metaspace(prepend_scheme="never"), pre_tokenizers.Punctuation()])
+    learner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=512 - 256, special_tokens=specials))
+    learned = json.loads(learner.to_str())["model"]
+    pieces = [t for t, _ in sorted(learned["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    spec = json.loads(learner.to_str())
+    spec["pre_tokenizer"] = None  # as Llama's own: the normalizer alone places the spaces
+    spec["model"] = {**learned, "vocab": vocab, "byte_fallback": True, "fuse_unk": True}
+    spec["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": False, "special": True}
+                            for i, t in enumerate(specials)]
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                       {"Sequence": {"id": "A", "type_id": 0}},
+                                       {"SpecialToken": {"id": "<s>", "type_id": 1}},
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+                                   bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
+    fast.save_pretrained(path)
+    return fast
+
+
 def _build(path: Path, arch: str) -> Path:
     import torch
-    from transformers import (AutoTokenizer, GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig,
                               GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
 
     torch.manual_seed(0)
     if arch == "llama":
-        tok = AutoTokenizer.from_pretrained(STORIES) if STORIES.exists() else _bpe_tokenizer(path, False)
-        tok.save_pretrained(path)
+        tok = _llama_tokenizer(path)
     else:
         tok = _bpe_tokenizer(path, chat=arch == "qwen2")
     vocab = len(tok)

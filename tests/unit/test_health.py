@@ -8,6 +8,7 @@ import torch
 from tether.errors import TrainingError
 from tether.ops.advantages import kl_penalised_rewards
 from tether.rollout.health import (HealthIssue, HealthMonitor, HealthThresholds, ReferenceProbe,
+                                   check_reference_detached,
                                    check_kl_not_negative, check_reward_layout, enforce)
 from tether.rollout.score import Reference
 from tether.rollout.types import Rollout
@@ -70,10 +71,17 @@ def test_reference_sharing_parameters_with_the_policy_is_caught(tiny_models):
     shared = Reference(policy)  # the bug: the "reference" is the policy itself
     assert probe.check(shared) is None  # records the baseline
     assert probe.check(shared) is None  # same bits when nothing moved
-    with torch.no_grad():  # one "optimizer step" on the policy
-        policy.lm_head.weight.add_(0.01)
+    with torch.no_grad():  # one "optimizer step" on the policy: a change log-softmax must see
+        # (a shift shared by every vocabulary row would cancel in it, whatever the rounding)
+        policy.lm_head.weight.add_(0.01 * torch.randn(policy.lm_head.weight.shape,
+                                                      generator=torch.Generator().manual_seed(0)))
     issue = probe.check(shared)
     assert issue is not None and issue.check == "reference_changed"
+    # the structural check catches the sharing before any step, on any CPU
+    issue = check_reference_detached(shared, list(policy.parameters()))
+    assert issue is not None and issue.check == "reference_changed"
+    copy = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    assert check_reference_detached(Reference(copy), list(policy.parameters())) is None
 
 
 def test_sustained_high_clipfrac_and_negative_explained_variance():
@@ -152,3 +160,16 @@ def test_enforce_warns_or_aborts(caplog):
     enforce([], "abort", 3)
     with pytest.raises(TrainingError, match="negative_kl.*iteration 3"):
         enforce([issue], "abort", 3)
+
+
+def test_a_growing_share_of_non_canonical_responses_is_reported():
+    monitor = HealthMonitor(HealthThresholds(noncanonical_max=0.1, noncanonical_growth=0.05))
+    good = {"response/length": 10.0, "objective/entropy": 2.0, "response/distinct_2": 0.9,
+            "objective/kl_per_token": 0.05, "objective/rm_score": 0.5, "policy/clipfrac": 0.1,
+            "val/explained_var": 0.5}
+    fired = [[i.check for i in monitor.observe({**good, "response/noncanonical_frac": f})]
+             for f in (0.0, 0.04, 0.12, 0.5)]
+    assert fired == [[], [], ["noncanonical_tokens"], ["noncanonical_tokens"]]
+    steady = HealthMonitor(HealthThresholds(noncanonical_max=0.1, noncanonical_growth=0.05))
+    # a tokenizer whose round trip is lossy from the start: reported only when it grows
+    assert all(not steady.observe({**good, "response/noncanonical_frac": 0.3}) for _ in range(3))

@@ -154,12 +154,47 @@ def test_rm_scores_of_rollouts_equal_plain_hf_scores(tiny_models):
     ids, mask = left_pad(rows, tok.pad_token_id)
     r = Rollout(ids, mask, torch.tensor([[11, 12, eos[0], 0], [13, 14, 15, 16]]),
                 torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), torch.tensor([True, False]))
-    ours = RewardScorer(rm, eos, tok.pad_token_id).score(r.sequences())
+    ours = RewardScorer(rm, eos, tok.pad_token_id).score(r.sequences()).scores
     assert isinstance(rm, AutoModelForSequenceClassification._model_mapping[type(rm.config)])
     for row, response in enumerate([[11, 12], [13, 14, 15, 16]]):  # no EOS, no padding
         with torch.no_grad():
             plain = rm(torch.tensor([rows[row] + response])).logits[0, 0]
         torch.testing.assert_close(ours[row], plain, atol=1e-5, rtol=1e-5)
+
+
+def test_a_response_whose_ids_its_text_does_not_give_back_is_scored_on_its_text(tiny_models):
+    """Byte-level BPE (the tiny GPT-2's, trained here): the token for the lone byte 0xC3 is half
+    of a UTF-8 character, so its text is U+FFFD, which encodes to three other tokens. The RM
+    must score what the text encodes to (the ids a user's saved sample gives), not the raw ids,
+    and the rollout is flagged; a canonical rollout is scored on its own ids."""
+    from tether.models.reward import init_reward_model
+    from tether.rollout.score import RewardScorer
+
+    tok, _, eos = _tiny(tiny_models, "gpt2")
+    rm = init_reward_model(str(tiny_models["gpt2"]), pad_token_id=tok.pad_token_id, seed=5).eval()
+    half = tok.convert_tokens_to_ids("\u00c3")  # byte 0xC3 in GPT-2's byte alphabet
+    assert tok.decode([half]) == "\ufffd"
+    canonical = tok(" the cat", add_special_tokens=False)["input_ids"]
+    hacked = canonical[:1] + [half, half]
+    text = tok.decode(hacked)
+    again = tok(text, add_special_tokens=False)["input_ids"]
+    assert again != hacked
+    prompt = tok("a dog ran to the park")["input_ids"]
+    T = max(len(canonical), len(hacked))
+    responses = [r + [eos[0]] + [PAD] * (T - len(r)) for r in (canonical, hacked)]
+    masks = [[1] * (len(r) + 1) + [0] * (T - len(r)) for r in (canonical, hacked)]
+    ids, mask = left_pad([prompt, prompt], tok.pad_token_id)
+    r = Rollout(ids, mask, torch.tensor(responses), torch.tensor(masks), torch.tensor([True, True]))
+    out = RewardScorer(rm, eos, tok.pad_token_id, tok).score(r.sequences())
+    assert out.noncanonical.tolist() == [False, True]
+
+    def plain(response):
+        with torch.no_grad():
+            return rm(torch.tensor([prompt + response])).logits[0, 0]
+
+    torch.testing.assert_close(out.scores[0], plain(canonical), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.scores[1], plain(again), atol=1e-5, rtol=1e-5)
+    assert abs(float(out.scores[1] - plain(hacked))) > 1e-3  # the raw ids score otherwise
 
 
 def test_separate_critic_reads_the_rm_head_at_every_response_position(tiny_models):

@@ -16,6 +16,10 @@ where it computes the layer's own function (the same modules, rotary formula and
 call, only on fewer query rows; a unit test holds outputs and gradients to the model's own
 forward). Anything else runs the model's own layer unchanged: other architectures, another
 attention implementation, gradient checkpointing, a KV cache, sharded or offloaded parameters.
+
+It is guarded (`tether.models.guard`): on a transformers release it was not verified on, on a
+layer whose forward takes keywords it does not know, or when its probe on a model disagrees
+with the model's own forward (outputs or gradients), that model runs its own layer.
 """
 
 from __future__ import annotations
@@ -28,9 +32,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tether.models.guard import FastPath, mismatch
 from tether.models.load import weights_not_in_place
 
 SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+GUARD = FastPath("tether.models.tail (the last layer at the read positions only)",
+                 verified=("5.23", "5.24"))
+# The decoder layer's forward keywords that `_tail_forward` understands. A layer whose forward
+# takes any other is not run by it. The cache has had three names across releases.
+CACHE_KEYWORDS = ("past_key_values", "past_key_value", "cache")
+KNOWN_KEYWORDS = {"self", "hidden_states", "attention_mask", "position_ids", "use_cache",
+                  "cache_position", "position_embeddings", "kwargs", *CACHE_KEYWORDS}
 
 
 def last_layer(model: Any) -> Optional[torch.nn.Module]:
@@ -55,14 +67,80 @@ def last_layer(model: Any) -> Optional[torch.nn.Module]:
     return layer
 
 
+def unknown_keywords(layer: torch.nn.Module) -> list[str]:
+    """The keywords of the layer class's forward that `_tail_forward` does not know."""
+    import inspect
+
+    return sorted(set(inspect.signature(type(layer).forward).parameters) - KNOWN_KEYWORDS)
+
+
+def checked_last_layer(model: Any) -> Optional[torch.nn.Module]:
+    """`last_layer(model)` once the guard trusts the tail on this model, else None."""
+    layer = last_layer(model)
+    if layer is None or "_tether_read" in vars(layer):
+        return layer  # inside a block: checked when the block was entered
+    return layer if GUARD.trusted(layer, lambda: _probe(model, layer)) else None
+
+
+def _probe(model: Any, layer: torch.nn.Module) -> Optional[str]:
+    """The model's trunk on a small left-padded batch, with its own last layer and with the
+    tail's: the same hidden states at the read positions, the same gradients of the last layer's
+    parameters, and the model's own layer wherever a KV cache is used."""
+    unknown = unknown_keywords(layer)
+    if unknown:
+        return f"{type(layer).__name__}.forward takes {', '.join(unknown)}, which it does not know"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    trunk = getattr(inner, "base_model", inner)
+    param = next(layer.parameters())
+    vocab = trunk.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(param.device)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    n, params = 3, [p for p in layer.parameters()]
+    trainable, was_training = [p.requires_grad for p in params], trunk.training
+    trunk.eval()
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            full = trunk(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            with _swapped(layer, n):
+                ours = trunk(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, -n:]
+                with torch.no_grad():  # a KV cache: the tail must leave the layer to itself
+                    cached = trunk(input_ids=ids, attention_mask=mask, use_cache=True).last_hidden_state
+            theirs = full[:, -n:]
+            weights = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(1)).to(theirs)
+            g_theirs = torch.autograd.grad((theirs * weights).sum(), params, allow_unused=True)
+            g_ours = torch.autograd.grad((ours * weights).sum(), params, allow_unused=True)
+    finally:
+        for p, flag in zip(params, trainable):
+            p.requires_grad_(flag)
+        trunk.train(was_training)
+    problems = [mismatch("hidden states", ours, theirs),
+                mismatch("hidden states in a KV-cache forward", cached, full.detach())]
+    for (name, _), a, b in zip(layer.named_parameters(), g_ours, g_theirs):
+        if (a is None) != (b is None):
+            problems.append(f"gradient of {name}: computed on one side only")
+        elif a is not None:
+            problems.append(mismatch(f"gradient of {name}", a, b))
+    problems = [p for p in problems if p is not None]
+    return f"its probe disagrees with the model: {problems[0]}" if problems else None
+
+
 @contextlib.contextmanager
 def reading_last(model: Any, n: int) -> Iterator[None]:
     """Within this block, `model`'s forward computes its last layer at the last n positions
     only (see the module docstring); a model it does not support runs unchanged."""
-    layer = last_layer(model) if n > 0 else None
+    layer = checked_last_layer(model) if n > 0 else None
     if layer is None or (layer.training and getattr(layer, "gradient_checkpointing", False)):
         yield  # checkpointing would recompute the layer after this block, at full length
         return
+    with _swapped(layer, n):
+        yield
+
+
+@contextlib.contextmanager
+def _swapped(layer: torch.nn.Module, n: int) -> Iterator[None]:
     # The layer's forward is replaced for the block only, so that nothing of it outlives the
     # block (a saved or pickled model holds plain transformers layers).
     nested = "_tether_read" in vars(layer)
@@ -80,20 +158,18 @@ def reading_last(model: Any, n: int) -> Iterator[None]:
 
 
 def _tail_forward(self: Any, hidden_states: Tensor, attention_mask: Optional[Tensor] = None,
-                  position_ids: Optional[Tensor] = None, past_key_values: Any = None,
-                  use_cache: Optional[bool] = False,
                   position_embeddings: Optional[tuple[Tensor, Tensor]] = None, **kwargs: Any) -> Tensor:
     """The decoder layer's forward, its output computed at the last `self._tether_read`
-    positions only. Falls back to the layer's own forward with a cache, or with a mask it does
-    not know."""
+    positions only. Falls back to the layer's own forward with a cache (under any of its
+    names), with a mask it does not know, or with a keyword it does not know."""
     B, L, _ = hidden_states.shape
     n = self._tether_read
     known_mask = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.dtype == torch.bool)
-    if n >= L or past_key_values is not None or position_embeddings is None or not known_mask:
+    cached = any(kwargs.get(k) is not None for k in CACHE_KEYWORDS)
+    unknown = any(v is not None and k not in KNOWN_KEYWORDS for k, v in kwargs.items())
+    if n >= L or cached or unknown or position_embeddings is None or not known_mask:
         return type(self).forward(self, hidden_states, attention_mask=attention_mask,
-                                  position_ids=position_ids, past_key_values=past_key_values,
-                                  use_cache=use_cache, position_embeddings=position_embeddings,
-                                  **kwargs)
+                                  position_embeddings=position_embeddings, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.models.llama.modeling_llama import rotate_half  # Qwen's and Mistral's too
 

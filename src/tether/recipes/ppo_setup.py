@@ -19,7 +19,7 @@ from tether.ops.advantages import kl_penalised_rewards
 from tether.ops.kl import AdaptiveKLController, FixedKLController
 from tether.recipes.ppo_data import PromptSet, PtxData, load_prompts
 from tether.rollout.generate import Generator, SamplingParams, left_pad, make_generator
-from tether.rollout.health import HealthMonitor, ReferenceProbe
+from tether.rollout.health import HealthMonitor, ReferenceProbe, check_reference_detached
 from tether.rollout.score import Reference, RewardScorer, same_vocabulary
 from tether.rollout.types import Rollout
 from tether.training.runtime import GlobalBatches, adamw, make_accelerator, make_scheduler, resolve_dtype
@@ -205,6 +205,10 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
     probe = ReferenceProbe(probe_rollout(prompts, tokenizer.pad_token_id, device).sequences(),
                            cfg.temperature)
     probe.check(reference)  # records the baseline before any update
+    trainable = [p for opt in optimizers if opt is not None for g in opt.param_groups for p in g["params"]]
+    issue = check_reference_detached(reference, trainable)
+    if issue is not None:
+        raise ConfigError(issue.message)
     ptx = (PtxData(cfg.ptx_data, tokenizer, cfg.max_prompt_length + cfg.response_length,
                    cfg.minibatch, cfg.seed, accelerator.num_processes, accelerator.process_index)
            if cfg.ptx_data else None)

@@ -22,7 +22,10 @@ The prefill still runs the model's own forward (one call; its cache is copied in
 step computes the same function as the model's forward, up to float rounding, and a unit test
 holds it to that for each supported architecture. Anything this module does not know exactly
 (another architecture, sliding-window layers, LoRA or quantized linears, sharded or offloaded
-parameters) gets `None` from `decoder_for` and keeps the model's own forward.
+parameters) gets `None` from `decoder_for` and keeps the model's own forward. So does a model
+on a transformers release the step was not verified on, or one on which its probe (a prefill
+and three steps, held to the model's own full forward) disagrees: `tether.models.guard`. The
+step runs under no_grad, so only outputs are probed.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.llama.modeling_llama import rotate_half  # Mistral's and Qwen2's too
 
+from tether.models.guard import FastPath, mismatch
 from tether.models.load import weights_not_in_place
 
 # The CausalLM classes whose decoder layers are exactly: x + attn(input_layernorm(x)), then
 # x + down(act(gate(.)) * up(.)) on post_attention_layernorm(x), with rotary q/k and a plain
 # softmax attention (optional q/k/v/o/mlp biases).
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+GUARD = FastPath("tether.rollout.decode (the fused decode step)", verified=("5.23", "5.24"))
 
 
 def unsupported_reason(model: Any) -> Optional[str]:
@@ -78,7 +83,53 @@ def unsupported_reason(model: Any) -> Optional[str]:
 
 def decoder_for(model: Any) -> Optional["FusedDecoder"]:
     """A FusedDecoder for `model`, or None when it must keep its own forward."""
-    return FusedDecoder(model) if unsupported_reason(model) is None else None
+    if unsupported_reason(model) is not None or not GUARD.trusted(model, lambda: _probe(model)):
+        return None
+    return FusedDecoder(model)
+
+
+def cache_keyword(model: Any) -> str:
+    """The name under which the model's forward takes its KV cache (renamed in transformers 5.24)."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under either of its names."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
+@torch.no_grad()
+def _probe(model: Any) -> Optional[str]:
+    """A prefill on two prompts (one left-padded) and three fused steps, against the model's own
+    forward on the whole sequences: the same next-token logits at each step."""
+    device = model.lm_head.weight.device
+    vocab, P, steps = model.lm_head.out_features, 5, 3
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, P + steps), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    was_training = model.training
+    model.eval()
+    try:
+        whole = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        out = model(input_ids=ids[:, :P], attention_mask=mask[:, :P], position_ids=pos[:, :P],
+                    use_cache=True)
+        decoder = FusedDecoder(model)
+        decoder.start(output_cache(out), mask[:, :P], P + steps)
+        ours = [decoder.step(ids[:, P + t], pos[:, P + t]) for t in range(steps)]
+        decoder.finish()
+    finally:
+        model.train(was_training)
+    for t, logits in enumerate(ours):
+        problem = mismatch(f"logits at step {t + 1}", logits, whole[:, P + t])
+        if problem is not None:
+            return f"its probe disagrees with the model: {problem}"
+    return None
 
 
 def _cache_kv(cache: Any, i: int) -> tuple[Tensor, Tensor]:

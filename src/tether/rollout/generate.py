@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from tether.ops.masking import response_mask
-from tether.rollout.decode import decoder_for
+from tether.rollout.decode import cache_keyword, decoder_for, output_cache
 from tether.rollout.types import Rollout, position_ids_from_mask
 
 
@@ -146,6 +146,7 @@ class KVCacheSampler:
         self.params = params
         self._keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         self.decoder = decoder_for(model) if fused else None
+        self._cache_arg = cache_keyword(model)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator,
@@ -169,7 +170,7 @@ class KVCacheSampler:
         logits = out.logits[:, -1]
         fused = self.decoder if self.decoder and self.decoder.fits(P + p.max_new_tokens) else None
         if fused:
-            fused.start(out.past_key_values, prompt_mask, P + p.max_new_tokens)
+            fused.start(output_cache(out), prompt_mask, P + p.max_new_tokens)
         n = 0
         for t in range(p.max_new_tokens):
             token = sample_next_token(logits, p, rng, noise_rows)
@@ -186,8 +187,8 @@ class KVCacheSampler:
                 logits = fused.step(token, next_position[:, 0] + t)
                 continue
             out = self.model(input_ids=token[:, None], attention_mask=mask[:, :P + n],
-                             position_ids=next_position + t, past_key_values=out.past_key_values,
-                             use_cache=True)
+                             position_ids=next_position + t, use_cache=True,
+                             **{self._cache_arg: output_cache(out)})
             logits = out.logits[:, -1]
         if fused:
             fused.finish()

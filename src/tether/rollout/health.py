@@ -65,6 +65,19 @@ class ReferenceProbe:
             "runs with dropout."))
 
 
+def check_reference_detached(reference: Any, trainable: list[torch.nn.Parameter]) -> Optional[HealthIssue]:
+    """No parameter that an optimizer updates may be one the reference reads: the structural
+    form of the probe above, which holds whatever the CPU's rounding. reference: a
+    `rollout.score.Reference`; with LoRA (adapters off) it reads the base weights only."""
+    updated = {p.data_ptr() for p in trainable if p.requires_grad}
+    shared = [name for name, p in reference.read_parameters() if p.data_ptr() in updated]
+    if not shared:
+        return None
+    return HealthIssue("reference_changed", (
+        f"the reference reads {len(shared)} parameter(s) that the optimizer updates (e.g. "
+        f"{shared[0]}): pi_ref must be a frozen copy of the SFT policy, not the policy itself."))
+
+
 def check_reward_layout(rewards: Tensor, logprobs: Tensor, ref_logprobs: Tensor, scores: Tensor,
                         mask: Tensor, kl_coef: float, rtol: float = 1e-4) -> Optional[HealthIssue]:
     """The per-token rewards must be -kl_coef * (logprobs - ref_logprobs) on every response token,
@@ -134,6 +147,11 @@ class HealthThresholds:
     kl_explosion_per_token: float = 0.5
     kl_explosion_growth: float = 2.0
     kl_explosion_window: int = 5
+    # non-canonical token sequences (ids that their own decoded text does not encode back to):
+    # the fraction is above noncanonical_max and at least noncanonical_growth above the first
+    # iteration's
+    noncanonical_max: float = 0.1
+    noncanonical_growth: float = 0.05
 
 
 @dataclass
@@ -165,7 +183,23 @@ class HealthMonitor:
                 "--value-lr and --vf-coef.")))
         issues += self._collapse(metrics)
         issues += self._kl_explosion(metrics)
+        issues += self._noncanonical(metrics)
         return issues
+
+    def _noncanonical(self, metrics: dict[str, float]) -> list[HealthIssue]:
+        key, th = "response/noncanonical_frac", self.thresholds
+        if key not in metrics:
+            return []
+        now = float(metrics[key])
+        start = self.first.setdefault(key, now)
+        if now > th.noncanonical_max and now >= start + th.noncanonical_growth:
+            return [HealthIssue("noncanonical_tokens", (
+                f"{now:.0%} of the responses are token sequences that their own text does not "
+                f"encode back to (first iteration: {start:.0%}): the policy is learning ids that "
+                "no text gives, such as half of a UTF-8 character. The reward model scores their "
+                "re-encoded text, so this buys no reward; the sampled ids still drift from what "
+                "the tokenizer produces. Raise --kl-coef or lower --lr."))]
+        return []
 
     def _sustained(self, name: str, failing: bool, patience: int) -> bool:
         self.streaks[name] = self.streaks.get(name, 0) + 1 if failing else 0
@@ -175,8 +209,8 @@ class HealthMonitor:
         th = self.thresholds
         watched = {"response/length": th.collapse_length, "objective/entropy": th.collapse_entropy,
                    "response/distinct_2": th.collapse_distinct}
-        if not self.first:
-            self.first = {k: float(metrics[k]) for k in watched}
+        if not all(k in self.first for k in watched):
+            self.first.update({k: float(metrics[k]) for k in watched})
             return []
         issues = []
         for key, fraction in watched.items():

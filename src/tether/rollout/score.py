@@ -5,7 +5,7 @@ no-grad forward (chunked only when a batch would not fit).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +31,13 @@ class Reference:
         self.model = model
         self.adapters_off = adapters_off
         self.chunk = chunk
+
+    def read_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters its forward reads: with adapters off, not the adapters'."""
+        named = list(self.model.named_parameters())
+        if self.adapters_off:
+            named = [(n, p) for n, p in named if "lora_" not in n and "modules_to_save" not in n]
+        return named
 
     def _context(self) -> Any:
         return self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
@@ -77,10 +84,22 @@ def reward_model_inputs(seqs: Sequences, eos_token_ids: Sequence[int],
     return ids[:, :width], mask[:, :width].long()
 
 
+class RewardScores(NamedTuple):
+    scores: Tensor  # (B,) float32, calibrated
+    noncanonical: Tensor  # (B,) bool: the response's ids are not what its text encodes to
+
+
 class RewardScorer:
-    """Calibrated RM scores of rollouts. When the RM has its own tokenizer (a hub RM of another
-    family), the texts are decoded and re-encoded with it; otherwise the policy's tokens are
-    scored directly."""
+    """Calibrated RM scores of rollouts, always of the text a user would see.
+
+    When the RM has its own tokenizer (a hub RM of another family), every text is decoded and
+    re-encoded with it. Otherwise the policy's tokens are scored directly, but only where they are
+    what their own text encodes to. A response can decode to a text that encodes back to other
+    ids: a byte-level BPE token that is half of a UTF-8 character decodes to U+FFFD, and a
+    policy can learn token sequences that no text would ever give (reward hacking through ids
+    the RM never saw in training). Such a response is flagged as non-canonical and scored on
+    its re-encoded text, as `tether score` would score the saved sample.
+    """
 
     def __init__(self, model: Any, eos_token_ids: Sequence[int], pad_token_id: int,
                  policy_tokenizer: Any = None, rm_tokenizer: Any = None, chunk: int = 0,
@@ -95,27 +114,57 @@ class RewardScorer:
 
     @torch.no_grad()
     def score(self, seqs: Sequences, prompt_texts: Optional[Sequence[str]] = None,
-              prompt_chats: Optional[Sequence[Optional[list[dict]]]] = None) -> Tensor:
-        """One calibrated score per rollout: (B,) float32. prompt_chats: each prompt's messages
-        (None for a plain prompt), so that an RM with its own chat template reads them in it."""
+              prompt_chats: Optional[Sequence[Optional[list[dict]]]] = None) -> RewardScores:
+        """One calibrated score per rollout, and which rollouts were non-canonical.
+        prompt_chats: each prompt's messages (None for a plain prompt), so that an RM with its
+        own chat template reads them in it."""
+        ids = self._response_ids(seqs)
+        texts = self._decode(ids)
+        if self.policy_tokenizer is not None:  # encoded as a response is (`encode_response`)
+            again = [list(a) for a in self.policy_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            noncanonical = torch.tensor([a != b for a, b in zip(again, ids)], dtype=torch.bool)
+        else:  # no tokenizer to check against: scored as sampled
+            noncanonical, again = torch.zeros(len(ids), dtype=torch.bool), ids
         if self.rm_tokenizer is not None:
-            ids, mask = self._retokenized(seqs, prompt_texts, prompt_chats)
+            rm_ids, mask = self._retokenized(texts, prompt_texts, prompt_chats, seqs.input_ids.device)
+        elif bool(noncanonical.any()):
+            rm_ids, mask = self._reencoded(seqs, again)
         else:
-            ids, mask = reward_model_inputs(seqs, self.eos_token_ids, self.pad_token_id)
+            rm_ids, mask = reward_model_inputs(seqs, self.eos_token_ids, self.pad_token_id)
         self.model.eval()
-        return torch.cat([calibrated_scores(self.model, ids[rows], mask[rows])
-                          for rows in row_chunks(ids.shape[0], self.chunk)])
+        scores = torch.cat([calibrated_scores(self.model, rm_ids[rows], mask[rows])
+                            for rows in row_chunks(rm_ids.shape[0], self.chunk)])
+        return RewardScores(scores, noncanonical.to(scores.device))
 
-    def _retokenized(self, seqs: Sequences, prompt_texts: Optional[Sequence[str]],
-                     prompt_chats: Optional[Sequence[Optional[list[dict]]]] = None) -> tuple[Tensor, Tensor]:
-        if prompt_texts is None:
-            raise ValueError("an RM with its own tokenizer needs the prompt texts")
+    def _response_ids(self, seqs: Sequences) -> list[list[int]]:
+        """Each response's ids without its EOS and padding."""
         keep = seqs.response_mask.bool()
         if self.eos_token_ids:
             eos = torch.tensor(list(self.eos_token_ids), device=keep.device)
             keep &= ~torch.isin(seqs.response_ids, eos)
-        responses = [self.policy_tokenizer.decode(row[m].tolist(), skip_special_tokens=True)
-                     for row, m in zip(seqs.response_ids, keep)]
+        return [row[m].tolist() for row, m in zip(seqs.response_ids, keep)]
+
+    def _decode(self, ids: list[list[int]]) -> list[str]:
+        if self.policy_tokenizer is None:
+            return [""] * len(ids)
+        return self.policy_tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def _reencoded(self, seqs: Sequences, responses: list[list[int]]) -> tuple[Tensor, Tensor]:
+        """The RM's inputs with each response replaced by the ids its text encodes to (the
+        prompt ids as sampled), right-padded; an over-long row keeps its last max_length ids."""
+        P = seqs.n_prompt
+        rows = []
+        for prompt, mask, response in zip(seqs.input_ids[:, :P], seqs.attention_mask[:, :P], responses):
+            row = prompt[mask.bool()].tolist() + response
+            rows.append(row[-self.max_length:])
+        ids, mask = right_pad(rows, self.pad_token_id)
+        return ids.to(seqs.input_ids.device), mask.to(seqs.input_ids.device)
+
+    def _retokenized(self, responses: list[str], prompt_texts: Optional[Sequence[str]],
+                     prompt_chats: Optional[Sequence[Optional[list[dict]]]],
+                     device: torch.device) -> tuple[Tensor, Tensor]:
+        if prompt_texts is None:
+            raise ValueError("an RM with its own tokenizer needs the prompt texts")
         # A chat prompt is rendered in the RM's own chat template, when it has one, as
         # `tether rm` renders conversational data. Then both are encoded as the RM was trained
         # and as `tether score` reads text: prompt and response apart, no EOS, an over-long
@@ -132,7 +181,6 @@ class RewardScorer:
                                            chat=rendered)[0])
         pad = pad_id(self.rm_tokenizer)
         ids, mask = right_pad(rows, pad)
-        device = seqs.input_ids.device
         return ids.to(device), mask.to(device)
 
 
