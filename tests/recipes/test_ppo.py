@@ -1,6 +1,7 @@
 """`tether ppo` end to end on a tiny Llama: it raises the reward, saves loadable models in every
 variant, resumes exactly, exits cleanly on SIGTERM, and its health checks fire on injected faults."""
 
+import json
 import os
 import shutil
 import signal
@@ -472,8 +473,10 @@ def test_a_linear_schedule_anneals_both_learning_rates_to_zero(task, tmp_path):
     expected = [sum(1 - i / 12 for i in range(4 * k, 4 * k + 4)) / 4 for k in range(3)]
     assert [r["policy/lr"] / 1e-2 for r in rows] == pytest.approx(expected, rel=1e-6)
     assert [r["val/lr"] / 1e-2 for r in rows] == pytest.approx(expected, rel=1e-6)
-    assert list((out / "checkpoints").glob("*/custom_checkpoint_*"))  # the schedulers' state
+    state = json.loads(next((out / "checkpoints").glob("*/trainer_state.json")).read_text())
+    assert len(state["schedulers"]) == 2  # the schedulers' state, as JSON
     constant = tmp_path / "constant"
     assert main(_args(task, constant, "--max-steps", "1")) == 0
     assert "policy/lr" not in read_metrics(constant / "metrics.jsonl")[0]  # no schedule, no state
-    assert not list((constant / "checkpoints").glob("*/custom_checkpoint_*"))
+    state = json.loads(next((constant / "checkpoints").glob("*/trainer_state.json")).read_text())
+    assert state["schedulers"] == []

@@ -112,6 +112,6 @@ def test_checkpointing_a_tied_model_does_not_print_accelerates_alias_notice(stor
     before = model.get_output_embeddings().weight.detach().clone()
     with torch.no_grad():
         model.get_input_embeddings().weight.zero_()
-    load_checkpoint(accelerator, ckpt)
+    assert load_checkpoint(accelerator, tmp_path)[0] == ckpt
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert (model.get_output_embeddings().weight == before).all()

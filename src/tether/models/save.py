@@ -23,8 +23,12 @@ def save_model(model: Any, tokenizer: Any, output_dir: str | Path, merge_lora: b
 
     A peft model is merged into full weights first when `merge_lora` (otherwise the adapter is
     saved). `config_updates` are set on `model.config` before saving (e.g. a reward bias).
+    Weights that are not finite are refused before anything is written.
     """
+    from tether.training.checkpoint import require_finite_weights
+
     out = Path(output_dir)
+    require_finite_weights(model, f"the model into {out}", out)
     tmp = out / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "peft_config") and merge_lora:

@@ -25,10 +25,10 @@ from tether.recipes.ppo_update import forward_policy, mean_entropy, ppo_update, 
 from tether.rollout.health import HealthIssue, check_kl_not_negative, check_reward_layout, enforce
 from tether.rollout.stats import batch_wide_metrics, experience_metrics
 from tether.rollout.types import Experience
-from tether.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tether.training.checkpoint import load_checkpoint, save_checkpoint
 from tether.training.metrics import MetricsWriter
 from tether.training.progress import Progress
-from tether.training.runtime import any_process, check_finite, start_run
+from tether.training.runtime import any_process, apply_peak_lr, check_finite, start_run
 from tether.training.signals import StopRequest
 
 log = logging.getLogger("tether")
@@ -150,11 +150,17 @@ def trainer_state(parts: PPOParts, step: int) -> dict:
 
 
 def resume(parts: PPOParts, out: Any) -> int:
-    """Restore the latest checkpoint; returns its iteration (0 when there is none)."""
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
+    """Restore the latest readable checkpoint; returns its iteration (0 when there is none).
+    The configured learning rates become the peaks from here on (see `apply_peak_lr`)."""
+    loaded = load_checkpoint(parts.accelerator, out, parts.schedulers)
+    if loaded is None:
         return 0
-    state = load_checkpoint(parts.accelerator, ckpt)
+    ckpt, state = loaded
+    cfg = parts.cfg
+    peaks = [[cfg.lr] + ([cfg.value_lr] if parts.critic is None else [])]
+    if parts.critic is not None:
+        peaks.append([cfg.value_lr])
+    apply_peak_lr(parts.schedulers, parts.optimizers, peaks)
     parts.kl_ctl.load_state_dict(state["kl_ctl"])
     parts.health.load_state_dict(state["health"])
     log.info("resumed from %s at iteration %d (prompt %d)", ckpt, state["step"], state["prompt_position"])
@@ -194,7 +200,8 @@ def run(cfg: PPOConfig) -> dict:
                 interrupted = any_process(accelerator, stop.requested)
                 # 4. atomic checkpoints
                 if step % cfg.save_every == 0 or step == cfg.max_steps or interrupted:
-                    save_checkpoint(accelerator, out, step, trainer_state(parts, step), cfg.keep_checkpoints)
+                    save_checkpoint(accelerator, out, step, trainer_state(parts, step), cfg.keep_checkpoints,
+                                    parts.schedulers, [accelerator.unwrap_model(m) for _, m, _ in parts.trainables()])
                 if interrupted:
                     raise Interrupted(f"stopped at iteration {step}; checkpoint saved under "
                                       f"{out}/checkpoints. Rerun the same command with --resume to continue.")

@@ -182,15 +182,12 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
         frozen.to(device)
     # 3. optimizers; accelerate prepares (and checkpoints) only the trainable side
     optimizers = make_optimizers(cfg, actor, critic)
-    # A schedule only when asked for: constant rates keep the checkpoints free of scheduler
-    # state. As in SFT, it is checkpointed but not wrapped by accelerate (which would step it
-    # once per process).
+    # A schedule only when asked for. As in SFT, its state goes into trainer_state.json (JSON,
+    # never a pickle) and it is not wrapped by accelerate (which would step it once per process).
     schedulers = []
     if cfg.lr_scheduler != "constant" or cfg.warmup_ratio > 0:
         schedulers = [make_scheduler(o, cfg.lr_scheduler, cfg.warmup_ratio, cfg.optimizer_steps)
                       for o in optimizers]
-        for scheduler in schedulers:
-            accelerator.register_for_checkpointing(scheduler)
     if critic is None:
         actor, optimizers[0] = accelerator.prepare(actor, optimizers[0])
     else:

@@ -9,6 +9,7 @@ minibatch's advantages must be known before the first optimizer step.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from tether.ops.logprobs import entropy_from_logits, token_logprobs
 from tether.ops.masking import masked_mean
 from tether.rollout.score import row_chunks
 from tether.rollout.types import Experience, Sequences
+from tether.training.runtime import any_process, check_step_finite
 
 
 @dataclass
@@ -92,14 +94,15 @@ def ppo_update(parts: Any, exp: Experience, step: int,
             whole = rows.numel() == B
             reuse = first if (epoch == 0 and whole) else None
             ptx_index = ((step - 1) * cfg.ppo_epochs + epoch) * per_epoch + k  # never repeats
-            row = minibatch_step(parts, exp if whole else exp.rows(rows), reuse, ptx_index)
+            row = minibatch_step(parts, exp if whole else exp.rows(rows), reuse, ptx_index,
+                                 f"iteration {step} (epoch {epoch + 1}, minibatch {k + 1})")
             for key, value in row.items():
                 stats[key].append(value)
     return {key: torch.stack(values).mean() for key, values in stats.items()}
 
 
 def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
-                   ptx_index: int) -> dict[str, Tensor]:
+                   ptx_index: int, where: str = "this minibatch") -> dict[str, Tensor]:
     """One optimizer step on a minibatch: the clipped policy + value (+ ptx) loss, backward over
     micro-batches of --micro-batch-size rollouts, gradient clipping, optimizer step.
 
@@ -135,11 +138,23 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
             row[key] = row.get(key, 0.0) + value * weight
     if parts.ptx is not None:
         row["ptx/loss"] = ptx_loss.detach()
+    # Every model's gradient norm (clipped only when asked), then one check: a non-finite loss
+    # or norm stops the run before any weight of any model changes.
+    norms = {}
+    for name, model, _ in parts.trainables():
+        params = [p for p in model.parameters() if p.requires_grad]
+        norms[name] = parts.accelerator.clip_grad_norm_(
+            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+    checked = {f"{name} gradient norm": float(n) for name, n in norms.items()}
+    loss_ok = bool(torch.isfinite(loss.detach()).all())
+    if world > 1:
+        loss_ok = not any_process(parts.accelerator, not loss_ok)
+    checked["loss"] = 0.0 if loss_ok else math.nan
+    check_step_finite(checked, where, cfg.output_dir,
+                      lambda: [opt.zero_grad(set_to_none=True) for _, _, opt in parts.trainables()])
     for name, model, optimizer in parts.trainables():
         if cfg.max_grad_norm > 0:
-            params = [p for p in model.parameters() if p.requires_grad]
-            norm = parts.accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            row[f"{name}/grad_norm"] = torch.as_tensor(norm).detach().float()
+            row[f"{name}/grad_norm"] = torch.as_tensor(norms[name]).detach().float()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     for (name, _, _), scheduler in zip(parts.trainables(), parts.schedulers):

@@ -2,9 +2,16 @@
 
 A checkpoint is written into a hidden temp directory and renamed into place only when complete,
 so a crash or Ctrl-C mid-write leaves the previous checkpoint intact and no partial one visible.
-Model, optimizer, scheduler and RNG states are written by `accelerate` (so DDP/FSDP/DeepSpeed
-shard them their own way); tether adds `trainer_state.json` with the step, data position and
-any recipe state (KL controller, best eval loss, ...).
+Model, optimizer and RNG states are written by `accelerate` (so DDP/FSDP/DeepSpeed shard them
+their own way); tether adds `trainer_state.json` with the step, data position, the LR
+schedulers' state and any recipe state (KL controller, best eval loss, ...).
+
+Nothing in a checkpoint can run code when it is loaded: the weights are safetensors, the
+optimizer and RNG files are read with `torch.load(weights_only=True)` (plain tensors and numpy
+arrays only), and the schedulers live in the JSON file instead of accelerate's custom-object
+pickles (which it loads with weights_only=False). A checkpoint that cannot be read that way,
+or at all (truncated, a disk that filled up), is skipped with a warning for the one before it.
+No checkpoint is written from weights that are not finite.
 """
 
 from __future__ import annotations
@@ -15,9 +22,12 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+from tether.errors import TrainingError
 from tether.training.files import atomic_write_json, publish_dir
+
+log = logging.getLogger("tether")
 
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -65,8 +75,11 @@ def _quiet_tied_weights():
 
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict,
-                    keep: int = 2) -> Path:
-    """Save everything needed to resume at `step`. All processes must call this."""
+                    keep: int = 2, schedulers: Sequence[Any] = (), models: Sequence[Any] = ()) -> Path:
+    """Save everything needed to resume at `step`. All processes must call this. `models`:
+    the trained modules, refused if any weight is not finite (nothing is written then)."""
+    for model in models:
+        require_finite_weights(model, f"the checkpoint at step {step}", output_dir)
     root = checkpoint_root(output_dir)
     tmp = root / f".tmp-step-{step}"
     final = root / f"step-{step}"
@@ -78,15 +91,66 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
         accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(tmp / STATE_FILE, {"step": step, **state})
+        atomic_write_json(tmp / STATE_FILE, {"step": step, **state,
+                                             "schedulers": [s.state_dict() for s in schedulers]})
         publish_dir(tmp, final)
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        clean_partial(output_dir)  # what a killed run left half-written
     accelerator.wait_for_everyone()
     return final
 
 
-def load_checkpoint(accelerator: Any, path: str | Path) -> dict:
-    """Restore model/optimizer/scheduler/RNG states and return trainer_state.json."""
-    accelerator.load_state(str(path))
-    return json.loads((Path(path) / STATE_FILE).read_text())
+def load_checkpoint(accelerator: Any, output_dir: str | Path,
+                    schedulers: Sequence[Any] = ()) -> Optional[tuple[Path, dict]]:
+    """Restore model/optimizer/RNG/scheduler states from the newest readable checkpoint of
+    output_dir and return (its path, its trainer_state.json); None when there is none.
+
+    A checkpoint that cannot be loaded (see the module docstring) is skipped with a warning and
+    the one before it is tried; when none can be, the error lists why."""
+    found = list_checkpoints(output_dir)
+    problems = []
+    for path in reversed(found):
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+            saved = state.pop("schedulers", None)
+            if schedulers and saved is None:
+                raise ValueError("it holds no scheduler state in trainer_state.json (an older "
+                                 "tether kept it in a pickle, which is not loaded)")
+            accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+            for scheduler, saved_state in zip(schedulers, saved or []):
+                scheduler.load_state_dict(saved_state)
+            return path, state
+        except Exception as err:  # unreadable, truncated, or not plain tensors: never unpickled
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            problems.append(f"{path}: {reason}")
+            log.warning("checkpoint %s cannot be loaded (%s); trying the one before it", path, reason)
+    if problems:
+        raise TrainingError("no checkpoint under " f"{checkpoint_root(output_dir)} can be loaded:\n  "
+                            + "\n  ".join(problems) + "\nRemove the unreadable ones, or start again "
+                            "without --resume in a new --output-dir.")
+    return None
+
+
+def require_finite_weights(model: Any, what: str, output_dir: str | Path) -> None:
+    """Raise TrainingError (naming the last checkpoint, which is finite) when any parameter of
+    `model` holds a NaN or inf: such weights are never written."""
+    import torch
+
+    with torch.no_grad():
+        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        last = latest_checkpoint(output_dir)
+        where = f"the last checkpoint, {last}, is finite" if last else "no checkpoint was written"
+        raise TrainingError(f"not writing {what}: {len(bad)} parameter tensor(s) hold NaN or inf "
+                            f"(e.g. {bad[0]}). {where}. Lower --lr and rerun with --resume.")
+
+
+def clean_partial(output_dir: str | Path) -> None:
+    """Remove checkpoint directories that a killed run left half-written (.tmp-step-N)."""
+    root = checkpoint_root(output_dir)
+    if root.is_dir():
+        for tmp in root.glob(".tmp-step-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        for trash in root.glob(".trash-*"):
+            shutil.rmtree(trash, ignore_errors=True)

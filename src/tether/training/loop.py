@@ -23,11 +23,12 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from tether.errors import Interrupted
-from tether.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tether.training.checkpoint import load_checkpoint, save_checkpoint
 from tether.training.metrics import MetricsWriter
 from tether.training.progress import Progress
-from tether.training.runtime import (GlobalBatches, any_process, check_finite, make_optimizer,
-                                     make_scheduler, sum_across_processes, total_steps)
+from tether.training.runtime import (GlobalBatches, any_process, apply_peak_lr, check_step_finite,
+                                     make_optimizer, make_scheduler, sum_across_processes,
+                                     total_steps)
 from tether.training.signals import StopRequest
 
 log = logging.getLogger("tether")
@@ -71,14 +72,15 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
     optimizer = make_optimizer(spec.model.parameters(), cfg.lr, cfg.weight_decay, cfg.adam_eps)
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, steps)
     model, optimizer = accelerator.prepare(spec.model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     # 3. resume
     state = {"best_eval": math.inf, "bad_evals": 0}
     start = 0
-    ckpt = latest_checkpoint(out) if cfg.resume else None
-    if ckpt is not None:
-        state.update(load_checkpoint(accelerator, ckpt))
+    loaded = load_checkpoint(accelerator, out, [scheduler]) if cfg.resume else None
+    ckpt = loaded[0] if loaded else None
+    if loaded is not None:
+        state.update(loaded[1])
         start = state.pop("step")
+        apply_peak_lr([scheduler], [optimizer], [[cfg.lr]])
         log.info("resumed from %s at step %d of %d", ckpt, start, steps)
     metrics = MetricsWriter(out, accelerator.is_main_process, cfg.tensorboard,
                             resume_step=start if ckpt is not None else None)
@@ -91,7 +93,7 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
             t_step = time.perf_counter()
             micro = [spec.collate([spec.train_units[i] for i in idx])
                      for idx in batches.step_indices(step - 1, accelerator.process_index)]
-            row = _train_step(accelerator, model, optimizer, micro, spec, cfg.max_grad_norm, step)
+            row = _train_step(accelerator, model, optimizer, micro, spec, cfg.max_grad_norm, step, out)
             row["lr"] = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             row["epoch"] = batches.epoch_of(step)
@@ -111,7 +113,8 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
             interrupted = any_process(accelerator, stop.requested)
             # 6. atomic checkpoints
             if step % cfg.save_every == 0 or step == steps or interrupted or stop_early:
-                save_checkpoint(accelerator, out, step, state, cfg.keep_checkpoints)
+                save_checkpoint(accelerator, out, step, state, cfg.keep_checkpoints, [scheduler],
+                                [accelerator.unwrap_model(model)])
             if interrupted:
                 bar.close()
                 metrics.close()
@@ -129,8 +132,9 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
 
 
 def _train_step(accelerator: Any, model: Any, optimizer: Any, micro: list[dict], spec: LoopSpec,
-                max_grad_norm: float, step: int) -> dict:
-    """Accumulate gradients over the micro-batches and take one optimizer step."""
+                max_grad_norm: float, step: int, out: Path) -> dict:
+    """Accumulate gradients over the micro-batches and take one optimizer step, unless the loss
+    or the gradient norm is not finite: then no weight changes and the run stops."""
     model.train()
     world = accelerator.num_processes
     global_weight = sum_across_processes(accelerator, sum(spec.weight_fn(b) for b in micro))
@@ -146,15 +150,18 @@ def _train_step(accelerator: Any, model: Any, optimizer: Any, micro: list[dict],
         tokens += spec.tokens_fn(batch)
         for k, v in stats.items():
             stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm > 0 else None
+    # the total norm, clipped only when asked (an infinite bound measures without clipping)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(),
+                                            max_grad_norm if max_grad_norm > 0 else math.inf)
+    total = sum_across_processes(accelerator, loss_sum) / max(global_weight, 1e-9)
+    check_step_finite({"loss": total, "gradient norm": grad_norm}, step, out,
+                      lambda: optimizer.zero_grad(set_to_none=True))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    total = sum_across_processes(accelerator, loss_sum) / max(global_weight, 1e-9)
-    check_finite(torch.tensor(total), step)
     row = {"loss": total, "tokens": sum_across_processes(accelerator, tokens)}
     for k, v in stat_sums.items():
         row[k] = sum_across_processes(accelerator, v) / max(global_weight, 1e-9)
-    if grad_norm is not None:
+    if max_grad_norm > 0:
         row["grad_norm"] = float(grad_norm)
     return row
 

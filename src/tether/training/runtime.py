@@ -167,6 +167,49 @@ def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
                             "intact; fix the cause and rerun with --resume.")
 
 
+def check_step_finite(values: dict[str, Any], step: int | str, output_dir: str | Path,
+                      discard: Any = None) -> None:
+    """Stop before an optimizer step whose loss or gradient norm is NaN or inf: `discard()`
+    drops the gradients, no weight changes, and the error names the last checkpoint (which is
+    finite: non-finite weights are never written). Every process sees the same values (they
+    are reduced across processes), so all stop together."""
+    bad = {k: float(v) for k, v in values.items() if v is not None and not math.isfinite(float(v))}
+    if not bad:
+        return
+    if discard is not None:
+        discard()
+    from tether.training.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(output_dir)
+    where = (f"The last checkpoint, {last}, is intact and finite: lower --lr and rerun with "
+             "--resume." if last else "No checkpoint was written yet: lower --lr and start again.")
+    shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+    where = f"step {step}" if isinstance(step, int) else step
+    raise TrainingError(f"the optimizer step of {where} was not taken: {shown}. No weight was changed. {where} "
+                        "Also check the data for empty responses, or use --dtype float32.")
+
+
+def apply_peak_lr(schedulers: Sequence[Any], optimizers: Sequence[Any],
+                  peaks: Sequence[Sequence[float]]) -> None:
+    """After a resume, make each param group's peak learning rate the configured one (a changed
+    --lr takes effect), the schedule carrying on from the step reached: lr = peak x the
+    schedule's factor at that step. Without a scheduler the rate is constant and set directly.
+    peaks: per optimizer, per param group."""
+    for i, (optimizer, group_peaks) in enumerate(zip(optimizers, peaks)):
+        scheduler = schedulers[i] if i < len(schedulers) else None
+        for g, (group, peak) in enumerate(zip(optimizer.param_groups, group_peaks)):
+            if scheduler is None:
+                group["lr"] = peak
+                continue
+            old = scheduler.base_lrs[g]
+            factor = group["lr"] / old if old else 0.0
+            scheduler.base_lrs[g] = peak
+            group["initial_lr"] = peak
+            group["lr"] = peak * factor
+        if scheduler is not None:
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def any_process(accelerator: Any, flag: bool) -> bool:
     """True if `flag` is True on any process (so all processes stop together)."""
     if accelerator.num_processes == 1:
