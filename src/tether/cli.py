@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from tether.errors import TetherError
+from tether.errors import Interrupted, TetherError
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,10 @@ def _main(argv: list[str]) -> int:
         cfg = load_config(config_cls, rest)
         _resolve(stage.recipe)(cfg)
     except TetherError as err:
+        from tether.training.rundir import abandon_failed_starts
+
+        if not isinstance(err, Interrupted):
+            abandon_failed_starts()
         print(f"tether {name}: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:

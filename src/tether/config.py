@@ -36,7 +36,13 @@ class RunConfig:
     """Seed for weights, data order and sampling. The same seed gives the same run."""
     resume: bool = False
     """Continue from the latest checkpoint in output_dir/checkpoints. Without it, a directory that
-    already holds checkpoints is refused so that nothing is overwritten by accident."""
+    already holds checkpoints is refused so that nothing is overwritten by accident. Only
+    --max-steps, --lr (and --value-lr), --save-every, --keep-checkpoints and logging options may
+    differ from the run being resumed; any other change is refused."""
+    overwrite: bool = False
+    """Write into an output directory that already holds a finished run, a model or checkpoints,
+    replacing them (the old completion marker and checkpoints are removed first). An output
+    directory that is, or lies inside, one of the stage's inputs is refused even so."""
     trust_remote_code: bool = False
     """Allow model code from the model's own repository. Off unless you trust the source."""
 

@@ -12,11 +12,12 @@ import statistics
 import time
 from pathlib import Path
 
-from tether.config import BoNConfig, save_config
+from tether.config import BoNConfig
 from tether.data.io import load_rows, require_columns
 from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
 from tether.models.reward import load_reward_model, score_texts
 from tether.models.save import mark_complete
+from tether.training.rundir import claim, save_run_config
 from tether.training.files import write_jsonl
 from tether.training.runtime import resolve_dtype, setup_logging
 
@@ -36,9 +37,8 @@ def run(cfg: BoNConfig) -> dict:
 
     setup_logging()
     t0 = time.perf_counter()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    out = claim(cfg)
+    save_run_config(cfg, out)
     # 1. models (dropout off: sampling and scoring are inference)
     dtype = resolve_dtype(cfg.dtype)
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, padding_side="left")

@@ -168,6 +168,7 @@ def run(cfg: DemoConfig) -> dict:
     """Run every stage (skipping finished ones), then write summary.json and the report."""
     from tether.recipes import bon, dpo, ppo, rm, sft, world
     from tether.recipes.evaluate import evaluate, print_table
+    from tether.training.checkpoint import latest_checkpoint
     from tether.training.runtime import setup_logging
 
     setup_logging()
@@ -177,25 +178,26 @@ def run(cfg: DemoConfig) -> dict:
     d = {name: root / name for name in ("world", "base", "sft", "pairs", "rm", "ppo", "ppo_beta0",
                                         "dpo", "bon", "eval")}
     timer = Timer()
-    common = dict(seed=seed, resume=True, progress=True, tensorboard=True)
+    common = dict(seed=seed, progress=True, tensorboard=True)
+    resume = lambda name: latest_checkpoint(d[name]) is not None  # noqa: E731  (an unfinished stage)
     # 1. the world's data
     timer.run("world", d["world"], lambda: _export(d["world"], sizes, seed))
     # 2. base model
     timer.run("pretrain", d["base"], lambda: world.run_pretrain(world.PretrainConfig(
         output_dir=str(d["base"]), corpus_docs=sizes.corpus, steps=sizes.pretrain_steps, seed=seed,
-        batch_size=sizes.batch, resume=True)))
+        batch_size=sizes.batch, resume=resume("base"))))
     # 3. SFT
     timer.run("sft", d["sft"], lambda: sft.run(SFTConfig(
         model=str(d["base"]), data=str(d["world"] / "sft.jsonl"), eval_data=str(d["world"] / "sft_eval.jsonl"),
         output_dir=str(d["sft"]), max_steps=sizes.sft_steps, lr=1e-3, batch_size=sizes.batch, max_length=128,
-        **common)))
+        resume=resume("sft"), **common)))
     # 4. preference rankings of SFT samples
     timer.run("pairs", d["pairs"], lambda: make_preferences(d["sft"], d["pairs"], sizes, seed, cfg.temperature))
     # 5. reward model
     timer.run("rm", d["rm"], lambda: rm.run(RMConfig(
         model=str(d["sft"]), data=str(d["pairs"] / "rankings.jsonl"), eval_data=str(d["pairs"] / "pairs_eval.jsonl"),
         output_dir=str(d["rm"]), max_steps=sizes.rm_steps, lr=1e-3, batch_size=max(1, sizes.batch // 2), max_length=128,
-        calibration_data=str(d["world"] / "sft.jsonl"), **common)))
+        calibration_data=str(d["world"] / "sft.jsonl"), resume=resume("rm"), **common)))
     # 6. PPO at the default beta and at beta = 0
     for name, beta, lr, steps in (("ppo", cfg.kl_coef, PPO_LR, sizes.ppo_steps),
                                   ("ppo_beta0", 0.0, cfg.beta0_lr, sizes.ppo_beta0_steps)):
@@ -203,13 +205,14 @@ def run(cfg: DemoConfig) -> dict:
             policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
             output_dir=str(d[name]), max_steps=steps, batch_size=sizes.ppo_batch,
             response_length=sizes.response_length, temperature=cfg.temperature, lr=lr, kl_coef=beta,
-            value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, critic="head", gold_judge="world", **common)),
+            value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, critic="head", gold_judge="world",
+            resume=resume(name), **common)),
             note=BETA0_NOTE if beta == 0.0 else "")
     # 7. DPO on the same rankings
     timer.run("dpo", d["dpo"], lambda: dpo.run(DPOConfig(
         model=str(d["sft"]), data=str(d["pairs"] / "rankings.jsonl"), output_dir=str(d["dpo"]),
         max_steps=sizes.dpo_steps, lr=2e-4, batch_size=sizes.batch, max_length=128, beta=0.1, kl_samples=0,
-        eval_fraction=0.0, **common)))
+        eval_fraction=0.0, resume=resume("dpo"), **common)))
     # 8. best-of-N from the SFT model
     timer.run("bon", d["bon"], lambda: bon.run(BoNConfig(
         policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts_eval.jsonl"),

@@ -87,19 +87,6 @@ def _has_accelerator_device() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def prepare_output_dir(output_dir: str, resume: bool, is_main: bool) -> Path:
-    """Create the run directory; refuse to overwrite checkpoints unless resuming."""
-    from tether.training.checkpoint import list_checkpoints
-
-    out = Path(output_dir)
-    if list_checkpoints(out) and not resume:
-        raise ConfigError(f"{out} already holds checkpoints from an earlier run. Pass --resume to "
-                          "continue it, or choose another --output-dir.")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     """'auto' is bfloat16 on a GPU that supports it and float32 elsewhere (CPU bf16 is slow)."""
     if name == "auto":
@@ -253,14 +240,16 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_ratio: fl
 
 
 def start_run(cfg: Any) -> tuple[Any, Path]:
-    """Step 1 of every training recipe: the Accelerator (seeded), the run directory (refusing
-    to clobber checkpoints unless resuming) and the resolved config written into it."""
-    from tether.config import save_config
+    """Step 1 of every training recipe: the Accelerator (seeded), the run directory claimed
+    under the rules of `tether.training.rundir` (every check before anything is written) and
+    the resolved config written into it."""
+    from tether.training.rundir import claim, save_run_config
 
     accelerator = make_accelerator(cfg.seed)
-    out = prepare_output_dir(cfg.output_dir, cfg.resume, accelerator.is_main_process)
+    out = claim(cfg, accelerator.is_main_process)
     if accelerator.is_main_process:
-        save_config(cfg, out)
+        save_run_config(cfg, out)
+    accelerator.wait_for_everyone()
     return accelerator, out
 
 
