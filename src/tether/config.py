@@ -12,6 +12,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -138,6 +139,9 @@ class TrainConfig(RunConfig):
             raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.lora_r < 0:
             raise ConfigError(f"--lora-r must be >= 0, got {self.lora_r}")
+        _non_negative(self, "weight_decay", "max_grad_norm")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"--adam-eps must be > 0, got {self.adam_eps}")
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,13 @@ class SFTConfig(TrainConfig):
     packing: bool = False
     """Pack several examples into each row of --max-length tokens. A block-diagonal attention
     mask keeps every example from attending to the others, so the loss is the same as unpacked."""
+
+
+def _non_negative(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (0 turns it off), got "
+                              f"{getattr(cfg, name)}")
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -245,14 +256,19 @@ def coerce(name: str, value: Any, tp: Any, from_cli: bool) -> Any:
                 pass
         raise ConfigError(f"{flag} must be an integer; got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_cli or isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
+            number = float(value)
+        elif from_cli or isinstance(value, str):  # YAML reads 1e-5 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{flag} must be a number; got {value!r}")
+        if number is None:
+            raise ConfigError(f"{flag} must be a number; got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{flag} must be a finite number; got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -370,6 +386,10 @@ def load_config(cls: type, argv: list[str]) -> Any:
     if stage is not None and stage != cls.__name__:
         raise ConfigError(f"{config_path} was written for {stage}, not {cls.__name__}: pass it to "
                           "the stage that wrote it (see its run directory's config.yaml)")
+    unknown = [k for k in values if k not in {f.name for f in fields(cls)}]
+    if unknown:
+        err = unknown_option(cls, unknown[0])
+        raise ConfigError(f"{config_path}: {err}") from None
     values.update(flags)
     return from_dict(cls, values, from_cli_keys=set(flags))
 
@@ -630,12 +650,18 @@ class PPOConfig(RunConfig):
             raise ConfigError(f"--top-p must be in (0, 1] and --top-k >= 0; got {self.top_p}, {self.top_k}")
         if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
             raise ConfigError("--kl-coef must be >= 0 and --kl-target > 0")
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise ConfigError("--kl-target adapts beta multiplicatively from --kl-coef, so it can "
+                              "never move from --kl-coef 0: give --kl-coef a starting value > 0")
+        if self.ignore_eos and self.missing_eos_penalty is not None:
+            raise ConfigError(f"--ignore-eos makes every response run to --response-length without "
+                              f"an EOS, so --missing-eos-penalty {self.missing_eos_penalty} would "
+                              "replace every reward-model score. Pass --missing-eos-penalty none "
+                              "with --ignore-eos.")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError(f"--gamma and --lam must be in [0, 1]; got {self.gamma}, {self.lam}")
-        if min(self.vf_coef, self.ptx_coef, self.max_grad_norm, self.eval_every,
-               self.samples_per_iteration, self.lora_r) < 0:
-            raise ConfigError("--vf-coef, --ptx-coef, --max-grad-norm, --eval-every, "
-                              "--samples-per-iteration and --lora-r must be >= 0")
+        _non_negative(self, "vf_coef", "ptx_coef", "max_grad_norm", "eval_every",
+                      "samples_per_iteration", "lora_r")
 
     @property
     def minibatch(self) -> int:

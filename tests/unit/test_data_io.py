@@ -59,7 +59,8 @@ def test_missing_columns_are_named_with_found_columns(tmp_path):
 def test_empty_column_values_are_named(tmp_path):
     rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": ""}]
     ds = load_rows(str(write_jsonl(tmp_path / "d.jsonl", rows)))
-    with pytest.raises(DataError, match=r"column 'completion' is empty in 1 row\(s\) \(rows 2\)"):
+    with pytest.raises(DataError, match=r"column 'completion' is empty \(or whitespace only\) in 1 "
+                                        r"row\(s\): d.jsonl:2;"):
         require_columns(ds, ["prompt", "completion"], "d.jsonl")
 
 
@@ -77,7 +78,7 @@ def test_other_formats_round_trip(tmp_path):
 
 
 def test_missing_file_that_is_not_a_hub_id(tmp_path):
-    with pytest.raises(DataError, match="not a file or directory"):
+    with pytest.raises(DataError, match="nope.jsonl: no such file or directory"):
         load_rows(str(tmp_path / "nope.jsonl"))
 
 

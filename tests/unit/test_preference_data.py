@@ -70,7 +70,7 @@ def test_unknown_columns_and_bad_types_are_reported(tmp_path):
     with pytest.raises(DataError, match="not preference data.*found columns: question, answer"):
         read_preference_rows(ds, src)
     ds, src = _rows(tmp_path, [{"prompt": "p", "chosen": " a", "rejected": " b", "margin": "big"}], "m.jsonl")
-    with pytest.raises(DataError, match=r"m\.jsonl row 1: 'margin' must be a number"):
+    with pytest.raises(DataError, match=r"m\.jsonl:1: 'margin' must be a number"):
         read_preference_rows(ds, src)
 
 
@@ -148,15 +148,15 @@ def test_ranked_rows_with_ties(tmp_path):
 
 @pytest.mark.parametrize("row, message", [
     ({"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 1]},
-     r"row 1: 3 responses but 2 ranks"),
+     r"d\.jsonl:1: 3 responses but 2 ranks"),
     ({"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, None, 1]},
-     r"row 1: rank of response 1 is missing"),
+     r"d\.jsonl:1: rank of response 1 is missing"),
     ({"prompt": "p", "responses": ["a", "b", "c"], "ranks": [0, 2, 3]},
-     r"row 1: ranks \[0, 2, 3\] skip rank\(s\) \[1\]"),
+     r"d\.jsonl:1: ranks \[0, 2, 3\] skip rank\(s\) \[1\]"),
     ({"prompt": "p", "responses": ["a", "b", "a"], "ranks": [0, 1, 2]},
-     r"row 1: responses 0 and 2 are the same text with different ranks"),
+     r"d\.jsonl:1: responses 0 and 2 are the same text with different ranks"),
     ({"prompt": "p", "responses": ["a", "b"], "ranks": [0, -1]},
-     r"row 1: rank of response 1 is missing or not a non-negative integer"),
+     r"d\.jsonl:1: rank of response 1 is missing or not a non-negative integer"),
 ])
 def test_bad_rankings_are_errors_naming_the_row(tmp_path, row, message):
     ds, src = _rows(tmp_path, [row])
@@ -313,7 +313,7 @@ def test_conversational_ranked_rows_and_skips(tmp_path, chat_tok):
 
 def test_conversational_rows_need_a_chat_template(tmp_path, tok):
     rows = [{"prompt": [_user("q")], "chosen": "a", "rejected": "b"}]
-    with pytest.raises(DataError, match=r"row 1: conversational .* need a tokenizer with a chat template"):
+    with pytest.raises(DataError, match=r"d\.jsonl:1: conversational .* need a tokenizer with a chat template"):
         read_preference_rows(*_rows(tmp_path, rows), tokenizer=tok)
     with pytest.raises(DataError, match="chat template"):
         read_preference_rows(*_rows(tmp_path, rows))

@@ -39,7 +39,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from tether.data.io import load_rows, require_columns
+from tether.data.io import load_rows, require_columns, visible_columns, without_location
+from tether.data.io import where as row_location
 from tether.data.tokenize import encode_chat_or_prompt, encode_prompt, encode_response
 from tether.errors import DataError
 
@@ -73,7 +74,7 @@ def detect_preference_format(ds: Any, source: str) -> str:
     else:
         raise DataError(f"{source} is not preference data: expected columns prompt/chosen/rejected, "
                         "chosen/rejected (hh-rlhf dialogues) or prompt/responses/ranks; found "
-                        f"columns: {', '.join(ds.column_names) or '(none)'}")
+                        f"columns: {', '.join(visible_columns(ds)) or '(none)'}")
     if fmt == "ranked" and "prompt" not in cols:
         require_columns(ds, ["prompt"], source)  # raises, naming the missing column
     require_columns(ds, needed, source)
@@ -96,7 +97,8 @@ def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None
     parse = {"pairs": _parse_pair, "hh": _parse_hh, "ranked": _parse_ranked}[fmt]
     rows = []
     for i, raw in enumerate(ds):
-        where = f"{source} row {i + 1}"
+        where = row_location(source, raw, i)
+        raw = without_location(raw)
         if _is_conversational(raw):
             raw = _render_conversational(raw, fmt, tokenizer, where)
             if isinstance(raw, str):  # a skip reason
@@ -338,10 +340,10 @@ def read_prompt_responses(ds: Any, source: str) -> tuple[list[str], list[str]]:
     column = "response" if "response" in ds.column_names else "completion"
     if "prompt" not in ds.column_names or column not in ds.column_names:
         raise DataError(f"{source}: expected columns prompt and response (or completion); found "
-                        f"columns: {', '.join(ds.column_names) or '(none)'}")
+                        f"columns: {', '.join(visible_columns(ds)) or '(none)'}")
     prompts, responses = [], []
     for i, raw in enumerate(ds):
-        where = f"{source} row {i + 1}"
+        where = row_location(source, raw, i)
         prompts.append(_text(raw["prompt"], "prompt", where))
         responses.append(_text(raw[column], column, where))
     return prompts, responses

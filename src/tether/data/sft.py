@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tether.data.io import require_columns
+from tether.data.io import require_columns, visible_columns, where
 from tether.data.tokenize import encode_prompt, encode_response
 from tether.errors import DataError
 
@@ -36,10 +36,11 @@ def detect_format(ds: Any, source: str) -> str:
         return "messages"
     if "prompt" in cols or "completion" in cols:
         # an empty prompt is allowed: the whole completion is then learned (pretraining-style)
-        require_columns(ds, ["prompt", "completion"], source, may_be_empty=["prompt"])
+        require_columns(ds, ["prompt", "completion"], source, may_be_empty=["prompt"],
+                        text=["prompt", "completion"])
         return "prompt_completion"
     raise DataError(f"{source} is missing column(s) 'prompt', 'completion' (or 'messages' for chat "
-                    f"data); found columns: {', '.join(ds.column_names) or '(none)'}")
+                    f"data); found columns: {', '.join(visible_columns(ds)) or '(none)'}")
 
 
 def tokenize_prompt_completion(tokenizer: Any, prompt: str, completion: str) -> TokenizedExample:
@@ -71,14 +72,16 @@ def tokenize_messages(tokenizer: Any, messages: Sequence[dict], where: str) -> T
 
 
 def tokenize_sft(ds: Any, tokenizer: Any, source: str, max_length: int, over_length: str,
-                 ) -> list[TokenizedExample]:
-    """Tokenise every row; truncate or drop over-long ones and log how many."""
+                 held_out: bool = False) -> list[TokenizedExample]:
+    """Tokenise every row; truncate or drop over-long ones and log how many. A held-out set
+    that loses every row that way is returned empty, with a warning (training goes on without
+    held-out loss); a training set that does is an error."""
     fmt = detect_format(ds, source)
     examples, truncated, dropped = [], 0, 0
     for i, row in enumerate(ds):
-        where = f"{source} row {i + 1}"
+        at = where(source, row, i)
         if fmt == "messages":
-            ex = tokenize_messages(tokenizer, row["messages"], where)
+            ex = tokenize_messages(tokenizer, row["messages"], at)
         else:
             ex = tokenize_prompt_completion(tokenizer, str(row["prompt"]), str(row["completion"]))
         if len(ex.input_ids) > max_length:
@@ -91,7 +94,10 @@ def tokenize_sft(ds: Any, tokenizer: Any, source: str, max_length: int, over_len
     if truncated or dropped:
         log.warning("%s: %d example(s) longer than --max-length %d were truncated and %d dropped",
                     source, truncated, max_length, dropped)
-    if not examples:
+    if not examples and held_out:
+        log.warning("%s: every held-out example is longer than --max-length %d; training goes on "
+                    "without a held-out loss (raise --max-length to keep them)", source, max_length)
+    elif not examples:
         raise DataError(f"{source}: every example is longer than --max-length {max_length} "
                         "(or has no response tokens left); raise --max-length")
     return examples

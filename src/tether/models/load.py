@@ -12,10 +12,37 @@ from tether.errors import TetherError
 log = logging.getLogger("tether")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt")
+
+
+def check_local(name: str, what: str) -> None:
+    """Fail at once, and say so plainly, when `name` is meant as a local directory that is not
+    there (instead of trying the hub and blaming the network). A name of the form `owner/name`
+    may be either: only a name that cannot be a hub id is checked."""
+    from pathlib import Path
+
+    from tether.data.io import looks_like_path
+
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise TetherError(f"{what} {name} is a file; give the model's directory")
+    if not path.exists() and looks_like_path(name):
+        raise TetherError(f"{what} {name}: no such directory (a hub id would read owner/name)")
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
     """Load a tokenizer and make sure it has a pad token (saying which one was chosen)."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
+    check_local(name, "tokenizer")
+    local = Path(name).expanduser()
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+        raise TetherError(f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...). "
+                          "Save the tokenizer into it (tokenizer.save_pretrained) or copy those "
+                          "files from the model it was trained from.")
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     except Exception as err:
@@ -62,6 +89,7 @@ def load_causal_lm(name: str, dtype: torch.dtype = torch.float32, trust_remote_c
     """Load an AutoModelForCausalLM. SDPA attention is requested for block-diagonal packing masks."""
     from transformers import AutoModelForCausalLM
 
+    check_local(name, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa")

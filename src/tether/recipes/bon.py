@@ -26,8 +26,8 @@ log = logging.getLogger("tether")
 
 def read_prompts(source: str, limit: int = 0) -> list[str]:
     ds = load_rows(source)
-    require_columns(ds, ["prompt"], source)
-    prompts = [str(p) for p in ds["prompt"]]
+    require_columns(ds, ["prompt"], source, text=["prompt"])
+    prompts = list(ds["prompt"])
     return prompts[:limit] if limit > 0 else prompts
 
 

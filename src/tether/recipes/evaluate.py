@@ -31,7 +31,8 @@ def _responses_from_file(source: str) -> dict[str, str]:
     from tether.data.io import load_rows, require_columns
 
     ds = load_rows(source)
-    require_columns(ds, ["prompt", "response"], source, may_be_empty=["response"])
+    require_columns(ds, ["prompt", "response"], source, may_be_empty=["response"],
+                    text=["prompt", "response"])
     return {str(r["prompt"]): str(r["response"] or "") for r in ds}
 
 

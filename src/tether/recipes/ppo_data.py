@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from tether.data.io import load_rows, require_columns
+from tether.data.io import load_rows, require_columns, where
 from tether.data.tokenize import encode_chat_or_prompt, encode_prompt
 from tether.errors import DataError
 from tether.rollout.generate import left_pad
@@ -61,11 +61,11 @@ def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) 
     ones, and log how many."""
     ds = load_rows(source)
     column = "messages" if "messages" in ds.column_names else "prompt"
-    require_columns(ds, [column], source)
+    require_columns(ds, [column], source, text=["prompt"] if column == "prompt" else [])
     out = PromptSet([], [])
     bos = tokenizer.bos_token_id
     for i, row in enumerate(ds):
-        text, messages = prompt_text(tokenizer, row, f"{source} row {i + 1}")
+        text, messages = prompt_text(tokenizer, row, where(source, row, i))
         ids = encode_chat_or_prompt(tokenizer, text, chat=messages is not None)
         if len(ids) > max_length:
             if truncation == "drop":

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from tether.config import ScoreConfig
-from tether.data.io import load_rows
+from tether.data.io import load_rows, without_location
 from tether.data.preference import (encode_for_scoring, read_preference_rows,
                                     read_prompt_responses)
 from tether.models.load import load_tokenizer, pad_id
@@ -43,7 +43,8 @@ def score_rows(model: Any, tokenizer: Any, ds: Any, source: str, batch_size: int
     if "prompt" in cols and ("response" in cols or "completion" in cols):
         prompts, responses = read_prompt_responses(ds, source)
         raw = score_texts(model, tokenizer, prompts, responses, batch_size, max_length, calibrated=False)
-        return [{**ds[i], "row": i, "score": r + bias, "raw_score": r} for i, r in enumerate(raw)]
+        return [{**without_location(ds[i]), "row": i, "score": r + bias, "raw_score": r}
+                for i, r in enumerate(raw)]
     rows = read_preference_rows(ds, source, tokenizer=tokenizer)
     # the responses of a row are cut to --max-length together, with one prompt context, as in
     # training, so that scoring the held-out set reproduces eval/accuracy
@@ -55,7 +56,8 @@ def score_rows(model: Any, tokenizer: Any, ds: Any, source: str, batch_size: int
     for r in rows:
         k = len(r["responses"])
         mine, at = raw[at:at + k], at + k
-        out.append({**ds[r["row"]], "row": r["row"], **_preference_fields(r, mine, bias, cols)})
+        out.append({**without_location(ds[r["row"]]), "row": r["row"],
+                    **_preference_fields(r, mine, bias, cols)})
     return out
 
 

@@ -23,7 +23,7 @@ def load_sft_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list, list]:
         train_ds, eval_ds = split_holdout(train_ds, cfg.eval_fraction, cfg.seed)
     train = tokenize_sft(train_ds, tokenizer, cfg.data, cfg.max_length, cfg.over_length)
     held = tokenize_sft(eval_ds, tokenizer, cfg.eval_data or cfg.data, cfg.max_length,
-                        cfg.over_length) if eval_ds is not None else []
+                        cfg.over_length, held_out=True) if eval_ds is not None else []
     return train, held
 
 

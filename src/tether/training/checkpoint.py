@@ -83,17 +83,25 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
     root = checkpoint_root(output_dir)
     tmp = root / f".tmp-step-{step}"
     final = root / f"step-{step}"
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        with _quiet_tied_weights():
+            accelerator.save_state(str(tmp), safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_json(tmp / STATE_FILE, {"step": step, **state,
+                                                 "schedulers": [s.state_dict() for s in schedulers]})
+            publish_dir(tmp, final)
+    except (OSError, RuntimeError) as err:  # a full disk, a lost mount (torch raises RuntimeError)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    with _quiet_tied_weights():
-        accelerator.save_state(str(tmp), safe_serialization=True)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(tmp / STATE_FILE, {"step": step, **state,
-                                             "schedulers": [s.state_dict() for s in schedulers]})
-        publish_dir(tmp, final)
+        last = latest_checkpoint(output_dir)
+        kept = f"the previous checkpoint, {last}, is intact" if last else "no earlier checkpoint exists"
+        raise TrainingError(f"could not write the checkpoint of step {step} under {root}: "
+                            f"{str(err).splitlines()[0]}; {kept}. Free space (or fix the "
+                            "directory) and rerun with --resume.") from None
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         clean_partial(output_dir)  # what a killed run left half-written

@@ -7,16 +7,21 @@ step are dropped so that the file reads like one uninterrupted run.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+log = logging.getLogger("tether")
+
 
 def _plain(value: Any) -> Any:
+    """A JSON value: NaN and +-inf, which JSON has no words for, become null (the row's other
+    values still plot)."""
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else (math.inf if value > 0 else -math.inf)
+        return None
     return value
 
 
@@ -46,9 +51,22 @@ class MetricsWriter:
         if resume_step is None:
             self.path.unlink()
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        lines = self.path.read_text().splitlines()
+        for n, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write: dropped
+                log.warning("%s:%d is not a complete JSON line (a run killed mid-write); dropped",
+                            self.path, n)
+                continue
+            if row.get("step", 0) <= resume_step:
+                keep.append(line)
+        from tether.training.files import atomic_write_text
+
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
