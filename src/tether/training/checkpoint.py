@@ -102,6 +102,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
         raise TrainingError(f"could not write the checkpoint of step {step} under {root}: "
                             f"{str(err).splitlines()[0]}; {kept}. Free space (or fix the "
                             "directory) and rerun with --resume.") from None
+    if accelerator.is_main_process:
         for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         clean_partial(output_dir)  # what a killed run left half-written

@@ -168,12 +168,13 @@ def check_step_finite(values: dict[str, Any], step: int | str, output_dir: str |
     from tether.training.checkpoint import latest_checkpoint
 
     last = latest_checkpoint(output_dir)
-    where = (f"The last checkpoint, {last}, is intact and finite: lower --lr and rerun with "
-             "--resume." if last else "No checkpoint was written yet: lower --lr and start again.")
+    advice = (f"The last checkpoint, {last}, is intact and finite: lower --lr and rerun with "
+              "--resume." if last else "No checkpoint was written yet: lower --lr and start again.")
     shown = ", ".join(f"{k} {v}" for k, v in bad.items())
-    where = f"step {step}" if isinstance(step, int) else step
-    raise TrainingError(f"the optimizer step of {where} was not taken: {shown}. No weight was changed. {where} "
-                        "Also check the data for empty responses, or use --dtype float32.")
+    at = f"step {step}" if isinstance(step, int) else step
+    raise TrainingError(f"the optimizer step of {at} was not taken: {shown}. No weight was "
+                        f"changed. {advice} Also check the data for empty responses, or use "
+                        "--dtype float32.")
 
 
 def apply_peak_lr(schedulers: Sequence[Any], optimizers: Sequence[Any],
