@@ -405,3 +405,28 @@ def test_a_read_only_output_dir_is_a_usage_error(world, tmp_path, capsys):
         expect(capsys, world, stage_args(world, "sft", out), 2, "cannot write to --output-dir")
     finally:
         out.chmod(0o700)
+
+
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(world, tmp_path, capsys, monkeypatch):
+    """The second checkpoint's write fails as a full disk does: a clear error, the first
+    checkpoint intact and loadable, nothing half-written left."""
+    import errno
+
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def full_disk(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    out = tmp_path / "run"
+    err = expect(capsys, world, stage_args(world, "sft", out) + ["--save-every", "1"], 1,
+                 "could not write the checkpoint of step 2", "No space left on device",
+                 "step-1, is intact")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"], err
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    assert run(capsys, stage_args(world, "sft", out) + ["--save-every", "1", "--resume"])[0] == 0
