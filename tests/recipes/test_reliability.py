@@ -430,3 +430,14 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(world, tmp_path,
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"], err
     monkeypatch.setattr(Accelerator, "save_state", real)
     assert run(capsys, stage_args(world, "sft", out) + ["--save-every", "1", "--resume"])[0] == 0
+
+
+@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_a_launch_whose_processes_would_not_be_connected_is_refused(env, world, tmp_path, capsys,
+                                                                     monkeypatch):
+    """`accelerate launch --use_fsdp --num_processes 2` on CPUs starts processes that each think
+    they are alone: refused before anything is written."""
+    monkeypatch.setenv(env, "true")
+    out = tmp_path / "run"
+    expect(capsys, world, stage_args(world, "sft", out), 2, "--multi_gpu --num_processes N")
+    assert not out.exists()

@@ -37,12 +37,38 @@ def make_accelerator(seed: int) -> Any:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(cpu=not _has_accelerator_device())
+    check_launch()
+    try:
+        accelerator = Accelerator(cpu=not _has_accelerator_device())
+    except (RuntimeError, ValueError) as err:  # a launch whose processes cannot connect
+        raise ConfigError(f"accelerate could not set up the processes of this launch: "
+                          f"{str(err).splitlines()[0]}. Check the `accelerate launch` options "
+                          "(on CPUs: --multi_gpu --num_processes N gives N processes over gloo).") from None
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and accelerator.num_processes == 1:
+        raise ConfigError(f"this process was launched as one of WORLD_SIZE={world} processes, but "
+                          "accelerate set it up alone, so every process would write the same "
+                          "output directory. On CPUs launch with `accelerate launch --multi_gpu "
+                          "--num_processes N`.")
     set_seed(seed)
     setup_logging(accelerator.is_main_process)
     if accelerator.device.type == "cpu":
         keep_freed_memory()
     return accelerator
+
+
+def check_launch() -> None:
+    """Refuse, before anything is written, a launch whose processes would not be connected:
+    accelerate's FSDP and DeepSpeed plugins need GPUs, and without one `accelerate launch
+    --use_fsdp --num_processes 2` starts processes that each think they are alone."""
+    if _has_accelerator_device():
+        return
+    for env, name in (("ACCELERATE_USE_FSDP", "--use_fsdp"), ("ACCELERATE_USE_DEEPSPEED", "--use_deepspeed")):
+        if os.environ.get(env, "").lower() in ("1", "true", "yes"):
+            raise ConfigError(f"`accelerate launch {name}` needs GPUs; on this machine it would start "
+                              "processes that are not connected (each writing the same output). "
+                              "On CPUs use `accelerate launch --multi_gpu --num_processes N` (DDP "
+                              "over gloo).")
 
 
 # glibc mallopt parameters (malloc.h)
