@@ -362,12 +362,20 @@ def parse_flags(cls: type, argv: list[str]) -> tuple[Optional[str], dict[str, An
             i += 1
             continue
         if eq:
-            out[key] = inline
-            i += 1
+            value, i = inline, i + 1
         else:
-            out[key] = _next_value(argv, i, "--" + key.replace("_", "-"))
-            i += 2
+            value, i = _next_value(argv, i, "--" + key.replace("_", "-")), i + 2
+        if _is_list(hints.get(key)) and key in out:
+            out[key] = f"{out[key]},{value}"  # a list option given several times: all of them
+        else:
+            out[key] = value
     return config_path, out
+
+
+def _is_list(tp: Any) -> bool:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(typing.get_origin(a) is list for a in typing.get_args(tp))
+    return typing.get_origin(tp) is list
 
 
 def _next_value(argv: list[str], i: int, flag: str) -> str:
@@ -499,7 +507,14 @@ class PPOConfig(RunConfig):
     reward_model: str = ""
     """A tether reward model, or any Hugging Face SequenceClassification model with
     num_labels=1. Its calibration bias (tether_reward_bias) is added to every score. A checkpoint
-    without a trained scalar head (a causal LM) is refused. Required."""
+    without a trained scalar head (a causal LM) is refused. Required unless --reward-fn is given."""
+    reward_fn: Optional[list[str]] = None
+    """Python reward functions, each as path/to/file.py:name (repeat the option, or separate
+    with commas). TRL's signature: fn(prompts, completions, **columns) -> list of float or None,
+    where columns are the prompts file's other columns (e.g. answer) and None means "does not
+    apply". Their weighted sum is added to the reward model's score, if any."""
+    reward_weights: Optional[list[float]] = None
+    """One weight per --reward-fn (default 1.0 each)."""
     prompts: str = ""
     """Prompts to sample from: a file or dataset with a `prompt` column, or `messages` (rendered
     with the chat template and its generation prompt). Required."""
@@ -630,9 +645,17 @@ class PPOConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("policy", "reward_model", "prompts"):
+        for name in ("policy", "prompts"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
+        if not self.reward_model and not self.reward_fn:
+            raise ConfigError("--reward-model is required (or --reward-fn file.py:name, or both)")
+        if not self.reward_model and self.critic == "separate":
+            raise ConfigError("--critic separate starts the critic from --reward-model; with "
+                              "--reward-fn alone, use --critic head")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_fn or []):
+            raise ConfigError(f"--reward-weights gives {len(self.reward_weights)} weight(s) for "
+                              f"{len(self.reward_fn or [])} --reward-fn function(s)")
         _positive(self, "max_steps", "batch_size", "ppo_epochs", "response_length",
                   "max_prompt_length", "save_every", "keep_checkpoints", "kl_horizon")
         for name in ("lr", "value_lr", "temperature", "adam_eps", "cliprange", "cliprange_value"):

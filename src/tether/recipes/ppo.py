@@ -83,7 +83,9 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     clock.lap("rollout")
     # 2. score: pi_ref logprobs (same T), calibrated RM scores, the missing-EOS penalty
     ref_logprobs = parts.reference.logprobs(seqs, cfg.temperature)
-    rm_scores, noncanonical = parts.reward.score(seqs, texts, parts.prompts.chats_at(indices))
+    scored = parts.reward.score(seqs, texts, parts.prompts.chats_at(indices),
+                                parts.prompts.columns_at(indices), parts.prompts.rows_at(indices))
+    rm_scores, noncanonical = scored.scores, scored.noncanonical
     scores = rm_scores if cfg.missing_eos_penalty is None else torch.where(
         rollout.ended, rm_scores, torch.full_like(rm_scores, cfg.missing_eos_penalty))
     # 2b. pi_old and V_old. With one minibatch, the first update epoch's forward gives them
@@ -121,7 +123,8 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
         wide = batch_wide_metrics(*[parts.accelerator.gather(t) for t in (  # on every process
             seqs.response_ids, mask, exp.values, exp.returns, exp.rm_scores)])
     stats = {**experience_metrics(exp, beta, wide), "objective/entropy": entropy,
-             "response/noncanonical_frac": noncanonical.float().mean(), **update_stats}
+             "response/noncanonical_frac": noncanonical.float().mean(), **scored.metrics,
+             **update_stats}
     if all_reduce is not None:  # token means: each process's weighted by its share of all tokens
         share = mask.sum() * world / all_reduce(mask.sum().float())
         for key in ("objective/kl_per_token", "objective/entropy"):

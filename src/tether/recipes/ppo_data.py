@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from tether.data.io import load_rows, require_columns, where
+from tether.data.io import load_rows, require_columns, visible_columns, where
 from tether.data.tokenize import encode_chat_or_prompt, encode_prompt
 from tether.errors import DataError
 from tether.rollout.generate import left_pad
@@ -29,6 +29,8 @@ class PromptSet:
     truncated: int = 0
     dropped: int = 0
     chats: list[Optional[list[dict]]] = field(default_factory=list)  # messages, None if plain
+    columns: dict[str, list] = field(default_factory=dict)  # the file's other columns, per prompt
+    rows: list[str] = field(default_factory=list)  # where each prompt came from (file:line)
 
     def batch(self, indices: Sequence[int], pad_token_id: int,
               device: Any) -> tuple[Tensor, Tensor, list[str]]:
@@ -39,6 +41,13 @@ class PromptSet:
     def chats_at(self, indices: Sequence[int]) -> list[Optional[list[dict]]]:
         """The prompts' messages (None for plain prompts), for an RM with its own chat template."""
         return [self.chats[i] if self.chats else None for i in indices]
+
+    def columns_at(self, indices: Sequence[int]) -> dict[str, list]:
+        """The other data columns of the prompts at `indices` (for reward functions)."""
+        return {name: [values[i] for i in indices] for name, values in self.columns.items()}
+
+    def rows_at(self, indices: Sequence[int]) -> list[str]:
+        return [self.rows[i] for i in indices] if self.rows else [f"prompt {i + 1}" for i in indices]
 
 
 def prompt_text(tokenizer: Any, row: dict, where: str) -> tuple[str, Optional[list[dict]]]:
@@ -63,6 +72,7 @@ def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) 
     column = "messages" if "messages" in ds.column_names else "prompt"
     require_columns(ds, [column], source, text=["prompt"] if column == "prompt" else [])
     out = PromptSet([], [])
+    extra = [c for c in visible_columns(ds) if c not in ("prompt", "messages")]
     bos = tokenizer.bos_token_id
     for i, row in enumerate(ds):
         text, messages = prompt_text(tokenizer, row, where(source, row, i))
@@ -77,6 +87,9 @@ def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) 
         out.ids.append(ids)
         out.texts.append(text)
         out.chats.append(messages)
+        out.rows.append(where(source, row, i))
+        for name in extra:
+            out.columns.setdefault(name, []).append(row[name])
     if out.truncated or out.dropped:
         log.warning("%s: %d prompt(s) longer than --max-prompt-length %d were %s", source,
                     out.truncated or out.dropped, max_length,

@@ -85,7 +85,8 @@ def evaluate(parts: Any) -> dict[str, float]:
         ref = parts.reference.logprobs(seqs, cfg.temperature)
         logprobs = _policy_logprobs(parts, seqs)
         kl = torch.where(rollout.response_mask.bool(), logprobs - ref, torch.zeros_like(ref)).sum(-1)
-        scores = parts.reward.score(seqs, texts, prompts.chats_at(rows)).scores
+        scores = parts.reward.score(seqs, texts, prompts.chats_at(rows), prompts.columns_at(rows),
+                                    prompts.rows_at(rows)).scores
         totals += torch.stack([scores.sum(), kl.sum(), rollout.response_mask.sum(),
                                rollout.ended.sum()]).double().cpu()
     all_reduce = parts.all_reduce_sum()

@@ -20,7 +20,8 @@ from tether.ops.kl import AdaptiveKLController, FixedKLController
 from tether.recipes.ppo_data import PromptSet, PtxData, load_prompts
 from tether.rollout.generate import Generator, SamplingParams, left_pad, make_generator
 from tether.rollout.health import HealthMonitor, ReferenceProbe, check_reference_detached
-from tether.rollout.score import Reference, RewardScorer, same_vocabulary
+from tether.rollout.reward_fns import RewardFunctions
+from tether.rollout.score import Reference, RewardScorer, RewardSources, same_vocabulary
 from tether.rollout.types import Rollout
 from tether.training.runtime import GlobalBatches, adamw, make_accelerator, make_scheduler, resolve_dtype
 
@@ -43,7 +44,7 @@ class PPOParts:
     optimizers: list  # [policy] or [policy, critic]
     schedulers: list  # one per optimizer, or empty for constant learning rates without warmup
     reference: Reference
-    reward: RewardScorer
+    reward: RewardSources
     generator: Generator
     kl_ctl: Any  # FixedKLController or AdaptiveKLController
     prompts: PromptSet
@@ -107,9 +108,14 @@ def load_policy_and_reference(cfg: PPOConfig, dtype: torch.dtype) -> tuple[Any, 
 
 
 def load_reward_side(cfg: PPOConfig, tokenizer: Any, dtype: torch.dtype,
-                     eos_ids: tuple[int, ...]) -> tuple[RewardScorer, Optional[Critic]]:
-    """The frozen RM (calibration bias included in its scores) and, with --critic separate, a
-    trainable critic initialised from it."""
+                     eos_ids: tuple[int, ...]) -> tuple[RewardSources, Optional[Critic]]:
+    """The rewards (the frozen RM, its calibration bias included in its scores, and/or the
+    --reward-fn functions) and, with --critic separate, a trainable critic initialised from
+    the RM."""
+    functions = RewardFunctions.from_config(cfg.reward_fn, cfg.reward_weights or []) \
+        if cfg.reward_fn else None
+    if not cfg.reward_model:
+        return RewardSources(None, functions, tokenizer, eos_ids), None
     rm = freeze(load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code, tokenizer.pad_token_id))
     rm_tokenizer = None
     try:
@@ -122,8 +128,9 @@ def load_reward_side(cfg: PPOConfig, tokenizer: Any, dtype: torch.dtype,
         if cfg.critic == "separate":
             raise ConfigError("--critic separate initialises the critic from the reward model, which "
                               "needs the policy's tokenizer; this RM has another. Use --critic head.")
-    scorer = RewardScorer(rm, eos_ids, tokenizer.pad_token_id, tokenizer, rm_tokenizer,
-                          max_length=cfg.max_prompt_length + cfg.response_length)
+    scorer = RewardSources(RewardScorer(rm, eos_ids, tokenizer.pad_token_id, tokenizer, rm_tokenizer,
+                                        max_length=cfg.max_prompt_length + cfg.response_length),
+                           functions, tokenizer, eos_ids)
     if cfg.critic == "head":
         return scorer, None
     critic_model = load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code, tokenizer.pad_token_id)
@@ -178,7 +185,7 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
         critic.train()
     log.info("ppo: policy %s (%.2fM parameters), critic %s, %d prompts", cfg.policy,
              count_parameters(lm) / 1e6, cfg.critic, len(prompts.ids))
-    for frozen in {id(m): m for m in (reference.model, reward.model)}.values():
+    for frozen in {id(m): m for m in (reference.model, reward.model) if m is not None}.values():
         frozen.to(device)
     # 3. optimizers; accelerate prepares (and checkpoints) only the trainable side
     optimizers = make_optimizers(cfg, actor, critic)

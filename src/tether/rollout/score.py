@@ -87,6 +87,8 @@ def reward_model_inputs(seqs: Sequences, eos_token_ids: Sequence[int],
 class RewardScores(NamedTuple):
     scores: Tensor  # (B,) float32, calibrated
     noncanonical: Tensor  # (B,) bool: the response's ids are not what its text encodes to
+    metrics: dict = {}  # per reward function: reward_fn/<name>/mean, /std, /applied
+    texts: list = []  # the responses' texts (EOS left out), as a user sees them
 
 
 class RewardScorer:
@@ -118,7 +120,7 @@ class RewardScorer:
         """One calibrated score per rollout, and which rollouts were non-canonical.
         prompt_chats: each prompt's messages (None for a plain prompt), so that an RM with its
         own chat template reads them in it."""
-        ids = self._response_ids(seqs)
+        ids = response_ids(seqs, self.eos_token_ids)
         texts = self._decode(ids)
         if self.policy_tokenizer is not None:  # encoded as a response is (`encode_response`)
             again = [list(a) for a in self.policy_tokenizer(texts, add_special_tokens=False)["input_ids"]]
@@ -134,15 +136,7 @@ class RewardScorer:
         self.model.eval()
         scores = torch.cat([calibrated_scores(self.model, rm_ids[rows], mask[rows])
                             for rows in row_chunks(rm_ids.shape[0], self.chunk)])
-        return RewardScores(scores, noncanonical.to(scores.device))
-
-    def _response_ids(self, seqs: Sequences) -> list[list[int]]:
-        """Each response's ids without its EOS and padding."""
-        keep = seqs.response_mask.bool()
-        if self.eos_token_ids:
-            eos = torch.tensor(list(self.eos_token_ids), device=keep.device)
-            keep &= ~torch.isin(seqs.response_ids, eos)
-        return [row[m].tolist() for row, m in zip(seqs.response_ids, keep)]
+        return RewardScores(scores, noncanonical.to(scores.device), {}, texts)
 
     def _decode(self, ids: list[list[int]]) -> list[str]:
         if self.policy_tokenizer is None:
@@ -182,6 +176,55 @@ class RewardScorer:
         pad = pad_id(self.rm_tokenizer)
         ids, mask = right_pad(rows, pad)
         return ids.to(device), mask.to(device)
+
+
+def response_ids(seqs: Sequences, eos_token_ids: Sequence[int]) -> list[list[int]]:
+    """Each response's ids without its EOS and padding."""
+    keep = seqs.response_mask.bool()
+    if eos_token_ids:
+        eos = torch.tensor(list(eos_token_ids), device=keep.device)
+        keep &= ~torch.isin(seqs.response_ids, eos)
+    return [row[m].tolist() for row, m in zip(seqs.response_ids, keep)]
+
+
+class RewardSources:
+    """Every reward of a run: a learned reward model (`RewardScorer`), Python reward functions
+    (`rollout.reward_fns.RewardFunctions`), or both, added. `model` is the RM (None without)."""
+
+    def __init__(self, scorer: Optional[RewardScorer], functions: Any, tokenizer: Any,
+                 eos_token_ids: Sequence[int]):
+        self.scorer = scorer
+        self.functions = functions
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+
+    @property
+    def model(self) -> Any:
+        return self.scorer.model if self.scorer is not None else None
+
+    @torch.no_grad()
+    def score(self, seqs: Sequences, prompt_texts: Sequence[str],
+              prompt_chats: Optional[Sequence[Optional[list[dict]]]] = None,
+              columns: Optional[dict[str, list]] = None,
+              rows: Optional[Sequence[str]] = None) -> RewardScores:
+        """The score of each rollout: the RM's calibrated score plus the weighted function
+        rewards. columns: the prompts' other data columns, aligned with the rows; rows: where
+        each prompt came from (for error messages)."""
+        if self.scorer is not None:
+            out = self.scorer.score(seqs, prompt_texts, prompt_chats)
+        else:
+            texts = self.tokenizer.batch_decode(response_ids(seqs, self.eos_token_ids),
+                                                skip_special_tokens=True)
+            zeros = torch.zeros(len(texts), device=seqs.input_ids.device)
+            out = RewardScores(zeros, zeros.bool(), {}, texts)
+        if self.functions is None:
+            return out
+        rows = list(rows) if rows is not None else [f"row {i + 1}" for i in range(len(out.texts))]
+        total, per_fn = self.functions(prompt_texts, out.texts, columns or {}, rows)
+        from tether.rollout.reward_fns import function_metrics
+
+        scores = out.scores + torch.tensor(total, dtype=out.scores.dtype, device=out.scores.device)
+        return RewardScores(scores, out.noncanonical, function_metrics(per_fn), out.texts)
 
 
 def same_vocabulary(a: Any, b: Any) -> bool:

@@ -1,0 +1,143 @@
+"""Rewards given as Python functions (verifiable rewards: exact answers, format checks, tests).
+
+A function is named `path/to/file.py:name` (or `package.module:name`) and has TRL's signature:
+
+    def score(prompts: list[str], completions: list[str], **columns) -> list[float | None]
+
+`columns` holds every other column of the prompts file, one list per column, aligned with the
+prompts (for example `answer`). None means "not applicable to this row". With several
+functions, a row's reward is the weighted sum of the values that apply (`--reward-weights`,
+1.0 each by default); a row to which none applies is an error. A learned reward model's score,
+when there is one, is added to that sum.
+
+A function that raises, returns the wrong number of values, or returns something that is not
+a finite number (or None) stops the run with an error naming the function and the row; the last
+checkpoint is untouched, since this happens before the iteration's update.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tether.errors import ConfigError, TrainingError
+
+
+def load_reward_fn(spec: str) -> Callable[..., Any]:
+    """The function named by `file.py:name` or `module:name`."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise ConfigError(f"--reward-fn {spec!r}: give it as path/to/file.py:function_name")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--reward-fn {spec!r}: {path} is not a file")
+        module_name = f"tether_reward_fn_{abs(hash(str(path.resolve())))}"
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        if loader is None or loader.loader is None:
+            raise ConfigError(f"--reward-fn {spec!r}: {path} cannot be imported as Python")
+        module = importlib.util.module_from_spec(loader)
+        sys.modules[module_name] = module
+        try:
+            loader.loader.exec_module(module)
+        except Exception as err:
+            raise ConfigError(f"--reward-fn {spec!r}: importing {path} raised "
+                              f"{type(err).__name__}: {err}") from None
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as err:
+            raise ConfigError(f"--reward-fn {spec!r}: cannot import {target} ({err})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ConfigError(f"--reward-fn {spec!r}: {target} has no function {name!r}")
+    return fn
+
+
+@dataclass
+class RewardFunctions:
+    """The weighted reward functions of a run."""
+
+    specs: list[str]
+    functions: list[Callable[..., Any]]
+    weights: list[float]
+
+    @classmethod
+    def from_config(cls, specs: Sequence[str], weights: Sequence[float]) -> "RewardFunctions":
+        if weights and len(weights) != len(specs):
+            raise ConfigError(f"--reward-weights gives {len(weights)} weight(s) for "
+                              f"{len(specs)} --reward-fn function(s); give one per function")
+        return cls(list(specs), [load_reward_fn(s) for s in specs],
+                   [float(w) for w in weights] if weights else [1.0] * len(specs))
+
+    @property
+    def names(self) -> list[str]:
+        """A short, unique metric name per function (its function name, numbered if repeated)."""
+        out: list[str] = []
+        for spec in self.specs:
+            base = spec.rpartition(":")[2]
+            name, k = base, 2
+            while name in out:
+                name, k = f"{base}_{k}", k + 1
+            out.append(name)
+        return out
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
+                 columns: dict[str, list], rows: Sequence[str]) -> tuple[list[float], dict[str, list]]:
+        """(the weighted total per row, each function's raw values by name). `rows` names each
+        row for error messages (e.g. prompts.jsonl:12)."""
+        n, per_fn = len(prompts), {}
+        total = [0.0] * n
+        applies = [False] * n
+        for spec, name, fn, weight in zip(self.specs, self.names, self.functions, self.weights):
+            try:
+                values = fn(list(prompts), list(completions), **{k: list(v) for k, v in columns.items()})
+            except Exception as err:
+                raise TrainingError(f"reward function {spec} raised {type(err).__name__}: {err} "
+                                    f"(on the batch of rows {rows[0]} ... {rows[-1]})") from None
+            try:
+                values = list(values)
+            except TypeError:
+                raise TrainingError(f"reward function {spec} returned {type(values).__name__}, not "
+                                    f"a list of {n} floats (or None)") from None
+            if len(values) != n:
+                raise TrainingError(f"reward function {spec} returned {len(values)} value(s) for "
+                                    f"{n} completions; it must return one per completion")
+            for i, v in enumerate(values):
+                if v is None:
+                    continue
+                if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+                    raise TrainingError(f"reward function {spec} returned {v!r} for {rows[i]}: "
+                                        "give a float, or None where it does not apply")
+                v = float(v)
+                if not math.isfinite(v):
+                    raise TrainingError(f"reward function {spec} returned {v} for {rows[i]} "
+                                        f"(completion {completions[i][:80]!r}): rewards must be finite")
+                values[i] = v
+                total[i] += weight * v
+                applies[i] = True
+            per_fn[name] = values
+        missing = [rows[i] for i in range(n) if not applies[i]]
+        if missing:
+            raise TrainingError(f"no reward function applies to {missing[0]} (each returned None)"
+                                + (f" and {len(missing) - 1} other row(s)" if len(missing) > 1 else ""))
+        return total, per_fn
+
+
+def function_metrics(per_fn: dict[str, list]) -> dict[str, float]:
+    """reward_fn/<name>/mean and /std over the rows a function applies to, and the share of
+    rows it applies to."""
+    out = {}
+    for name, values in per_fn.items():
+        got = [v for v in values if v is not None]
+        mean = sum(got) / len(got) if got else 0.0
+        var = sum((v - mean) ** 2 for v in got) / (len(got) - 1) if len(got) > 1 else 0.0
+        out[f"reward_fn/{name}/mean"] = mean
+        out[f"reward_fn/{name}/std"] = math.sqrt(var)
+        out[f"reward_fn/{name}/applied"] = len(got) / max(len(values), 1)
+    return out
