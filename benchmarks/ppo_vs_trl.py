@@ -114,7 +114,7 @@ def trl_work(shape: LlamaShape, s: Settings) -> dict[str, float]:
 
 
 def tether_work(shape: LlamaShape, s: Settings, critic: str) -> dict[str, float]:
-    """Model FLOPs of one tether PPO iteration (src/tether/recipes/ppo.py `run_iteration`), by phase.
+    """Model FLOPs of one tether PPO iteration (src/tether/recipes/online/loop.py `run_iteration`), by phase.
 
     * generation: `KVCacheSampler`, a KV-cache loop (prefill with logits_to_keep=1, then one
       one-token forward per further token): the same work as HF generate;
@@ -335,13 +335,13 @@ class TRLSide:
 
 
 class TetherSide:
-    """tether's PPO components built once (`tether.recipes.ppo.build`); `run(k)` times k calls of
+    """tether's PPO components built once (`tether.recipes.online.loop.build`); `run(k)` times k calls of
     `run_iteration`, the whole of one iteration (rollout, score, rewards, GAE, update, KL
     control, health checks), from outside."""
 
     def __init__(self, assets: dict[str, str], s: Settings, work: Path, critic: str):
         from tether.config import PPOConfig
-        from tether.recipes import ppo
+        from tether.recipes.online import loop as ppo
 
         self.s = s
         self.ppo = ppo
@@ -384,7 +384,7 @@ class TetherSide:
 
     def install_phase_timers(self) -> PhaseTimers:
         """Wrap the tether functions that make up the phases of an iteration (profiling only)."""
-        from tether.recipes import ppo_update
+        from tether.recipes.online import update as ppo_update
 
         p = self.parts
         timers = PhaseTimers()

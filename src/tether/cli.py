@@ -33,7 +33,7 @@ STAGES: dict[str, Stage] = {
                 "Reward model: pairwise / K-wise ranking loss on the SFT model, then calibration."),
     "score": Stage("tether.config:ScoreConfig", "tether.recipes.score:run",
                    "Score responses (or preference pairs/rankings) with a reward model -> JSONL."),
-    "ppo": Stage("tether.config:PPOConfig", "tether.recipes.ppo:run",
+    "ppo": Stage("tether.config:PPOConfig", "tether.recipes.online.loop:run",
                  "PPO against a reward model, with a per-token KL penalty to the SFT model."),
     "pretrain": Stage("tether.recipes.world:PretrainConfig", "tether.recipes.world:run_pretrain",
                       "Pretrain the built-in world's tiny Llama from scratch (no downloads)."),

@@ -496,10 +496,9 @@ class ScoreConfig(RunConfig):
 
 
 @dataclass(frozen=True)
-class PPOConfig(RunConfig):
-    """PPO with a per-token KL penalty to the frozen SFT model (SPEC stage 3). Each iteration
-    samples --batch-size responses, scores them with the reward model, and takes
-    --ppo-epochs passes of clipped policy and value updates over them."""
+class OnlineConfig(RunConfig):
+    """What every online RL stage shares (PPO, GRPO, RLOO): prompts, rewards, sampling, the
+    policy's optimizer, the KL to the reference, checkpoints and logging."""
 
     policy: str = ""
     """The SFT model to start from (a causal-LM directory or hub id). It is also the frozen
@@ -564,8 +563,6 @@ class PPOConfig(RunConfig):
     transformers' generate()."""
     lr: float = 1e-6
     """Policy learning rate (AdamW). 1e-6 suits large models; tiny ones need 1e-4 or more."""
-    value_lr: float = 1e-5
-    """Critic learning rate: 10x the policy's, as the critic starts far from its targets."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
     """How both learning rates move over the run's optimizer steps (max-steps x ppo-epochs x
     minibatches per batch) after the warmup: held, decayed linearly to 0 (the annealing of the
@@ -579,38 +576,6 @@ class PPOConfig(RunConfig):
     kl_coef: float = 0.05
     """beta, the weight of the per-token KL penalty in the reward (the initial value when
     --kl-target is set). 0.05 is the default of the sources."""
-    kl_target: Optional[float] = None
-    """Adaptive beta (Ziegler et al.): move beta so that the KL per sequence tracks this
-    target, in nats. None keeps beta fixed."""
-    kl_horizon: int = 10000
-    """Samples it takes adaptive beta to move by about a factor of e^0.2 (Ziegler et al.)."""
-    cliprange: float = 0.2
-    """epsilon of the clipped policy ratio (PPO's default)."""
-    cliprange_value: float = 0.2
-    """How far the value may move from its rollout-time prediction in one update, in reward
-    units."""
-    vf_coef: float = 0.1
-    """Weight of the value loss (0.1 as in lm-human-preferences). It matters most with
-    --critic head, where the value loss also trains the policy's trunk."""
-    gamma: float = 1.0
-    """Discount. 1.0: episodes are short and the score arrives at the end."""
-    lam: float = 0.95
-    """GAE lambda (bias-variance trade-off of the advantages)."""
-    whiten_rewards: bool = False
-    """Scale the per-token rewards to unit variance over the batch before GAE (mean kept)."""
-    missing_eos_penalty: Optional[float] = -1.0
-    """Score given, in place of the RM's score, to a response that reached --response-length
-    without EOS, so the policy learns to finish. None turns it off (SPEC default -1)."""
-    critic: Literal["separate", "head"] = "separate"
-    """separate: a second model initialised from the reward model, with its own optimizer, as in
-    InstructGPT and the N+ details (the default: the critic starts out knowing what the RM
-    rewards). head: a value head on the policy's trunk, as in lm-human-preferences; one forward
-    gives logits and values, which is about twice as cheap."""
-    ptx_data: Optional[str] = None
-    """PPO-ptx (InstructGPT): text to keep a language-modelling loss on, from a `text` column or
-    prompt/completion rows. Every minibatch adds ptx_coef x the LM loss on as many rows."""
-    ptx_coef: float = 1.0
-    """Weight of the PPO-ptx LM loss (used only with --ptx-data)."""
     lora_r: int = 0
     """LoRA rank for the policy; 0 trains all weights. With LoRA, the reference is the same base
     model with its adapters disabled, so no second copy is held in memory."""
@@ -643,6 +608,7 @@ class PPOConfig(RunConfig):
     progress: bool = True
     """Show a progress bar with the reward and the KL."""
 
+
     def validate(self) -> None:
         super().validate()
         for name in ("policy", "prompts"):
@@ -650,20 +616,17 @@ class PPOConfig(RunConfig):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
         if not self.reward_model and not self.reward_fn:
             raise ConfigError("--reward-model is required (or --reward-fn file.py:name, or both)")
-        if not self.reward_model and self.critic == "separate":
-            raise ConfigError("--critic separate starts the critic from --reward-model; with "
-                              "--reward-fn alone, use --critic head")
         if self.reward_weights and len(self.reward_weights) != len(self.reward_fn or []):
             raise ConfigError(f"--reward-weights gives {len(self.reward_weights)} weight(s) for "
                               f"{len(self.reward_fn or [])} --reward-fn function(s)")
         _positive(self, "max_steps", "batch_size", "ppo_epochs", "response_length",
-                  "max_prompt_length", "save_every", "keep_checkpoints", "kl_horizon")
-        for name in ("lr", "value_lr", "temperature", "adam_eps", "cliprange", "cliprange_value"):
+                  "max_prompt_length", "save_every", "keep_checkpoints")
+        for name in ("lr", "temperature", "adam_eps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if self.mini_batch_size < 0 or (self.mini_batch_size and self.batch_size % self.mini_batch_size):
-            raise ConfigError(f"--mini-batch-size must divide --batch-size ({self.batch_size}); "
-                              f"got {self.mini_batch_size}")
+        if self.mini_batch_size < 0 or (self.mini_batch_size and self.rollouts % self.mini_batch_size):
+            raise ConfigError(f"--mini-batch-size must divide the {self.rollouts} rollouts of an "
+                              f"iteration; got {self.mini_batch_size}")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.micro_batch_size < 0 or (self.micro_batch_size and self.minibatch % self.micro_batch_size):
@@ -671,7 +634,89 @@ class PPOConfig(RunConfig):
                               f"rollouts); got {self.micro_batch_size}")
         if not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ConfigError(f"--top-p must be in (0, 1] and --top-k >= 0; got {self.top_p}, {self.top_k}")
-        if self.kl_coef < 0 or (self.kl_target is not None and self.kl_target <= 0):
+        if self.kl_coef < 0:
+            raise ConfigError("--kl-coef must be >= 0")
+        _non_negative(self, "max_grad_norm", "eval_every", "samples_per_iteration", "lora_r")
+
+    @property
+    def rollouts(self) -> int:
+        """Rollouts (prompt, response pairs) per iteration and per process."""
+        return self.batch_size
+
+    @property
+    def minibatch(self) -> int:
+        """Rollouts per optimizer step (mini_batch_size, with 0 meaning the whole batch)."""
+        return self.mini_batch_size or self.rollouts
+
+    @property
+    def micro(self) -> int:
+        """Rollouts per forward/backward (micro_batch_size, with 0 meaning the minibatch)."""
+        return min(self.micro_batch_size or self.minibatch, self.minibatch)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps of the whole run, per model: what a learning-rate schedule spans."""
+        return self.max_steps * self.ppo_epochs * (self.rollouts // self.minibatch)
+
+    @property
+    def reuses_first_forward(self) -> bool:
+        """One minibatch in one micro-batch: the first epoch's forward gives pi_old and V_old."""
+        return self.minibatch >= self.rollouts and self.micro >= self.minibatch
+
+
+
+
+@dataclass(frozen=True)
+class PPOConfig(OnlineConfig):
+    """PPO with a per-token KL penalty to the frozen SFT model (SPEC stage 3). Each iteration
+    samples --batch-size responses, scores them with the reward model, and takes
+    --ppo-epochs passes of clipped policy and value updates over them."""
+
+    value_lr: float = 1e-5
+    """Critic learning rate: 10x the policy's, as the critic starts far from its targets."""
+    kl_target: Optional[float] = None
+    """Adaptive beta (Ziegler et al.): move beta so that the KL per sequence tracks this
+    target, in nats. None keeps beta fixed."""
+    kl_horizon: int = 10000
+    """Samples it takes adaptive beta to move by about a factor of e^0.2 (Ziegler et al.)."""
+    cliprange: float = 0.2
+    """epsilon of the clipped policy ratio (PPO's default)."""
+    cliprange_value: float = 0.2
+    """How far the value may move from its rollout-time prediction in one update, in reward
+    units."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (0.1 as in lm-human-preferences). It matters most with
+    --critic head, where the value loss also trains the policy's trunk."""
+    gamma: float = 1.0
+    """Discount. 1.0: episodes are short and the score arrives at the end."""
+    lam: float = 0.95
+    """GAE lambda (bias-variance trade-off of the advantages)."""
+    whiten_rewards: bool = False
+    """Scale the per-token rewards to unit variance over the batch before GAE (mean kept)."""
+    missing_eos_penalty: Optional[float] = -1.0
+    """Score given, in place of the RM's score, to a response that reached --response-length
+    without EOS, so the policy learns to finish. None turns it off (SPEC default -1)."""
+    critic: Literal["separate", "head"] = "separate"
+    """separate: a second model initialised from the reward model, with its own optimizer, as in
+    InstructGPT and the N+ details (the default: the critic starts out knowing what the RM
+    rewards). head: a value head on the policy's trunk, as in lm-human-preferences; one forward
+    gives logits and values, which is about twice as cheap."""
+    ptx_data: Optional[str] = None
+    """PPO-ptx (InstructGPT): text to keep a language-modelling loss on, from a `text` column or
+    prompt/completion rows. Every minibatch adds ptx_coef x the LM loss on as many rows."""
+    ptx_coef: float = 1.0
+    """Weight of the PPO-ptx LM loss (used only with --ptx-data)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.reward_model and self.critic == "separate":
+            raise ConfigError("--critic separate starts the critic from --reward-model; with "
+                              "--reward-fn alone, use --critic head")
+        _positive(self, "kl_horizon")
+        for name in ("value_lr", "cliprange", "cliprange_value"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.kl_target is not None and self.kl_target <= 0:
             raise ConfigError("--kl-coef must be >= 0 and --kl-target > 0")
         if self.kl_target is not None and self.kl_coef == 0:
             raise ConfigError("--kl-target adapts beta multiplicatively from --kl-coef, so it can "
@@ -683,28 +728,95 @@ class PPOConfig(RunConfig):
                               "with --ignore-eos.")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ConfigError(f"--gamma and --lam must be in [0, 1]; got {self.gamma}, {self.lam}")
-        _non_negative(self, "vf_coef", "ptx_coef", "max_grad_norm", "eval_every",
-                      "samples_per_iteration", "lora_r")
+        _non_negative(self, "vf_coef", "ptx_coef")
+
+
+@dataclass(frozen=True)
+class GRPOConfig(OnlineConfig):
+    """Critic-free online RL (GRPO and its variants, docs/online.md): each iteration samples
+    --num-generations responses to each of --batch-size prompts, scores them with the reward
+    model and/or reward functions, and gives each response an advantage from its own group
+    (--advantage); then --ppo-epochs passes of the clipped policy loss. No critic. Defaults:
+    GRPO as in DeepSeekMath (group-normalised advantages, k3 KL in the loss with beta 0.04,
+    each response's token-mean loss averaged over responses)."""
+
+    batch_size: int = 16
+    """Prompts per iteration and per process; each gets --num-generations responses."""
+    ppo_epochs: int = 1
+    """Passes over each batch of rollouts (1: the update is on-policy, as in DeepSeekMath)."""
+    kl_coef: float = 0.04
+    """beta, the weight of the KL to the reference: in the loss (k3, --kl-in loss) or in the
+    per-token reward (k1, --kl-in reward). 0 drops the reference model altogether."""
+    num_generations: int = 8
+    """G, the responses sampled per prompt (the group an advantage is computed in)."""
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    """How a response's advantage is computed from its group (docs/online.md gives each formula):
+    grpo (r - group mean) / std; dr_grpo r - group mean; rloo r - mean of the others;
+    reinforce_pp the token returns whitened over the batch; reinforce_pp_baseline the same
+    after subtracting the group mean."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """For grpo and rloo: divide the centred rewards by the group's std, the batch's std, or not."""
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = \
+        "seq_mean_token_mean"
+    """How per-token losses become one: a mean over all tokens (DAPO), each response's token mean
+    averaged over responses (GRPO), or each response's token sum over --response-length
+    averaged over responses (Dr. GRPO)."""
+    kl_in: Literal["loss", "reward"] = "loss"
+    """Where the KL goes: into the loss (--kl-estimator, GRPO) or into the per-token reward as
+    -beta k1 (RLOO, REINFORCE++)."""
+    kl_estimator: Literal["k3", "k2"] = "k3"
+    """The per-token KL estimate used in the loss (k3 unbiased and positive; k2 = (log r)^2 / 2)."""
+    epsilon: float = 0.2
+    """epsilon of the clipped ratio (the lower bound, 1 - epsilon)."""
+    epsilon_high: Optional[float] = None
+    """The upper clip, 1 + epsilon_high; None means --epsilon. DAPO's clip-higher uses 0.28."""
+    importance_sampling: Literal["token", "sequence"] = "token"
+    """token: the per-token ratio pi / pi_old. sequence: GSPO's length-normalised sequence ratio
+    exp(mean_t log(pi / pi_old)), the same for every token of a response."""
+    mask_truncated: bool = False
+    """Leave responses that reached --response-length without EOS out of the loss (DAPO's
+    overlong filtering)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: responses longer than --response-length minus this many
+    tokens lose up to --overlong-penalty from their reward, linearly. 0 turns it off."""
+    overlong_penalty: float = 1.0
+    """The largest overlong punishment (at --response-length)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_generations < 2:
+            raise ConfigError(f"--num-generations must be at least 2 (an advantage needs a group); "
+                              f"got {self.num_generations}")
+        if self.epsilon <= 0 or (self.epsilon_high is not None and self.epsilon_high <= 0):
+            raise ConfigError("--epsilon and --epsilon-high must be > 0")
+        if not 0 <= self.overlong_buffer <= self.response_length:
+            raise ConfigError(f"--overlong-buffer must be in [0, --response-length]; got {self.overlong_buffer}")
+        _non_negative(self, "overlong_penalty")
+        if self.advantage.startswith("reinforce_pp") and self.kl_in == "loss" and self.kl_coef > 0:
+            raise ConfigError("REINFORCE++ puts the KL in the per-token reward: use --kl-in reward "
+                              "with --advantage reinforce_pp(_baseline)")
 
     @property
-    def minibatch(self) -> int:
-        """Rollouts per optimizer step (mini_batch_size, with 0 meaning the whole batch)."""
-        return self.mini_batch_size or self.batch_size
+    def rollouts(self) -> int:
+        return self.batch_size * self.num_generations
 
-    @property
-    def micro(self) -> int:
-        """Rollouts per forward/backward (micro_batch_size, with 0 meaning the minibatch)."""
-        return min(self.micro_batch_size or self.minibatch, self.minibatch)
 
-    @property
-    def optimizer_steps(self) -> int:
-        """Optimizer steps of the whole run, per model: what a learning-rate schedule spans."""
-        return self.max_steps * self.ppo_epochs * (self.batch_size // self.minibatch)
+@dataclass(frozen=True)
+class RLOOConfig(GRPOConfig):
+    """RLOO (Ahmadian et al. 2024, "Back to Basics"): --num-generations responses per prompt,
+    each response's baseline the mean reward of the others, the KL to the reference in the
+    reward (k1), no reward scaling. The rest is tether grpo's (docs/online.md)."""
 
-    @property
-    def reuses_first_forward(self) -> bool:
-        """One minibatch in one micro-batch: the first epoch's forward gives pi_old and V_old."""
-        return self.minibatch >= self.batch_size and self.micro >= self.minibatch
+    num_generations: int = 4
+    """k, the responses sampled per prompt (the paper's best setting)."""
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "rloo"
+    """How a response's advantage is computed from its group (see tether grpo --help)."""
+    scale_rewards: Literal["group", "batch", "none"] = "none"
+    """RLOO does not scale the leave-one-out advantages."""
+    kl_in: Literal["loss", "reward"] = "reward"
+    """RLOO charges the KL in the reward, as -beta x k1 per token."""
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty in the reward."""
 
 
 @dataclass(frozen=True)

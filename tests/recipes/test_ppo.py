@@ -165,7 +165,7 @@ def test_head_critic_lora_minibatches_ptx_adaptive_kl_and_eval(task, tmp_path):
 
 
 def test_lora_reference_is_the_adapter_disabled_policy(task, tmp_path):
-    from tether.recipes.ppo import build, run_iteration
+    from tether.recipes.online.loop import build, run_iteration
 
     parts = build(_config(task, tmp_path / "lora", lora_r=4, critic="head"))
     assert parts.reference.model is parts.policy_lm() and parts.reference.adapters_off
@@ -215,7 +215,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(task, tmp_path):
 
 
 def test_a_reference_sharing_the_policys_parameters_aborts_the_run(task, tmp_path, monkeypatch, capsys):
-    import tether.recipes.ppo as ppo
+    import tether.recipes.online.loop as ppo
     from tether.rollout.score import Reference
 
     real_build = ppo.build
@@ -236,7 +236,7 @@ def test_a_reference_sharing_the_policys_parameters_aborts_the_run(task, tmp_pat
                                             ("broadcast_score", "every response token")])
 def test_faulty_reward_building_is_caught(task, tmp_path, fault, message):
     from tether.ops.advantages import kl_penalised_rewards
-    from tether.recipes.ppo import build, run_iteration
+    from tether.recipes.online.loop import build, run_iteration
 
     def faulty(logprobs, ref_logprobs, scores, mask, kl_coef):
         if fault == "flipped_sign":

@@ -334,7 +334,7 @@ def test_chat_rows_are_encoded_as_sft_and_ppo_encode_chat_prompts(tmp_path):
         pytest.skip("stories260K tokenizer not available")
     from conftest import CHATML
     from tether.data.tokenize import encode_response
-    from tether.recipes.ppo_data import prompt_text
+    from tether.recipes.online.data import prompt_text
 
     chat_tok = load_tokenizer(str(STORIES))
     chat_tok.chat_template = CHATML

@@ -40,7 +40,7 @@ def test_pairs_and_rankings_load_as_preference_groups(world):
 
 
 def test_prompts_load_for_ppo(world):
-    from tether.recipes.ppo_data import load_prompts
+    from tether.recipes.online.data import load_prompts
 
     paths, tok = world
     prompts = load_prompts(paths["prompts_eval"], tok, max_length=64, truncation="drop")

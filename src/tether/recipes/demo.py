@@ -166,7 +166,8 @@ def make_preferences(sft_dir: Path, out: Path, sizes: Sizes, seed: int, temperat
 
 def run(cfg: DemoConfig) -> dict:
     """Run every stage (skipping finished ones), then write summary.json and the report."""
-    from tether.recipes import bon, dpo, ppo, rm, sft, world
+    from tether.recipes import bon, dpo, rm, sft, world
+    from tether.recipes.online import loop as ppo
     from tether.recipes.evaluate import evaluate, print_table
     from tether.training.checkpoint import latest_checkpoint
     from tether.training.runtime import setup_logging

@@ -1,6 +1,6 @@
 """`tether ppo`: PPO with a per-token KL penalty to the frozen SFT model (SPEC stage 3).
 
-`run(cfg)` is the whole stage: build the components (recipes/ppo_setup.py), run iterations,
+`run(cfg)` is the whole stage: build the components (recipes/online/setup.py), run iterations,
 log, checkpoint, save. `run_iteration(parts, step)` is one iteration, SPEC's steps in order; a
 benchmark can build the parts once and time iterations directly. docs/ppo.md counts the
 forward passes one iteration costs; docs/metrics.md explains every logged name.
@@ -19,9 +19,9 @@ from tether.config import PPOConfig
 from tether.errors import Interrupted
 from tether.ops.advantages import gae
 from tether.ops.masking import masked_whiten
-from tether.recipes.ppo_outputs import evaluate, gold_score, load_judge, sample_rows, save_final
-from tether.recipes.ppo_setup import PPOParts, build
-from tether.recipes.ppo_update import forward_policy, mean_entropy, ppo_update, score_old_policy
+from tether.recipes.online.outputs import evaluate, gold_score, load_judge, sample_rows, save_final
+from tether.recipes.online.setup import PPOParts, build
+from tether.recipes.online.update import forward_policy, mean_entropy, ppo_update, score_old_policy
 from tether.rollout.health import HealthIssue, check_kl_not_negative, check_reward_layout, enforce
 from tether.rollout.stats import batch_wide_metrics, experience_metrics
 from tether.rollout.types import Experience

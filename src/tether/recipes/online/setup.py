@@ -17,7 +17,7 @@ from tether.models.load import (apply_lora, count_parameters, disable_dropout, e
 from tether.models.reward import load_reward_model
 from tether.ops.advantages import kl_penalised_rewards
 from tether.ops.kl import AdaptiveKLController, FixedKLController
-from tether.recipes.ppo_data import PromptSet, PtxData, load_prompts
+from tether.recipes.online.data import PromptSet, PtxData, load_prompts
 from tether.rollout.generate import Generator, SamplingParams, left_pad, make_generator
 from tether.rollout.health import HealthMonitor, ReferenceProbe, check_reference_detached
 from tether.rollout.reward_fns import RewardFunctions
