@@ -800,6 +800,11 @@ class GRPOConfig(OnlineConfig):
     def rollouts(self) -> int:
         return self.batch_size * self.num_generations
 
+    @property
+    def critic(self) -> str:
+        """No critic: the advantages come from the groups."""
+        return "none"
+
 
 @dataclass(frozen=True)
 class RLOOConfig(GRPOConfig):

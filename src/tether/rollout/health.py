@@ -152,6 +152,9 @@ class HealthThresholds:
     # iteration's
     noncanonical_max: float = 0.1
     noncanonical_growth: float = 0.05
+    # critic-free methods: most groups without reward variance, several iterations in a row
+    zero_std_max: float = 0.8
+    zero_std_patience: int = 3
 
 
 @dataclass
@@ -175,7 +178,8 @@ class HealthMonitor:
             issues.append(HealthIssue("high_clipfrac", (
                 f"policy/clipfrac has been above {th.clipfrac_max} for {th.clipfrac_patience} "
                 "iterations: the steps are too large. Lower --lr, or use more or smaller minibatches.")))
-        ev_bad = self.iterations > th.warmup and metrics["val/explained_var"] < th.explained_var_min
+        ev_bad = (self.iterations > th.warmup and "val/explained_var" in metrics
+                  and metrics["val/explained_var"] < th.explained_var_min)
         if self._sustained("negative_explained_var", ev_bad, th.explained_var_patience):
             issues.append(HealthIssue("negative_explained_var", (
                 f"val/explained_var has been below {th.explained_var_min} for "
@@ -184,6 +188,14 @@ class HealthMonitor:
         issues += self._collapse(metrics)
         issues += self._kl_explosion(metrics)
         issues += self._noncanonical(metrics)
+        flat = metrics.get("objective/frac_reward_zero_std", 0.0) > th.zero_std_max
+        if self._sustained("no_learning_signal", flat, th.zero_std_patience):
+            issues.append(HealthIssue("no_learning_signal", (
+                f"in more than {th.zero_std_max:.0%} of the groups every response got the same "
+                f"reward, for {th.zero_std_patience} iterations: those groups have no advantage "
+                "and teach nothing. The task is too hard or too easy for the policy, or the "
+                "reward too coarse: raise --num-generations or --temperature, filter the prompts, "
+                "or use a reward with partial credit.")))
         return issues
 
     def _noncanonical(self, metrics: dict[str, float]) -> list[HealthIssue]:

@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 
-from tether.config import PPOConfig
+from tether.config import OnlineConfig
 from tether.errors import Interrupted
 from tether.ops.advantages import gae
 from tether.ops.masking import masked_whiten
 from tether.recipes.online.outputs import evaluate, gold_score, load_judge, sample_rows, save_final
-from tether.recipes.online.setup import PPOParts, build
+from tether.recipes.online.setup import PPOParts, build, stage_name
 from tether.recipes.online.update import forward_policy, mean_entropy, ppo_update, score_old_policy
 from tether.rollout.health import HealthIssue, check_kl_not_negative, check_reward_layout, enforce
 from tether.rollout.stats import batch_wide_metrics, experience_metrics
@@ -66,25 +66,53 @@ class PhaseClock:
                 "timing/iteration": self.last - self.start}
 
 
-def sampling_rng(cfg: PPOConfig, step: int, device: torch.device) -> torch.Generator:
+def sampling_rng(cfg: OnlineConfig, step: int, device: torch.device) -> torch.Generator:
     """The sampling noise of iteration `step`: a function of the seed and the step only."""
     return torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
 
 
-def run_iteration(parts: PPOParts, step: int) -> IterationResult:
-    """One PPO iteration on the prompts of iteration `step` (1-based): rollout, score, rewards,
-    advantages, update, KL control, health checks."""
-    cfg, clock = parts.cfg, PhaseClock(parts.device)
-    # 1. rollout: one response per prompt at temperature T, prompts left-padded
+@dataclass
+class Sampled:
+    """One iteration's rollouts, scored: what every method starts its update from."""
+
+    rows: list[int]  # prompt index of each rollout (a prompt repeated G times for groups)
+    texts: list[str]  # the prompts' texts, per rollout
+    rollout: Any  # rollout.types.Rollout
+    seqs: Any  # rollout.types.Sequences
+    ref_logprobs: torch.Tensor  # (B, T)
+    scored: Any  # rollout.score.RewardScores
+
+
+def sample_and_score(parts: PPOParts, step: int, clock: PhaseClock, repeat: int = 1) -> Sampled:
+    """Steps 1-2 of every method: the prompts of iteration `step` (each `repeat` times, the
+    copies next to each other), one response per row at temperature T from left-padded prompts,
+    the reference's logprobs (same T) and the rewards."""
+    cfg = parts.cfg
     indices = parts.order.step_indices(step - 1, parts.accelerator.process_index)[0]
-    prompt_ids, prompt_mask, texts = parts.prompts.batch(indices, parts.tokenizer.pad_token_id, parts.device)
+    rows = [i for i in indices for _ in range(repeat)]
+    prompt_ids, prompt_mask, texts = parts.prompts.batch(rows, parts.tokenizer.pad_token_id, parts.device)
     rollout = parts.generator.generate(prompt_ids, prompt_mask, sampling_rng(cfg, step, parts.device))
-    seqs, mask = rollout.sequences(), rollout.response_mask
+    seqs = rollout.sequences()
     clock.lap("rollout")
-    # 2. score: pi_ref logprobs (same T), calibrated RM scores, the missing-EOS penalty
     ref_logprobs = parts.reference.logprobs(seqs, cfg.temperature)
-    scored = parts.reward.score(seqs, texts, parts.prompts.chats_at(indices),
-                                parts.prompts.columns_at(indices), parts.prompts.rows_at(indices))
+    scored = parts.reward.score(seqs, texts, parts.prompts.chats_at(rows),
+                                parts.prompts.columns_at(rows), parts.prompts.rows_at(rows))
+    return Sampled(rows, texts, rollout, seqs, ref_logprobs, scored)
+
+
+def run_iteration(parts: PPOParts, step: int) -> IterationResult:
+    """One iteration on the prompts of iteration `step` (1-based): rollout, score, rewards,
+    advantages, update, KL control, health checks. PPO here; the critic-free methods in
+    `recipes/online/critic_free.py`."""
+    if parts.cfg.critic == "none":
+        from tether.recipes.online.critic_free import run_critic_free_iteration
+
+        return run_critic_free_iteration(parts, step)
+    cfg, clock = parts.cfg, PhaseClock(parts.device)
+    # 1-2. rollout, reference logprobs, RM scores; the missing-EOS penalty
+    sampled = sample_and_score(parts, step, clock)
+    rollout, seqs, texts, ref_logprobs = sampled.rollout, sampled.seqs, sampled.texts, sampled.ref_logprobs
+    mask, scored = rollout.response_mask, sampled.scored
     rm_scores, noncanonical = scored.scores, scored.noncanonical
     scores = rm_scores if cfg.missing_eos_penalty is None else torch.where(
         rollout.ended, rm_scores, torch.full_like(rm_scores, cfg.missing_eos_penalty))
@@ -115,25 +143,37 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     update_stats = ppo_update(parts, exp, step, first)
     parts.generator.sync_weights()
     clock.lap("update")
+    stats = {"objective/entropy": entropy, "response/noncanonical_frac": noncanonical.float().mean(),
+             **scored.metrics, **update_stats}
+    return finish_iteration(parts, step, exp, stats, issues, clock, texts)
+
+
+def finish_iteration(parts: PPOParts, step: int, exp: Experience, stats: dict, issues: list,
+                     clock: PhaseClock, texts: list[str], drop: tuple[str, ...] = ()) -> IterationResult:
+    """Steps 6-7 of every method: the iteration's metrics (over every process's rollouts), KL
+    control, the finite-loss check and the health checks. `drop`: metrics that do not apply."""
+    cfg = parts.cfg
+    beta, all_reduce = parts.kl_ctl.value, parts.all_reduce_sum()
+    mask = exp.mask
     # 6. KL control: adaptive beta follows this batch's mean KL per sequence. The statistics
     #    are those of all processes' rollouts together, so every process logs, controls and
     #    checks the same values.
     world, wide = parts.accelerator.num_processes, None
     if all_reduce is not None:  # the spread, distinct-2 and EV of the gathered batch: the same
         wide = batch_wide_metrics(*[parts.accelerator.gather(t) for t in (  # on every process
-            seqs.response_ids, mask, exp.values, exp.returns, exp.rm_scores)])
-    stats = {**experience_metrics(exp, beta, wide), "objective/entropy": entropy,
-             "response/noncanonical_frac": noncanonical.float().mean(), **scored.metrics,
-             **update_stats}
+            exp.seqs.response_ids, mask, exp.values, exp.returns, exp.rm_scores)])
+    stats = {**experience_metrics(exp, beta, wide), **stats}
+    for key in drop:
+        stats.pop(key, None)
     if all_reduce is not None:  # token means: each process's weighted by its share of all tokens
         share = mask.sum() * world / all_reduce(mask.sum().float())
         for key in ("objective/kl_per_token", "objective/entropy"):
             stats[key] = stats[key] * share
     metrics = parts.mean_over_processes(stats)
-    check_finite(torch.tensor(metrics["policy/loss"] + metrics["val/loss"]), step, "the PPO loss")
+    check_finite(torch.tensor(metrics["policy/loss"] + metrics.get("val/loss", 0.0)), step, "the loss")
     parts.kl_ctl.update(metrics["objective/kl"], n_steps=exp.rewards.shape[0] * world)
     # 7. health: the reference probe is unchanged, and the trends are sane
-    issues += [parts.probe.check(parts.reference)] + parts.health.observe(metrics)
+    issues = issues + [parts.probe.check(parts.reference)] + parts.health.observe(metrics)
     issues = [i for i in issues if i is not None]
     if world > 1 and any_process(parts.accelerator, bool(issues)) and not issues:
         # a check on this process's own rollouts fired elsewhere: act on it here too, so that
@@ -170,7 +210,7 @@ def resume(parts: PPOParts, out: Any) -> int:
     return int(state["step"])
 
 
-def run(cfg: PPOConfig) -> dict:
+def run(cfg: OnlineConfig) -> dict:
     """Train the policy with PPO and save it into cfg.output_dir; returns the summary."""
     # 1. runtime, run directory and components
     accelerator, out = start_run(cfg)
@@ -181,7 +221,7 @@ def run(cfg: PPOConfig) -> dict:
     resumed = start if cfg.resume and start else None
     metrics = MetricsWriter(out, is_main, cfg.tensorboard, resume_step=resumed)
     samples = MetricsWriter(out, is_main, False, resume_step=resumed, filename="samples.jsonl")
-    bar = Progress(cfg.max_steps, start, "ppo", cfg.progress and is_main)
+    bar = Progress(cfg.max_steps, start, stage_name(cfg), cfg.progress and is_main)
     judge = load_judge(cfg.gold_judge)
     t0, row = time.perf_counter(), {}
     try:
@@ -215,5 +255,5 @@ def run(cfg: PPOConfig) -> dict:
     summary = {"steps": cfg.max_steps, "train_seconds": round(time.perf_counter() - t0, 2),
                **{k: v for k, v in row.items() if k.startswith(("objective/", "eval/"))}}
     save_final(parts, out, summary)
-    log.info("ppo done: %s -> %s", summary, out)
+    log.info("%s done: %s -> %s", stage_name(cfg), summary, out)
     return summary

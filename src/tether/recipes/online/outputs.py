@@ -10,6 +10,7 @@ import torch
 
 from tether.models.critic import save_value_head
 from tether.models.save import mark_complete, save_model
+from tether.recipes.online.setup import stage_name
 from tether.training.runtime import sum_across_processes
 
 EVAL_SEED = 7919  # held-out prompts get the same sampling noise at every evaluation
@@ -112,7 +113,7 @@ def _policy_logprobs(parts: Any, seqs: Any) -> torch.Tensor:
 def save_final(parts: Any, out: Path, summary: dict) -> None:
     """The output directory becomes the policy (plain from_pretrained loads it); the critic is
     saved in output_dir/critic: a SequenceClassification directory (separate) or the value head
-    weights (head). The completion marker is written last."""
+    weights (head); the critic-free methods have none. The completion marker is written last."""
     acc = parts.accelerator
     acc.wait_for_everyone()
     if acc.is_main_process:
@@ -120,8 +121,8 @@ def save_final(parts: Any, out: Path, summary: dict) -> None:
         critic_dir = Path(out) / "critic"
         if parts.critic is not None:
             save_model(acc.unwrap_model(parts.critic).model, parts.tokenizer, critic_dir)
-        else:
+        elif actor.value_head is not None:
             save_value_head(actor.value_head, critic_dir)
         save_model(actor.lm, parts.tokenizer, out, merge_lora=parts.cfg.merge_lora)
-        mark_complete(out, "ppo", {**summary, "critic": parts.cfg.critic})
+        mark_complete(out, stage_name(parts.cfg), {**summary, "critic": parts.cfg.critic})
     acc.wait_for_everyone()

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from tether.config import PPOConfig
+from tether.config import OnlineConfig
 from tether.errors import ConfigError
 from tether.models.critic import Actor, Critic, new_value_head
 from tether.models.load import (apply_lora, count_parameters, disable_dropout, eos_token_ids,
@@ -36,7 +36,7 @@ class PPOParts:
     checkpointed ones; the reference and the reward model are frozen and rebuilt from their
     sources on resume."""
 
-    cfg: PPOConfig
+    cfg: OnlineConfig
     accelerator: Any
     tokenizer: Any
     actor: Actor  # the policy (and with --critic head its value head), as prepared by accelerate
@@ -89,6 +89,11 @@ class PPOParts:
         return self.accelerator.unwrap_model(self.actor).lm
 
 
+def stage_name(cfg: OnlineConfig) -> str:
+    """ppo, grpo or rloo: the stage a config belongs to, for logs and completion markers."""
+    return type(cfg).__name__.removesuffix("Config").lower()
+
+
 def freeze(model: Any) -> Any:
     """Frozen for good: eval mode, dropout off, no parameter trainable."""
     disable_dropout(model)
@@ -96,7 +101,7 @@ def freeze(model: Any) -> Any:
     return model.eval()
 
 
-def load_policy_and_reference(cfg: PPOConfig, dtype: torch.dtype) -> tuple[Any, Reference]:
+def load_policy_and_reference(cfg: OnlineConfig, dtype: torch.dtype) -> tuple[Any, Reference]:
     """The trainable policy, and pi_ref: a frozen second copy, or with LoRA the policy's own base
     with adapters disabled (no second copy)."""
     lm = load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code, cfg.gradient_checkpointing)
@@ -107,7 +112,7 @@ def load_policy_and_reference(cfg: PPOConfig, dtype: torch.dtype) -> tuple[Any, 
     return lm, Reference(freeze(load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code)))
 
 
-def load_reward_side(cfg: PPOConfig, tokenizer: Any, dtype: torch.dtype,
+def load_reward_side(cfg: OnlineConfig, tokenizer: Any, dtype: torch.dtype,
                      eos_ids: tuple[int, ...]) -> tuple[RewardSources, Optional[Critic]]:
     """The rewards (the frozen RM, its calibration bias included in its scores, and/or the
     --reward-fn functions) and, with --critic separate, a trainable critic initialised from
@@ -131,7 +136,7 @@ def load_reward_side(cfg: PPOConfig, tokenizer: Any, dtype: torch.dtype,
     scorer = RewardSources(RewardScorer(rm, eos_ids, tokenizer.pad_token_id, tokenizer, rm_tokenizer,
                                         max_length=cfg.max_prompt_length + cfg.response_length),
                            functions, tokenizer, eos_ids)
-    if cfg.critic == "head":
+    if cfg.critic != "separate":  # a value head on the policy, or no critic at all
         return scorer, None
     critic_model = load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code, tokenizer.pad_token_id)
     disable_dropout(critic_model)
@@ -141,7 +146,7 @@ def load_reward_side(cfg: PPOConfig, tokenizer: Any, dtype: torch.dtype,
     return scorer, Critic(critic_model)
 
 
-def make_optimizers(cfg: PPOConfig, actor: Actor, critic: Optional[Critic]) -> list:
+def make_optimizers(cfg: OnlineConfig, actor: Actor, critic: Optional[Critic]) -> list:
     """AdamW with eps 1e-5 (N+ details). With a value head, one optimizer holds both the policy
     (at --lr) and the head (at --value-lr), since they share the trunk's backward pass."""
     trainable = lambda m: [p for p in m.parameters() if p.requires_grad]  # noqa: E731
@@ -165,7 +170,7 @@ def probe_rollout(prompts: PromptSet, pad_token_id: int, device: Any) -> Rollout
     return Rollout(ids, mask, response, ones, torch.zeros(len(rows), dtype=torch.bool, device=device))
 
 
-def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
+def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     """Load and prepare every component of a PPO run (nothing is trained or written here)."""
     cfg.validate()  # also when the config was built in Python rather than by the CLI
     accelerator = accelerator or make_accelerator(cfg.seed)
@@ -183,7 +188,7 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
     actor = Actor(lm, new_value_head(lm) if cfg.critic == "head" else None).train()
     if critic is not None:
         critic.train()
-    log.info("ppo: policy %s (%.2fM parameters), critic %s, %d prompts", cfg.policy,
+    log.info("%s: policy %s (%.2fM parameters), critic %s, %d prompts", stage_name(cfg), cfg.policy,
              count_parameters(lm) / 1e6, cfg.critic, len(prompts.ids))
     for frozen in {id(m): m for m in (reference.model, reward.model) if m is not None}.values():
         frozen.to(device)
@@ -204,8 +209,9 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
                             () if cfg.ignore_eos else eos_ids, tokenizer.pad_token_id,
                             noise_shard=(accelerator.process_index, accelerator.num_processes))
     generator = make_generator(cfg.generation_backend, accelerator.unwrap_model(actor).lm, params)
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-              if cfg.kl_target is not None else FixedKLController(cfg.kl_coef))
+    kl_target = getattr(cfg, "kl_target", None)  # adaptive beta: PPO's option
+    kl_ctl = (AdaptiveKLController(cfg.kl_coef, kl_target, cfg.kl_horizon)
+              if kl_target is not None else FixedKLController(cfg.kl_coef))
     probe = ReferenceProbe(probe_rollout(prompts, tokenizer.pad_token_id, device).sequences(),
                            cfg.temperature)
     probe.check(reference)  # records the baseline before any update
@@ -215,7 +221,7 @@ def build(cfg: PPOConfig, accelerator: Any = None) -> PPOParts:
         raise ConfigError(issue.message)
     ptx = (PtxData(cfg.ptx_data, tokenizer, cfg.max_prompt_length + cfg.response_length,
                    cfg.minibatch, cfg.seed, accelerator.num_processes, accelerator.process_index)
-           if cfg.ptx_data else None)
+           if getattr(cfg, "ptx_data", None) else None)
     order = GlobalBatches(len(prompts.ids), cfg.batch_size, 1, accelerator.num_processes, cfg.seed)
     return PPOParts(cfg, accelerator, tokenizer, actor, critic, optimizers, schedulers, reference,
                     reward, generator, kl_ctl, prompts, order, eos_ids, probe, eval_prompts=eval_prompts,

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from tether.losses.policy_gradient import clipped_policy_loss
 from tether.losses.ppo import policy_loss, value_loss
 from tether.losses.sft import sft_loss
 from tether.ops.logprobs import entropy_from_logits, token_logprobs
@@ -62,7 +63,7 @@ def score_old_policy(parts: Any, seqs: Sequences, chunk: int = 0) -> tuple[Tenso
         part = seqs.rows(torch.arange(seqs.input_ids.shape[0])[rows])
         out = forward_policy(parts, part)
         logprobs.append(out.logprobs)
-        values.append(out.values)
+        values.append(out.values if out.values is not None else torch.zeros_like(out.logprobs))
         n = part.response_mask.sum()
         entropy_sum = entropy_sum + mean_entropy(out.logits, part.response_mask, parts.cfg.temperature) * n
         tokens = tokens + n
@@ -120,15 +121,22 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
     if all_reduce is not None:  # the mean token count per process, over all processes
         tokens = all_reduce(mb.mask.sum().float()).clamp(min=1) / world
     row: dict[str, Tensor] = {}
+    by_rows = getattr(cfg, "loss_aggregation", "token_mean") != "token_mean"
+    loss_fn = _critic_free_loss if cfg.critic == "none" else _ppo_loss
     for start in range(0, B, micro):
         whole, last = micro >= B, start + micro >= B
         part = mb if whole else mb.rows(torch.arange(start, min(start + micro, B)))
-        weight = 1.0 if whole and world == 1 else part.mask.sum() / tokens
+        if whole and world == 1:
+            weight = 1.0
+        elif by_rows:  # a mean over responses: each micro-batch weighs by its share of them
+            weight = part.rewards.shape[0] / B
+        else:  # a mean over tokens: by its share of the response tokens
+            weight = part.mask.sum() / tokens
         with ExitStack() as stack:
             if not last:  # accumulate locally; DDP all-reduces on the last backward
                 for _, model, _ in parts.trainables():
                     stack.enter_context(parts.accelerator.no_sync(model))
-            loss, stats = _ppo_loss(parts, part, out if whole else None)
+            loss, stats = loss_fn(parts, part, out if whole else None)
             loss = loss * weight
             if last and parts.ptx is not None:  # once per minibatch, with its last micro-batch
                 ptx_loss = _ptx_loss(parts, ptx_index)
@@ -171,6 +179,18 @@ def _ppo_loss(parts: Any, mb: Experience, out: Optional[PolicyOutput]) -> tuple[
     v_loss, v_stats = value_loss(out.values, mb.values, mb.returns, mb.mask, cfg.cliprange_value)
     stats = {"policy/loss": p_loss.detach(), "val/loss": v_loss.detach(), **p_stats, **v_stats}
     return p_loss + cfg.vf_coef * v_loss, stats
+
+
+def _critic_free_loss(parts: Any, mb: Experience, out: Optional[PolicyOutput]) -> tuple[Tensor, dict[str, Tensor]]:
+    """The critic-free clipped loss on `mb`'s rows (losses/policy_gradient.py), with the KL in
+    it when --kl-in loss."""
+    cfg = parts.cfg
+    out = out if out is not None else forward_policy(parts, mb.seqs)
+    beta = parts.kl_ctl.value if cfg.kl_in == "loss" else 0.0
+    loss, stats = clipped_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.epsilon,
+                                      cfg.epsilon_high, cfg.importance_sampling, cfg.loss_aggregation,
+                                      cfg.response_length, beta, mb.ref_logprobs, cfg.kl_estimator)
+    return loss, {"policy/loss": loss.detach(), **stats}
 
 
 def _ptx_loss(parts: Any, ptx_index: int) -> Tensor:
