@@ -200,7 +200,7 @@ def resume(parts: PPOParts, out: Any) -> int:
         return 0
     ckpt, state = loaded
     cfg = parts.cfg
-    peaks = [[cfg.lr] + ([cfg.value_lr] if parts.critic is None else [])]
+    peaks = [[cfg.lr] + ([cfg.value_lr] if cfg.critic == "head" else [])]
     if parts.critic is not None:
         peaks.append([cfg.value_lr])
     apply_peak_lr(parts.schedulers, parts.optimizers, peaks)

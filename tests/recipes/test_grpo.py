@@ -1,0 +1,155 @@
+"""`tether grpo` and `tether rloo` end to end on a tiny Llama with a Python reward: they raise
+the reward in the run and from outside, every option runs, a resumed run repeats the
+uninterrupted one, and a group without reward variance is reported."""
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+from tether.cli import main
+from tether.training.metrics import read_metrics
+
+from conftest import write_jsonl
+
+REWARDS = '''
+def vowels(prompts, completions, **_):
+    """The share of vowels among a completion's letters: a reward a tiny model can learn."""
+    out = []
+    for c in completions:
+        letters = [ch for ch in c.lower() if ch.isalpha()]
+        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
+    return out
+
+def constant(prompts, completions, **_):
+    return [1.0] * len(completions)
+'''
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def task(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo_task")
+    (root / "rewards.py").write_text(REWARDS)
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"Once upon a time, {n} saw a"}
+                                                    for n in ["Lily", "Tom", "Sue", "Ben"] * 4])
+    return root, tiny_models["llama"], prompts
+
+
+def _args(task, stage, out, *extra, reward="vowels"):
+    root, policy, prompts = task
+    return [stage, "--policy", str(policy), "--prompts", str(prompts), "--output-dir", str(out),
+            "--reward-fn", f"{root / 'rewards.py'}:{reward}", "--batch-size", "4",
+            "--num-generations", "4", "--response-length", "6", "--lr", "1e-2",
+            "--temperature", "1.0", "--no-progress", "--no-tensorboard", *extra]
+
+
+def _outside(task, model_dir, n=64):
+    """The reward of samples of a saved policy, drawn with plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("rewards_outside", task[0] / "rewards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok("Once upon a time, Tom saw a", return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    sampled = model.generate(ids.repeat(n, 1), do_sample=True, top_k=0, top_p=1.0, max_new_tokens=6,
+                             pad_token_id=0)
+    return sum(module.vowels([], tok.batch_decode(sampled[:, ids.shape[1]:], skip_special_tokens=True))) / n
+
+
+@pytest.mark.parametrize("stage", ["grpo", "rloo"])
+def test_the_reward_rises_in_the_run_and_from_outside(stage, task, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(task, stage, out, "--max-steps", "25")) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    early = sum(r["reward_fn/vowels/mean"] for r in rows[:4]) / 4
+    late = sum(r["reward_fn/vowels/mean"] for r in rows[-4:]) / 4
+    assert late > early + 0.08, (early, late)
+    assert _outside(task, out) > _outside(task, task[1]) + 0.05
+    assert "val/explained_var" not in rows[0] and not (out / "critic").exists()
+    for key in ("objective/frac_reward_zero_std", "response/truncated_frac", "policy/clip_ratio_low",
+                "policy/clip_ratio_high", "reward_fn/vowels/std"):
+        assert key in rows[0], key
+
+
+@pytest.mark.parametrize("extra", [
+    ("--advantage", "dr_grpo", "--loss-aggregation", "seq_mean_token_sum_norm", "--scale-rewards", "none"),
+    ("--advantage", "grpo", "--scale-rewards", "batch", "--loss-aggregation", "token_mean",
+     "--epsilon-high", "0.28", "--mask-truncated", "--overlong-buffer", "2"),
+    ("--advantage", "reinforce_pp", "--kl-in", "reward"),
+    ("--advantage", "reinforce_pp_baseline", "--kl-in", "reward", "--ppo-epochs", "2",
+     "--mini-batch-size", "8", "--micro-batch-size", "4"),
+    ("--importance-sampling", "sequence", "--kl-estimator", "k2", "--ppo-epochs", "2"),
+])
+def test_every_option_runs(extra, task, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(task, "grpo", out, "--max-steps", "2", *extra)) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 2 and all(r["policy/loss"] is not None for r in rows)
+
+
+def test_micro_batches_give_the_update_of_the_whole_minibatch(task, tmp_path):
+    """Per-response aggregation: micro-batches weighted by their share of the responses."""
+    whole, micro = tmp_path / "whole", tmp_path / "micro"
+    for out, extra in ((whole, ()), (micro, ("--micro-batch-size", "4"))):
+        assert main(_args(task, "grpo", out, "--max-steps", "2", *extra)) == 0
+    for a, b in zip(read_metrics(whole / "metrics.jsonl"), read_metrics(micro / "metrics.jsonl")):
+        for key in ("policy/loss", "policy/grad_norm", "objective/kl", "reward_fn/vowels/mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+
+
+def test_resume_repeats_the_uninterrupted_run(task, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(_args(task, "grpo", full, "--max-steps", "4")) == 0
+    assert main(_args(task, "grpo", cut, "--max-steps", "2", "--save-every", "1")) == 0
+    (cut / "tether_run.json").unlink()  # as if it had stopped after its second checkpoint
+    assert main(_args(task, "grpo", cut, "--max-steps", "4", "--resume")) == 0
+    a, b = read_metrics(full / "metrics.jsonl"), read_metrics(cut / "metrics.jsonl")
+    keys = [k for k in a[0] if not k.startswith("timing/")]
+    assert [[r[k] for k in keys] for r in b] == [[r[k] for k in keys] for r in a]
+
+
+def test_groups_without_reward_variance_teach_nothing_and_are_reported(task, tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "run"
+    logger = logging.getLogger("tether")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        assert main(_args(task, "grpo", out, "--max-steps", "3", reward="constant")) == 0
+    finally:
+        logger.removeHandler(handler)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all(r["objective/frac_reward_zero_std"] == 1.0 for r in rows)
+    # no advantage, no KL at the first step: the policy does not move
+    assert rows[0]["policy/loss"] == pytest.approx(0.0, abs=1e-7)
+    assert any("no_learning_signal" in m for m in seen)
+
+
+def test_usage_errors(task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(task, "grpo", out, "--num-generations", "1")) == 2
+    assert main(_args(task, "grpo", out, "--advantage", "reinforce_pp")) == 2  # KL in the loss
+    assert "--kl-in reward" in capsys.readouterr().err
+    assert main(["grpo", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--num-generations", "--advantage", "--scale-rewards", "--loss-aggregation", "--kl-in",
+                 "--kl-estimator", "--epsilon-high", "--importance-sampling", "--mask-truncated",
+                 "--overlong-buffer", "--overlong-penalty", "--reward-fn"):
+        assert flag in text, flag
+    assert "--vf-coef" not in text and "--critic" not in text
+    assert not out.exists()
