@@ -1,4 +1,6 @@
-"""PPO's policy-side passes: old logprobs and values, and the clipped update over minibatches.
+"""The online loop's policy-side passes: old logprobs (and PPO's values), and the clipped update
+over minibatches, with PPO's policy and value losses or the critic-free loss
+(`losses/policy_gradient.py`) as the config says.
 
 With one minibatch (the default), the first epoch's forward pass runs BEFORE the advantages
 are computed: its detached logprobs and values are pi_old and V_old (the weights have not moved
