@@ -153,3 +153,48 @@ def test_usage_errors(task, tmp_path, capsys):
         assert flag in text, flag
     assert "--vf-coef" not in text and "--critic" not in text
     assert not out.exists()
+
+
+def test_two_processes_match_one_process(task, tmp_path):
+    """DDP over gloo, 2 prompts x G per process against 4 x G in one process: the same groups
+    and sampling noise per row, advantages from each group (or the batch std across
+    processes), losses and statistics averaged over both."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from tether.data.tokenize import encode_prompt
+
+    root, policy, _ = task
+    tok = AutoTokenizer.from_pretrained(policy)
+    names = ["Lily", "Tom", "Sue", "Ben", "Max", "Ann", "Tim", "Jack", "Amy", "Sam"]
+    texts = [f"Once upon a time, {n} saw a" for n in names]
+    lengths = [len(encode_prompt(tok, t)) for t in texts]
+    same = [t for t, n in zip(texts, lengths) if n == max(set(lengths), key=lengths.count)]
+    assert len(same) >= 2  # equal lengths: no prompt padding, which would differ per batch
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": t} for t in (same * 8)[:16]])
+    one, two = tmp_path / "one", tmp_path / "two"
+
+    def args(out, batch):
+        a = _args((root, policy, prompts), "grpo", out, "--max-steps", "3", "--scale-rewards", "batch")
+        a[a.index("--batch-size") + 1] = str(batch)
+        return a
+
+    assert main(args(one, 4)) == 0
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(29500 + (os.getpid() + 350) % 500), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tether", *args(two, 2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=str(Path(__file__).resolve().parents[2]))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        for key in ("objective/kl", "objective/rm_score", "objective/frac_reward_zero_std",
+                    "policy/loss", "policy/grad_norm", "policy/approx_kl", "response/length",
+                    "reward_fn/vowels/mean", "objective/rm_score_std", "response/distinct_2"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
