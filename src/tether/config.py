@@ -781,6 +781,13 @@ class GRPOConfig(OnlineConfig):
     tokens lose up to --overlong-penalty from their reward, linearly. 0 turns it off."""
     overlong_penalty: float = 1.0
     """The largest overlong punishment (at --response-length)."""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose rewards are all equal (no learning
+    signal) and sample more prompts to refill the batch, up to --max-resample-rounds extra
+    rounds of --batch-size prompts each."""
+    max_resample_rounds: int = 3
+    """The cap on dynamic sampling's extra rounds per iteration; a batch still short after them
+    is topped up with groups without signal (and a warning)."""
 
     def validate(self) -> None:
         super().validate()
@@ -791,7 +798,7 @@ class GRPOConfig(OnlineConfig):
             raise ConfigError("--epsilon and --epsilon-high must be > 0")
         if not 0 <= self.overlong_buffer <= self.response_length:
             raise ConfigError(f"--overlong-buffer must be in [0, --response-length]; got {self.overlong_buffer}")
-        _non_negative(self, "overlong_penalty")
+        _non_negative(self, "overlong_penalty", "max_resample_rounds")
         if self.advantage.startswith("reinforce_pp") and self.kl_in == "loss" and self.kl_coef > 0:
             raise ConfigError("REINFORCE++ puts the KL in the per-token reward: use --kl-in reward "
                               "with --advantage reinforce_pp(_baseline)")

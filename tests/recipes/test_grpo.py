@@ -198,3 +198,22 @@ def test_two_processes_match_one_process(task, tmp_path):
                     "policy/loss", "policy/grad_norm", "policy/approx_kl", "response/length",
                     "reward_fn/vowels/mean", "objective/rm_score_std", "response/distinct_2"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+
+
+def test_dynamic_sampling_refills_the_batch_with_groups_that_have_a_signal(task, tmp_path):
+    """A reward that is flat for most prompts (it pays only completions of the first prompt's
+    group that contain a vowel-heavy piece, else 0): dynamic sampling drops the flat groups and
+    samples more prompts until the batch is full or the cap is spent."""
+    root, policy, prompts = task
+    (root / "sparse.py").write_text(
+        "def sparse(prompts, completions, **_):\n"
+        "    return [float(sum(ch in 'aeiou' for ch in c) >= 4) for c in completions]\n")
+    out = tmp_path / "run"
+    args = _args(task, "grpo", out, "--max-steps", "2", "--dynamic-sampling", "--max-resample-rounds", "2")
+    args[args.index("--reward-fn") + 1] = f"{root / 'sparse.py'}:sparse"
+    assert main(args) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all("response/resample_rounds" in r for r in rows)
+    assert all(0 <= r["response/resample_rounds"] <= 2 for r in rows)
+    # rounds are used exactly when the first draw had flat groups
+    assert all((r["response/resample_rounds"] > 0) == (r["objective/frac_reward_zero_std"] > 0) for r in rows)

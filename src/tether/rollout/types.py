@@ -31,6 +31,19 @@ class Rollout:
     def n_response(self) -> int:
         return self.response_ids.shape[1]
 
+    def rows(self, index: Tensor) -> "Rollout":
+        return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
+                       self.response_mask[index], self.ended[index])
+
+    @staticmethod
+    def concat(parts: list["Rollout"], pad_token_id: int) -> "Rollout":
+        """Rollouts of the same response length, their prompts left-padded to the widest."""
+        P = max(r.n_prompt for r in parts)
+        ids = [torch.nn.functional.pad(r.prompt_ids, (P - r.n_prompt, 0), value=pad_token_id) for r in parts]
+        mask = [torch.nn.functional.pad(r.prompt_mask, (P - r.n_prompt, 0), value=0) for r in parts]
+        return Rollout(torch.cat(ids), torch.cat(mask), torch.cat([r.response_ids for r in parts]),
+                       torch.cat([r.response_mask for r in parts]), torch.cat([r.ended for r in parts]))
+
     def sequences(self) -> "Sequences":
         """Prompt and response as one left-padded batch, ready for a forward pass."""
         input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)

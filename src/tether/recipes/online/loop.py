@@ -83,11 +83,19 @@ class Sampled:
     scored: Any  # rollout.score.RewardScores
 
 
-def sample_and_score(parts: PPOParts, step: int, clock: PhaseClock, repeat: int = 1) -> Sampled:
+# Extra sampling rounds (dynamic sampling) draw the prompts and noise of "steps" this far apart,
+# beyond any run's own: a function of the seed, the step and the round alone.
+ROUND_STRIDE = 1_000_000
+
+
+def sample_and_score(parts: PPOParts, step: int, clock: PhaseClock, repeat: int = 1,
+                     round_: int = 0) -> Sampled:
     """Steps 1-2 of every method: the prompts of iteration `step` (each `repeat` times, the
     copies next to each other), one response per row at temperature T from left-padded prompts,
-    the reference's logprobs (same T) and the rewards."""
+    the reference's logprobs (same T) and the rewards. round_ > 0: another draw of prompts and
+    noise for the same iteration (dynamic sampling's refills)."""
     cfg = parts.cfg
+    step = step + round_ * ROUND_STRIDE
     indices = parts.order.step_indices(step - 1, parts.accelerator.process_index)[0]
     rows = [i for i in indices for _ in range(repeat)]
     prompt_ids, prompt_mask, texts = parts.prompts.batch(rows, parts.tokenizer.pad_token_id, parts.device)
