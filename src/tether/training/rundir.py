@@ -34,7 +34,7 @@ from tether.errors import ConfigError
 
 log = logging.getLogger("tether")
 
-# Changes that may be made on --resume: what they mean is documented in the README ("Resuming").
+# Changes that may be made on --resume, and what each means (the README lists them too).
 RESUMABLE = {
     "max_steps": "the run stops at the new step count; a decaying schedule is stretched to it",
     "lr": "the new peak learning rate, the schedule carrying on from the step reached",
