@@ -10,7 +10,8 @@ from tether.cli import main
 
 SUMMARY_KEYS = ("rm_accuracy_gold", "rm_accuracy_labels", "win_rate_ppo_vs_sft", "win_rate_dpo_vs_sft",
                 "win_rate_bon_vs_sft", "win_rate_ppo_beta0_vs_sft", "kl_ppo", "kl_dpo", "gold_ppo",
-                "gold_sft", "wall_seconds")
+                "gold_sft", "wall_seconds", "quiz_exact_match_sft", "quiz_exact_match_grpo",
+                "quiz_exact_match_rloo", "kl_grpo", "kl_rloo")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,9 @@ def test_quick_demo_writes_every_summary_figure(demo_dir):
         assert isinstance(summary[key], (int, float)), key
     for key in ("win_rate_ppo_vs_sft", "win_rate_dpo_vs_sft", "win_rate_bon_vs_sft", "rm_accuracy_gold"):
         assert 0.0 <= summary[key] <= 1.0
-    for stage in ("base", "sft", "rm", "ppo", "ppo_beta0", "dpo"):
+    for key in ("quiz_exact_match_sft", "quiz_exact_match_grpo", "quiz_exact_match_rloo"):
+        assert 0.0 <= summary[key] <= 1.0
+    for stage in ("base", "sft", "rm", "ppo", "ppo_beta0", "dpo", "sft_quiz", "grpo", "rloo"):
         assert json.loads((demo_dir / stage / "tether_run.json").read_text())["complete"] is True
     assert (demo_dir / "bon" / "bon.jsonl").exists()
 

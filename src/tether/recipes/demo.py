@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tether.config import (BoNConfig, DPOConfig, EvalConfig, PPOConfig, RMConfig, RunConfig,
-                           SFTConfig)
+from tether.config import (BoNConfig, DPOConfig, EvalConfig, GRPOConfig, PPOConfig, RLOOConfig,
+                           RMConfig, RunConfig, SFTConfig)
 from tether.models.save import is_complete
 from tether.training.files import atomic_write_json
 
@@ -36,7 +36,8 @@ log = logging.getLogger("tether")
 class DemoConfig(RunConfig):
     """Run the whole RLHF pipeline in the built-in synthetic world (CPU, no network, under
     10 minutes on 2 cores): pretrain, SFT, ranked SFT samples, RM, PPO (default beta and beta = 0),
-    DPO, best-of-N, gold-judged evaluation and the report."""
+    DPO, best-of-N, a verifiable quiz trained with GRPO and RLOO against an exact-match reward
+    function, gold-judged evaluation and the report."""
 
     output_dir: str = "tether-demo"
     """Where every stage's output, summary.json and report.html go."""
@@ -70,14 +71,21 @@ class Sizes:
     bon_n: int
     batch: int  # examples per step of the supervised stages
     response_length: int
+    quiz_demos: int  # the verifiable quiz: demonstrations (40% wrong), questions, held-out ones
+    quiz_questions: int
+    quiz_eval: int
+    quiz_sft_steps: int
+    grpo_steps: int
 
 
 FULL = Sizes(corpus=20000, pretrain_steps=400, sft=12000, sft_steps=1200, pair_prompts=3000,
              pair_eval_prompts=1000, rm_steps=300, ppo_steps=40, ppo_beta0_steps=25, ppo_batch=64, dpo_steps=100,
-             eval_prompts=200, bon_n=8, batch=32, response_length=48)
+             eval_prompts=200, bon_n=8, batch=32, response_length=48, quiz_demos=3000,
+             quiz_questions=2000, quiz_eval=200, quiz_sft_steps=400, grpo_steps=120)
 QUICK = Sizes(corpus=600, pretrain_steps=20, sft=200, sft_steps=8, pair_prompts=64,
               pair_eval_prompts=32, rm_steps=6, ppo_steps=3, ppo_beta0_steps=3, ppo_batch=8, dpo_steps=4,
-              eval_prompts=16, bon_n=2, batch=8, response_length=16)
+              eval_prompts=16, bon_n=2, batch=8, response_length=16, quiz_demos=64,
+              quiz_questions=64, quiz_eval=16, quiz_sft_steps=4, grpo_steps=2)
 
 
 class Timer:
@@ -177,7 +185,7 @@ def run(cfg: DemoConfig) -> dict:
     root, sizes, seed = Path(cfg.output_dir), QUICK if cfg.quick else FULL, cfg.seed
     root.mkdir(parents=True, exist_ok=True)
     d = {name: root / name for name in ("world", "base", "sft", "pairs", "rm", "ppo", "ppo_beta0",
-                                        "dpo", "bon", "eval")}
+                                        "dpo", "bon", "quiz", "sft_quiz", "grpo", "rloo", "eval")}
     timer = Timer()
     common = dict(seed=seed, progress=True, tensorboard=True)
     resume = lambda name: latest_checkpoint(d[name]) is not None  # noqa: E731  (an unfinished stage)
@@ -219,7 +227,20 @@ def run(cfg: DemoConfig) -> dict:
         policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts_eval.jsonl"),
         output_dir=str(d["bon"]), n=sizes.bon_n, max_prompts=sizes.eval_prompts, response_length=sizes.response_length,
         temperature=cfg.temperature, seed=seed)))
-    # 9. gold-judged evaluation of every policy against SFT
+    # 9. the verifiable quiz: SFT on demonstrations that are right 60% of the time, then GRPO and
+    #    RLOO against the exact-match reward function (no reward model, no judge)
+    timer.run("quiz", d["quiz"], lambda: _export_quiz(d["quiz"], sizes, seed))
+    timer.run("sft_quiz", d["sft_quiz"], lambda: sft.run(SFTConfig(
+        model=str(d["sft"]), data=str(d["quiz"] / "quiz_sft.jsonl"), output_dir=str(d["sft_quiz"]),
+        max_steps=sizes.quiz_sft_steps, lr=5e-4, batch_size=sizes.batch, max_length=64, eval_fraction=0.0,
+        resume=resume("sft_quiz"), **common)))
+    for name, config in (("grpo", GRPOConfig), ("rloo", RLOOConfig)):
+        timer.run(name, d[name], lambda name=name, config=config: ppo.run(config(
+            policy=str(d["sft_quiz"]), prompts=str(d["quiz"] / "quiz_prompts.jsonl"),
+            reward_fn=["tether.world.quiz_reward:exact_match"], output_dir=str(d[name]),
+            num_generations=8, batch_size=16, response_length=12, temperature=cfg.temperature,
+            lr=5e-4, max_steps=sizes.grpo_steps, resume=resume(name), **common)))
+    # 10. gold-judged evaluation of every policy against SFT
     t0 = time.perf_counter()
     results = {}
     for name, policy in (("ppo", d["ppo"]), ("ppo_beta0", d["ppo_beta0"]), ("dpo", d["dpo"]),
@@ -233,9 +254,15 @@ def run(cfg: DemoConfig) -> dict:
         print(f"\n== {name} vs sft ==")
         print_table(result)
         results[name] = result
+    quiz_results = {name: quiz_exact_match(d[name], d["quiz"] / "quiz_eval.jsonl", cfg.temperature, seed + 1)
+                    for name in ("sft_quiz", "grpo", "rloo")}
+    atomic_write_json(d["eval"] / "quiz_exact_match.json", quiz_results)
     timer.seconds["eval"] = round(time.perf_counter() - t0, 1)
-    # 10. summary and report
+    # 11. summary and report
     summary = _summary(d, results, timer, time.perf_counter() - t_start)
+    summary.update({f"quiz_exact_match_{'sft' if n == 'sft_quiz' else n}": quiz_results[n] for n in quiz_results})
+    summary["kl_grpo"] = _last_metrics(d["grpo"]).get("objective/kl")
+    summary["kl_rloo"] = _last_metrics(d["rloo"]).get("objective/kl")
     atomic_write_json(root / "summary.json", summary)
     from tether.report.html import ReportConfig, build_report
 
@@ -252,6 +279,35 @@ def _export(out: Path, sizes: Sizes, seed: int) -> None:
            n_pairs=50, n_pairs_eval=50, n_rankings=20, n_prompts=max(2000, sizes.pair_prompts),
            n_prompts_eval=sizes.eval_prompts)
     mark_complete(out, "world", {})
+
+
+def _export_quiz(out: Path, sizes: Sizes, seed: int) -> None:
+    from tether.models.save import mark_complete
+    from tether.training.files import write_jsonl
+    from tether.world import quiz
+
+    write_jsonl(out / "quiz_sft.jsonl", quiz.demonstrations(sizes.quiz_demos, error_rate=0.4, seed=seed))
+    write_jsonl(out / "quiz_prompts.jsonl", ({"prompt": q["prompt"], "answer": q["answer"]}
+                                            for q in quiz.questions(sizes.quiz_questions, "train", seed + 1)))
+    write_jsonl(out / "quiz_eval.jsonl", ({"prompt": q["prompt"], "answer": q["answer"]}
+                                         for q in quiz.questions(sizes.quiz_eval, "eval", seed)))
+    mark_complete(out, "quiz", {})
+
+
+def quiz_exact_match(model_dir: Path, questions: Path, temperature: float, seed: int) -> float:
+    """The share of held-out quiz questions a policy answers exactly right, one sample each at
+    the demo's temperature (the reward function is the judge)."""
+    from tether.eval.sampling import sample_responses
+    from tether.models.load import load_causal_lm, load_tokenizer
+    from tether.training.metrics import read_metrics
+    from tether.world.quiz_reward import exact_match
+
+    rows = read_metrics(questions)
+    tok = load_tokenizer(str(model_dir), padding_side="left")
+    model = load_causal_lm(str(model_dir)).eval()
+    samples = sample_responses(model, tok, [r["prompt"] for r in rows], n=1, max_new_tokens=12,
+                               temperature=temperature, seed=seed)
+    return sum(exact_match(None, samples.responses, [r["answer"] for r in rows])) / len(rows)
 
 
 def _run_summary(path: Path) -> dict:

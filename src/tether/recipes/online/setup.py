@@ -1,5 +1,6 @@
-"""Build everything one PPO iteration needs (`PPOParts`), so the recipe's loop and a benchmark
-can both run iterations over the same components."""
+"""Build everything one online iteration needs (`PPOParts`: PPO's, or the critic-free methods',
+which have no critic), so the loop and a benchmark can both run iterations over the same
+components."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ class PPOParts:
     accelerator: Any
     tokenizer: Any
     actor: Actor  # the policy (and with --critic head its value head), as prepared by accelerate
-    critic: Optional[Critic]  # the separate critic; None with --critic head
+    critic: Optional[Critic]  # the separate critic; None with --critic head and without a critic
     optimizers: list  # [policy] or [policy, critic]
     schedulers: list  # one per optimizer, or empty for constant learning rates without warmup
     reference: Reference
