@@ -160,6 +160,17 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: _build(root / arch, arch) for arch in ARCHS}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread, and far faster when the machine is busy."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=ARCHS)
 def tiny_model(request, tiny_models) -> Path:
     return tiny_models[request.param]

@@ -32,12 +32,8 @@ METRICS = ["objective/kl", "objective/kl_per_token", "objective/rm_score", "obje
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when the machine is busy."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def one_thread(one_torch_thread):
+    """Tiny models run faster on one thread (see conftest)."""
 
 
 def _token_reward_model(policy_dir, out):

@@ -25,11 +25,8 @@ MARKER = "tether_run.json"
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def one_thread(one_torch_thread):
+    """Tiny models run faster on one thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")
