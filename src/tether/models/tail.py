@@ -45,12 +45,17 @@ KNOWN_KEYWORDS = {"self", "hidden_states", "attention_mask", "position_ids", "us
                   "cache_position", "position_embeddings", "kwargs", *CACHE_KEYWORDS}
 
 
+def _trunk(model: Any) -> Any:
+    """The decoder stack (`LlamaModel` etc.) of a causal LM, sequence classifier or trunk,
+    through peft wrappers."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, "base_model", inner)
+
+
 def last_layer(model: Any) -> Optional[torch.nn.Module]:
     """The last decoder layer of a transformers causal LM, sequence classifier or trunk (peft
     wrappers included) when `reading_last` supports it, else None."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    trunk = getattr(inner, "base_model", inner)
-    layers = getattr(trunk, "layers", None)
+    layers = getattr(_trunk(model), "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
         return None
     layer = layers[-1]
@@ -89,8 +94,7 @@ def _probe(model: Any, layer: torch.nn.Module) -> Optional[str]:
     unknown = unknown_keywords(layer)
     if unknown:
         return f"{type(layer).__name__}.forward takes {', '.join(unknown)}, which it does not know"
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    trunk = getattr(inner, "base_model", inner)
+    trunk = _trunk(model)
     param = next(layer.parameters())
     vocab = trunk.get_input_embeddings().num_embeddings
     ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0)).to(param.device)

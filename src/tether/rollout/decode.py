@@ -39,6 +39,7 @@ from transformers.models.llama.modeling_llama import rotate_half  # Mistral's an
 
 from tether.models.guard import FastPath, mismatch
 from tether.models.load import weights_not_in_place
+from tether.rollout.types import position_ids_from_mask
 
 # The CausalLM classes whose decoder layers are exactly: x + attn(input_layernorm(x)), then
 # x + down(act(gate(.)) * up(.)) on post_attention_layernorm(x), with rotary q/k and a plain
@@ -88,14 +89,6 @@ def decoder_for(model: Any) -> Optional["FusedDecoder"]:
     return FusedDecoder(model)
 
 
-def cache_keyword(model: Any) -> str:
-    """The name under which the model's forward takes its KV cache (renamed in transformers 5.24)."""
-    import inspect
-
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
-
-
 def output_cache(out: Any) -> Any:
     """The KV cache a forward returned, under either of its names."""
     cache = out.get("cache") if hasattr(out, "get") else None
@@ -112,7 +105,7 @@ def _probe(model: Any) -> Optional[str]:
     ids = torch.randint(0, vocab, (2, P + steps), generator=g).to(device)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids_from_mask(mask)
     was_training = model.training
     model.eval()
     try:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from tether.ops.masking import response_mask
-from tether.rollout.decode import cache_keyword, decoder_for, output_cache
+from tether.rollout.decode import decoder_for, output_cache
 from tether.rollout.types import Rollout, position_ids_from_mask
 
 
@@ -146,7 +146,8 @@ class KVCacheSampler:
         self.params = params
         self._keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         self.decoder = decoder_for(model) if fused else None
-        self._cache_arg = cache_keyword(model)
+        # the KV cache's keyword: `cache` since transformers 5.24, `past_key_values` before
+        self._cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator,

@@ -27,8 +27,8 @@ from tether.training.checkpoint import load_checkpoint, save_checkpoint
 from tether.training.metrics import MetricsWriter
 from tether.training.progress import Progress
 from tether.training.runtime import (GlobalBatches, any_process, apply_peak_lr, check_step_finite,
-                                     make_optimizer, make_scheduler, sum_across_processes,
-                                     total_steps)
+                                     configured_peaks, make_optimizer, make_scheduler,
+                                     sum_across_processes, total_steps)
 from tether.training.signals import StopRequest
 
 log = logging.getLogger("tether")
@@ -75,12 +75,13 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
     # 3. resume
     state = {"best_eval": math.inf, "bad_evals": 0}
     start = 0
+    peaks = configured_peaks([optimizer])  # as built from the config, before the state loads
     loaded = load_checkpoint(accelerator, out, [scheduler]) if cfg.resume else None
     ckpt = loaded[0] if loaded else None
     if loaded is not None:
         state.update(loaded[1])
         start = state.pop("step")
-        apply_peak_lr([scheduler], [optimizer], [[cfg.lr]])
+        apply_peak_lr([scheduler], [optimizer], peaks)
         log.info("resumed from %s at step %d of %d", ckpt, start, steps)
     metrics = MetricsWriter(out, accelerator.is_main_process, cfg.tensorboard,
                             resume_step=start if ckpt is not None else None)

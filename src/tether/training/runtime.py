@@ -172,14 +172,6 @@ def total_steps(num_examples: int, batches: GlobalBatches, epochs: int, max_step
     return max_steps if max_steps > 0 else batches.steps_per_epoch * epochs
 
 
-def check_finite(loss: torch.Tensor, step: int, what: str = "loss") -> None:
-    """Abort with a clear error on a NaN/inf loss instead of silently training on garbage."""
-    if not torch.isfinite(loss).all():
-        raise TrainingError(f"{what} became {loss.item()} at step {step}. Lower --lr, check the data "
-                            "for empty responses, or use --dtype float32. The last checkpoint is "
-                            "intact; fix the cause and rerun with --resume.")
-
-
 def check_step_finite(values: dict[str, Any], step: int | str, output_dir: str | Path,
                       discard: Any = None) -> None:
     """Stop before an optimizer step whose loss or gradient norm is NaN or inf: `discard()`
@@ -201,6 +193,12 @@ def check_step_finite(values: dict[str, Any], step: int | str, output_dir: str |
     raise TrainingError(f"the optimizer step of {at} was not taken: {shown}. No weight was "
                         f"changed. {advice} Also check the data for empty responses, or use "
                         "--dtype float32.")
+
+
+def configured_peaks(optimizers: Sequence[Any]) -> list[list[float]]:
+    """Each param group's peak learning rate as the optimizers were built from the config (a
+    scheduler keeps it as `initial_lr`): read before a checkpoint's state replaces them."""
+    return [[g.get("initial_lr", g["lr"]) for g in o.param_groups] for o in optimizers]
 
 
 def apply_peak_lr(schedulers: Sequence[Any], optimizers: Sequence[Any],

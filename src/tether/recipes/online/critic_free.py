@@ -93,9 +93,10 @@ def run_critic_free_iteration(parts: Any, step: int) -> IterationResult:
     #      DAPO's soft overlong punishment
     sampled = sample_and_score(parts, step, clock, repeat=G)
     scores = shaped_scores(cfg, sampled)
-    flat_first = zero_std_groups(scores, G).float().mean()
+    flat = zero_std_groups(scores, G)
+    flat_first = flat.float().mean()
     rounds = 0
-    if cfg.dynamic_sampling and bool(zero_std_groups(scores, G).any()):
+    if cfg.dynamic_sampling and bool(flat.any()):
         sampled, scores, rounds = refill(parts, step, clock, sampled, scores)
     rollout, seqs, ref_logprobs, scored = sampled.rollout, sampled.seqs, sampled.ref_logprobs, sampled.scored
     mask = rollout.response_mask

@@ -28,7 +28,7 @@ from tether.rollout.types import Experience
 from tether.training.checkpoint import load_checkpoint, save_checkpoint
 from tether.training.metrics import MetricsWriter
 from tether.training.progress import Progress
-from tether.training.runtime import any_process, apply_peak_lr, check_finite, start_run
+from tether.training.runtime import any_process, apply_peak_lr, configured_peaks, start_run
 from tether.training.signals import StopRequest
 
 log = logging.getLogger("tether")
@@ -159,7 +159,8 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
 def finish_iteration(parts: PPOParts, step: int, exp: Experience, stats: dict, issues: list,
                      clock: PhaseClock, texts: list[str], drop: tuple[str, ...] = ()) -> IterationResult:
     """Steps 6-7 of every method: the iteration's metrics (over every process's rollouts), KL
-    control, the finite-loss check and the health checks. `drop`: metrics that do not apply."""
+    control and the health checks (a non-finite loss or gradient already stopped the run before
+    its optimizer step, in `update.minibatch_step`). `drop`: metrics that do not apply."""
     cfg = parts.cfg
     beta, all_reduce = parts.kl_ctl.value, parts.all_reduce_sum()
     mask = exp.mask
@@ -178,7 +179,6 @@ def finish_iteration(parts: PPOParts, step: int, exp: Experience, stats: dict, i
         for key in ("objective/kl_per_token", "objective/entropy"):
             stats[key] = stats[key] * share
     metrics = parts.mean_over_processes(stats)
-    check_finite(torch.tensor(metrics["policy/loss"] + metrics.get("val/loss", 0.0)), step, "the loss")
     parts.kl_ctl.update(metrics["objective/kl"], n_steps=exp.rewards.shape[0] * world)
     # 7. health: the reference probe is unchanged, and the trends are sane
     issues = issues + [parts.probe.check(parts.reference)] + parts.health.observe(metrics)
@@ -203,14 +203,11 @@ def trainer_state(parts: PPOParts, step: int) -> dict:
 def resume(parts: PPOParts, out: Any) -> int:
     """Restore the latest readable checkpoint; returns its iteration (0 when there is none).
     The configured learning rates become the peaks from here on (see `apply_peak_lr`)."""
+    peaks = configured_peaks(parts.optimizers)  # as built from the config, before the state loads
     loaded = load_checkpoint(parts.accelerator, out, parts.schedulers)
     if loaded is None:
         return 0
     ckpt, state = loaded
-    cfg = parts.cfg
-    peaks = [[cfg.lr] + ([cfg.value_lr] if cfg.critic == "head" else [])]
-    if parts.critic is not None:
-        peaks.append([cfg.value_lr])
     apply_peak_lr(parts.schedulers, parts.optimizers, peaks)
     parts.kl_ctl.load_state_dict(state["kl_ctl"])
     parts.health.load_state_dict(state["health"])

@@ -155,8 +155,11 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
         params = [p for p in model.parameters() if p.requires_grad]
         norms[name] = parts.accelerator.clip_grad_norm_(
             params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-    checked = {f"{name} gradient norm": float(n) for name, n in norms.items()}
-    loss_ok = bool(torch.isfinite(loss.detach()).all())
+    # one host sync for all of them
+    values = torch.stack([torch.as_tensor(n).float() for n in norms.values()]
+                         + [loss.detach().float().reshape(())]).tolist()
+    checked = {f"{name} gradient norm": v for name, v in zip(norms, values)}
+    loss_ok = math.isfinite(values[-1])
     if world > 1:
         loss_ok = not any_process(parts.accelerator, not loss_ok)
     checked["loss"] = 0.0 if loss_ok else math.nan
