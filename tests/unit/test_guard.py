@@ -39,8 +39,10 @@ def _batch():
 
 
 def _own_logits(model, ids, mask, pos, n):
+    """The model's own forward, called as `response_logits` calls it (the LM head on the last n
+    positions): when the tail steps aside the two are the same computation, bit for bit."""
     return model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
-                 use_cache=False).logits[:, -n:]
+                 use_cache=False, logits_to_keep=n).logits
 
 
 def _warnings(caplog):
