@@ -49,6 +49,8 @@ STAGES: dict[str, Stage] = {
                  "Best-of-N: sample N responses per prompt, keep the one the reward model likes best."),
     "eval": Stage("tether.config:EvalConfig", "tether.recipes.evaluate:run",
                   "Win rate of policy A vs B (gold judge or RM, 95% CI), KL to a reference, length, distinct-n."),
+    "label": Stage("tether.config:LabelConfig", "tether.recipes.label:run",
+                   "A local web page to rank responses (preference labels) or compare two policies."),
     "report": Stage("tether.report.html:ReportConfig", "tether.report.html:run",
                     "Write PNG plots and a self-contained report.html for a run directory.",
                     positional="run_dir"),

@@ -927,6 +927,9 @@ class EvalConfig(SamplingFields):
     """The JSON file to write. Required."""
     n_samples_shown: int = 8
     """Side-by-side samples kept in the JSON (and shown by tether report)."""
+    side_by_side: str = ""
+    """Also write every prompt's two responses as JSON lines {prompt, a, b, score_a, score_b}:
+    the input of `tether label` for a human evaluation of A against B (optional)."""
     seed: int = 0
     """Sampling seed; both policies use it, so their samples share random numbers."""
     trust_remote_code: bool = False
@@ -937,3 +940,44 @@ class EvalConfig(SamplingFields):
             if not getattr(self, name):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
         _positive(self, "response_length", "batch_size")
+
+
+# ----------------------------------------------------------------------------- feedback
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """A local web page on which a person ranks responses: preference pairs and K-wise rankings
+    for tether rm / tether dpo, or side-by-side evaluation of two policies. Labels are appended
+    to --output as they are given; reopening the page resumes where the rater stopped."""
+
+    input: str = ""
+    """Candidates, JSONL: {prompt, responses: [K]}, {prompt, chosen, rejected} (their order is
+    ignored, e.g. tether bon's pairs.jsonl), or {prompt, a, b} (two policies side by side; tether
+    eval's JSON works too). Required."""
+    output: str = ""
+    """The label file to append to (JSON lines that tether rm and tether dpo read as they are).
+    Several raters may share it. Required."""
+    rater: str = ""
+    """The rater's name, kept in every record (default: the login name)."""
+    host: str = "127.0.0.1"
+    """Address to listen on. The default serves this machine only; anything else exposes the
+    page, and the texts in --input, to the network."""
+    port: int = 8765
+    """Port to listen on (0 = any free port)."""
+    seed: int = 0
+    """Decides which response is shown on which side (the same for a rater on every reload)."""
+    summary: bool = False
+    """Print the figures of --output for the items of --input (progress per rater, win rate of
+    a over b with a 95% interval, inter-rater agreement) and exit without serving."""
+    open_browser: bool = False
+    """Open the page in the default browser."""
+
+    def validate(self) -> None:
+        for name in ("input", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        if Path(self.input).resolve() == Path(self.output).resolve():
+            raise ConfigError("--output must not be --input: labels are appended to their own file")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError("--port must be in 0..65535")

@@ -55,6 +55,7 @@ SKIP_REASONS = {
     "all_tied": "all responses tied (no pair to learn from)",
     "dropped_over_length": "longer than --max-length (dropped)",
     "truncated_to_identical": "responses identical after truncation",
+    "rater_skip": "skipped by the rater (tether label / judge records with decision 'skip')",
 }
 
 
@@ -99,6 +100,9 @@ def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None
     for i, raw in enumerate(ds):
         where = row_location(source, raw, i)
         raw = without_location(raw)
+        if raw.get("decision") == "skip":  # a label record the rater passed over
+            counts["rater_skip"] += 1
+            continue
         if _is_conversational(raw):
             raw = _render_conversational(raw, fmt, tokenizer, where)
             if isinstance(raw, str):  # a skip reason

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 from tether.config import EvalConfig
 from tether.eval.stats import distinct_n, win_rate
 from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
-from tether.training.files import atomic_write_json
+from tether.training.files import atomic_write_json, write_jsonl
 from tether.training.runtime import resolve_dtype, setup_logging
 
 log = logging.getLogger("tether")
@@ -102,8 +102,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         model, tok, samples = model_a
         reference = load_causal_lm(cfg.reference, dtype, cfg.trust_remote_code).eval()
         result["kl_a_to_reference"] = kl_to_reference(model, reference, tok, samples, cfg.batch_size)
-    result["samples"] = [{"prompt": p, "a": x, "b": y, "score_a": sa, "score_b": sb}
-                         for p, x, y, sa, sb in list(zip(prompts, a, b, score_a, score_b))[:cfg.n_samples_shown]]
+    pairs = [{"prompt": p, "a": x, "b": y, "score_a": sa, "score_b": sb}
+             for p, x, y, sa, sb in zip(prompts, a, b, score_a, score_b)]
+    result["samples"] = pairs[:cfg.n_samples_shown]
+    if cfg.side_by_side:
+        write_jsonl(cfg.side_by_side, pairs)
     return result
 
 
