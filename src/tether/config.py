@@ -502,7 +502,11 @@ class OnlineConfig(RunConfig):
 
     policy: str = ""
     """The SFT model to start from (a causal-LM directory or hub id). It is also the frozen
-    reference that the KL penalty ties the policy to. Required."""
+    reference that the KL penalty ties the policy to, unless --reference is given. Required."""
+    reference: Optional[str] = None
+    """The frozen reference of the KL, when it is not --policy: e.g. a later round of iterated
+    RLHF starts from the last round's policy and keeps the SFT model as its reference. It must
+    share --policy's tokenizer. Not with --lora-r (the reference is then the policy's own base)."""
     reward_model: str = ""
     """A tether reward model, or any Hugging Face SequenceClassification model with
     num_labels=1. Its calibration bias (tether_reward_bias) is added to every score. A checkpoint
@@ -616,6 +620,10 @@ class OnlineConfig(RunConfig):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
         if not self.reward_model and not self.reward_fn:
             raise ConfigError("--reward-model is required (or --reward-fn file.py:name, or both)")
+        if self.reference and self.lora_r > 0:
+            raise ConfigError("--reference cannot be used with --lora-r: with LoRA the reference "
+                              "is the policy's own base model. Merge the adapters into --policy "
+                              "first, or train all weights (--lora-r 0)")
         if self.reward_weights and len(self.reward_weights) != len(self.reward_fn or []):
             raise ConfigError(f"--reward-weights gives {len(self.reward_weights)} weight(s) for "
                               f"{len(self.reward_fn or [])} --reward-fn function(s)")
@@ -981,3 +989,91 @@ class LabelConfig:
             raise ConfigError("--output must not be --input: labels are appended to their own file")
         if not 0 <= self.port <= 65535:
             raise ConfigError("--port must be in 0..65535")
+
+
+@dataclass(frozen=True)
+class IterateConfig(RunConfig):
+    """Iterated RLHF: rounds of (1) sampling comparisons from the current policy, (2) labelling
+    them, (3) retraining the reward model on every label so far, (4) PPO from the current policy
+    with the reference kept at --reference. Every round's samples, labels, RM and policy are kept
+    under output_dir/round-N/; a rerun (or --resume) continues mid-round."""
+
+    policy: str = ""
+    """The policy round 1 samples and starts PPO from (later rounds: the previous round's PPO
+    output). Required."""
+    reference: Optional[str] = None
+    """The frozen reference of every round's KL penalty, and the model each round's reward model
+    is trained from: the SFT model (default: --policy)."""
+    prompts: str = ""
+    """Prompts ('prompt' column): each round samples its comparisons from them, and PPO trains on
+    them. Required."""
+    labels: Optional[list[str]] = None
+    """Preference labels gathered before round 1 (any format tether rm reads); every round's RM is
+    trained on them plus every round's new labels."""
+    reward_model: Optional[str] = None
+    """The reward model before round 1, if there is one: its accuracy on round 1's new labels is
+    reported beside the retrained RM's."""
+    rounds: int = 2
+    """Rounds to run."""
+    prompts_per_round: int = 256
+    """Prompts whose responses are compared in each round (different prompts every round)."""
+    k: int = 2
+    """Responses sampled per prompt for a comparison (2 = pairs; more = K-wise rankings)."""
+    heldout_fraction: float = 0.2
+    """Share of each round's new labels kept out of the RM's training, to measure the RM before
+    and after the retraining on the policy's own samples."""
+    labeler: Literal["world", "human", "judge"] = "world"
+    """Who labels the comparisons: world (the built-in world's noisy rater), human (the run writes
+    round-N/candidates.jsonl and stops; label them with tether label --output
+    round-N/labels.jsonl and rerun), or judge (an LM judge, --judge, as in tether judge)."""
+    judge: str = ""
+    """The judge LM directory for --labeler judge."""
+    gold_judge: Optional[Literal["world"]] = None
+    """world: also measure the RM's accuracy against the world's gold scores, and log gold in PPO."""
+    rm_steps: int = 300
+    """Optimizer steps of each round's reward model."""
+    rm_lr: float = 1e-3
+    """Learning rate of each round's reward model."""
+    rm_batch_size: int = 16
+    """Prompts per RM step (all of a prompt's responses go into one forward)."""
+    max_length: int = 128
+    """Longest prompt + response in tokens for the reward model."""
+    ppo_steps: int = 40
+    """PPO iterations per round."""
+    ppo_batch_size: int = 64
+    """Rollouts per PPO iteration."""
+    ppo_lr: float = 1e-4
+    """PPO's policy learning rate."""
+    kl_coef: float = 0.1
+    """beta, PPO's KL coefficient (to --reference)."""
+    critic: Literal["separate", "head"] = "head"
+    """PPO's critic (see tether ppo --help)."""
+    value_lr: float = 1e-2
+    """PPO's critic learning rate."""
+    vf_coef: float = 1.0
+    """PPO's value-loss weight."""
+    response_length: int = 48
+    """Most tokens per sampled response, for the comparisons and for PPO."""
+    temperature: float = 0.7
+    """Sampling temperature of the comparisons and of PPO."""
+    progress: bool = True
+    """Progress bars."""
+    tensorboard: bool = True
+    """TensorBoard logs for the RM and PPO runs."""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("policy", "prompts"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name.replace('_', '-')} is required")
+        _positive(self, "rounds", "prompts_per_round", "rm_steps", "rm_batch_size", "max_length",
+                  "ppo_steps", "ppo_batch_size", "response_length")
+        if self.k < 2:
+            raise ConfigError(f"--k must be at least 2 (a comparison needs two responses), got {self.k}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ConfigError(f"--heldout-fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.labeler == "judge" and not self.judge:
+            raise ConfigError("--labeler judge needs --judge MODEL_DIR")
+        for name in ("rm_lr", "ppo_lr", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0")

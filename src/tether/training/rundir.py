@@ -41,6 +41,7 @@ RESUMABLE = {
     "value_lr": "the critic's new peak learning rate, as --lr",
     "save_every": "checkpoint frequency",
     "keep_checkpoints": "how many checkpoints are kept",
+    "rounds": "tether iterate runs the rounds it has not run yet",
     "log_every": "logging",
     "progress": "logging",
     "tensorboard": "logging",
@@ -56,7 +57,7 @@ _created: list[Path] = []  # directories this process created, for abandon_faile
 
 
 def _is_input(name: str) -> bool:
-    return name in ("model", "policy", "data", "prompts", "input") or \
+    return name in ("model", "policy", "reference", "data", "prompts", "input") or \
         name.endswith(("_model", "_data", "_prompts"))
 
 

@@ -103,14 +103,20 @@ def freeze(model: Any) -> Any:
 
 
 def load_policy_and_reference(cfg: OnlineConfig, dtype: torch.dtype) -> tuple[Any, Reference]:
-    """The trainable policy, and pi_ref: a frozen second copy, or with LoRA the policy's own base
-    with adapters disabled (no second copy)."""
+    """The trainable policy, and pi_ref: a frozen copy of --reference (default: of the policy as
+    loaded), or with LoRA the policy's own base with adapters disabled (no second copy)."""
     lm = load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code, cfg.gradient_checkpointing)
     disable_dropout(lm)
     if cfg.lora_r > 0:
         lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.lora_target_modules)
         return lm, Reference(lm, adapters_off=True)
-    return lm, Reference(freeze(load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code)))
+    ref = freeze(load_causal_lm(cfg.reference or cfg.policy, dtype, cfg.trust_remote_code))
+    if cfg.reference and ref.get_output_embeddings().weight.shape != lm.get_output_embeddings().weight.shape:
+        raise ConfigError(f"--reference {cfg.reference} does not share the policy's vocabulary and "
+                          f"width (LM head {tuple(ref.get_output_embeddings().weight.shape)} against "
+                          f"{tuple(lm.get_output_embeddings().weight.shape)}); the KL compares their "
+                          "token probabilities, so give a reference of the same model family")
+    return lm, Reference(ref)
 
 
 def load_reward_side(cfg: OnlineConfig, tokenizer: Any, dtype: torch.dtype,
