@@ -51,6 +51,8 @@ STAGES: dict[str, Stage] = {
                   "Win rate of policy A vs B (gold judge or RM, 95% CI), KL to a reference, length, distinct-n."),
     "label": Stage("tether.config:LabelConfig", "tether.recipes.label:run",
                    "A local web page to rank responses (preference labels) or compare two policies."),
+    "judge": Stage("tether.config:JudgeConfig", "tether.recipes.judge:run",
+                   "Label comparisons with an LM judge, a reward model or a function (RLAIF)."),
     "iterate": Stage("tether.config:IterateConfig", "tether.recipes.iterate:run",
                      "Iterated RLHF: rounds of sampling, labelling, RM retraining and PPO."),
     "report": Stage("tether.report.html:ReportConfig", "tether.report.html:run",

@@ -992,6 +992,106 @@ class LabelConfig:
 
 
 @dataclass(frozen=True)
+class JudgeConfig:
+    """Label preference data with a judge instead of a person (RLAIF): a causal LM asked which of
+    two responses is better (both orders, so the side a response is shown on cannot decide), a
+    reward model, or a Python function. Labels are appended to --output in the format tether rm
+    and tether dpo read; what the judge is unsure of goes to --unsure for people (tether label).
+    A rerun resumes: items this judge already labelled are skipped."""
+
+    input: str = ""
+    """Candidates, JSONL: {prompt, responses: [K]}, {prompt, chosen, rejected} (the order is not
+    trusted; it is only compared with the judge's), or {prompt, a, b}. A label file (tether label's
+    output) works too, and its labels give the agreement figure. Required."""
+    output: str = ""
+    """The label file to append to (JSON lines that tether rm and tether dpo read as they are).
+    Required."""
+    judge: str = ""
+    """A causal LM directory (or hub id) to ask which response is better. Give exactly one of
+    --judge, --reward-model and --reward-fn."""
+    reward_model: str = ""
+    """A reward model directory (tether's or any SequenceClassification RM): p(x better than y)
+    = sigmoid(score x - score y)."""
+    reward_fn: str = ""
+    """A Python function as path/to/file.py:name, with tether grpo's signature: fn(prompts,
+    completions) -> list of float or None (no other columns are passed). The higher score wins;
+    equal scores tie; None leaves the item to people."""
+    template: str = ""
+    """--judge only: a text file with the judge's prompt, holding {prompt}, {response_a} and
+    {response_b}; the answer token is read right after its last character (newlines at the end
+    of the file are dropped). Default: a built-in template ending in 'Better response:'."""
+    answer_tokens: str = "A,B"
+    """--judge only: the two answers, for the first and the second response shown, each a single
+    token of the judge's tokenizer (with or without a leading space)."""
+    min_confidence: float = 0.0
+    """Labels with a confidence (|2p - 1|, from 0 to 1) below this, and ties, go to --unsure
+    instead of --output."""
+    unsure: str = ""
+    """Where items left for people go, as {prompt, responses} candidates that tether label
+    reads (default: --output with .jsonl replaced by .unsure.jsonl)."""
+    rater: str = ""
+    """The name kept in every label (default: judge:<model dir>, rm:<model dir> or
+    fn:<file.py:name>). Resuming skips the items labelled under this name."""
+    batch_size: int = 16
+    """Items judged per chunk (labels are appended after each chunk), and sequences per forward
+    pass."""
+    max_length: int = 0
+    """Longest input in tokens. --judge: an item whose prompt for the judge is longer is left to
+    people (0 = the model's own limit, when its config states one). --reward-model: longer
+    responses are cut as in training (0 = no cut)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype. auto is bfloat16 on a GPU that supports it, float32 otherwise."""
+    trust_remote_code: bool = False
+    """Allow model code from the model's own repository."""
+    progress: bool = True
+    """Show a progress bar over the items."""
+
+    @property
+    def answers(self) -> tuple[str, str]:
+        """The two answers of --answer-tokens, without surrounding spaces."""
+        a, b = (s.strip() for s in self.answer_tokens.split(","))
+        return a, b
+
+    @property
+    def unsure_path(self) -> str:
+        """--unsure, or its default beside --output."""
+        if self.unsure:
+            return self.unsure
+        path = Path(self.output)
+        if path.suffix == ".jsonl":
+            return str(path.with_suffix(".unsure.jsonl"))
+        return str(path) + ".unsure.jsonl"
+
+    def validate(self) -> None:
+        for name in ("input", "output"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        given = [f"--{name.replace('_', '-')}" for name in ("judge", "reward_model", "reward_fn")
+                 if getattr(self, name)]
+        if len(given) != 1:
+            raise ConfigError("give exactly one labeler: --judge (a causal LM), --reward-model or "
+                              f"--reward-fn; got {', '.join(given) if given else 'none'}")
+        if self.template and not self.judge:
+            raise ConfigError("--template is the LM judge's prompt; it needs --judge")
+        parts = self.answer_tokens.split(",")
+        if len(parts) != 2 or not all(p.strip() for p in parts) or parts[0].strip() == parts[1].strip():
+            raise ConfigError(f"--answer-tokens must be two different answers separated by a comma "
+                              f"(e.g. A,B); got {self.answer_tokens!r}")
+        if not 0 <= self.min_confidence <= 1:
+            raise ConfigError(f"--min-confidence must be in [0, 1], got {self.min_confidence}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"--batch-size must be > 0, got {self.batch_size}")
+        if self.max_length < 0:
+            raise ConfigError(f"--max-length must be >= 0 (0 = the model's limit), got {self.max_length}")
+        paths = {"--input": self.input, "--output": self.output, "--unsure": self.unsure_path}
+        resolved = {flag: Path(p).resolve() for flag, p in paths.items()}
+        for x, y in (("--input", "--output"), ("--input", "--unsure"), ("--output", "--unsure")):
+            if resolved[x] == resolved[y]:
+                raise ConfigError(f"{y} must not be {x} ({paths[x]}): labels and items left for "
+                                  "people are appended to files of their own")
+
+
+@dataclass(frozen=True)
 class IterateConfig(RunConfig):
     """Iterated RLHF: rounds of (1) sampling comparisons from the current policy, (2) labelling
     them, (3) retraining the reward model on every label so far, (4) PPO from the current policy

@@ -108,3 +108,12 @@ def test_reference_must_share_the_vocabulary_and_not_come_with_lora(tiny_models,
     assert main(base + ["--output-dir", str(tmp_path / "b"), "--reference", str(tiny_models["llama"]),
                         "--lora-r", "4"]) == 2
     assert "--reference cannot be used with --lora-r" in capsys.readouterr().err
+
+
+def test_an_lm_judge_labels_a_round(tiny_models, world_prompts, tmp_path):
+    out = tmp_path / "iter"
+    assert main(_args(tiny_models["llama"], world_prompts, out, "--labeler", "judge", "--judge",
+                      str(tiny_models["gpt2"]), "--rounds", "1", "--k", "2")) == 0
+    records = LabelFile(out / "round-1" / "labels.jsonl").read()
+    assert records and all(r["rater"] == "judge:gpt2" and 0.0 <= r["confidence"] <= 1.0 for r in records)
+    assert (out / "round-1" / "ppo" / "model.safetensors").exists()

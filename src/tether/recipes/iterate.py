@@ -118,10 +118,21 @@ def _dense(ranks: Sequence[int]) -> list[int]:
 
 
 def judge_labels(cfg: IterateConfig, items: Sequence[Item]) -> list[dict]:
-    from tether.feedback.judge import lm_judge_records
+    """An LM judge's labels (tether judge's, both orders of every pair averaged); the items it
+    could not judge (too long for it) are left out and counted."""
+    from tether.config import JudgeConfig
+    from tether.feedback.judge import Verdict, model_rater
+    from tether.recipes.judge import make_judge
 
-    return lm_judge_records(cfg.judge, items, trust_remote_code=cfg.trust_remote_code,
-                            progress=cfg.progress)
+    rater = model_rater("judge", cfg.judge)
+    judge = make_judge(JudgeConfig(judge=cfg.judge, trust_remote_code=cfg.trust_remote_code), rater)
+    outcomes = judge(items)
+    records = [make_record(item, o.ranks, rater, o.decision, confidence=o.confidence)
+               for item, o in zip(items, outcomes) if isinstance(o, Verdict)]
+    if len(records) < len(items):
+        log.warning("iterate: the judge could not label %d of %d comparisons (too long for it)",
+                    len(items) - len(records), len(items))
+    return records
 
 
 def label_round(cfg: IterateConfig, rdir: Path, seed: int) -> bool:
