@@ -52,6 +52,11 @@ class DemoConfig(RunConfig):
     beta0_lr: float = 3e-4
     """The beta = 0 run's policy learning rate. It is 3x the default run's (1e-4), so that the
     proxy is chased hard enough, within its 25 iterations, to show over-optimisation."""
+    rounds: int = 1
+    """Rounds of iterated RLHF. With 2 (or more), after the pipeline above (round 1) each further
+    round samples the last policy, has the world's rater rank the samples, retrains the RM on
+    every label so far, runs PPO from the last policy (tether iterate), and repeats the beta = 0
+    stress test against the new RM. Adds a few minutes per round."""
 
 
 @dataclass(frozen=True)
@@ -76,16 +81,19 @@ class Sizes:
     quiz_eval: int
     quiz_sft_steps: int
     grpo_steps: int
+    iterate_prompts: int  # prompts whose samples a later round of iterated RLHF ranks
 
 
 FULL = Sizes(corpus=20000, pretrain_steps=400, sft=12000, sft_steps=1200, pair_prompts=3000,
              pair_eval_prompts=1000, rm_steps=300, ppo_steps=40, ppo_beta0_steps=25, ppo_batch=64, dpo_steps=100,
              eval_prompts=200, bon_n=8, batch=32, response_length=48, quiz_demos=3000,
-             quiz_questions=2000, quiz_eval=200, quiz_sft_steps=400, grpo_steps=120)
+             quiz_questions=2000, quiz_eval=200, quiz_sft_steps=400, grpo_steps=120,
+             iterate_prompts=1000)
 QUICK = Sizes(corpus=600, pretrain_steps=20, sft=200, sft_steps=8, pair_prompts=64,
               pair_eval_prompts=32, rm_steps=6, ppo_steps=3, ppo_beta0_steps=3, ppo_batch=8, dpo_steps=4,
               eval_prompts=16, bon_n=2, batch=8, response_length=16, quiz_demos=64,
-              quiz_questions=64, quiz_eval=16, quiz_sft_steps=4, grpo_steps=2)
+              quiz_questions=64, quiz_eval=16, quiz_sft_steps=4, grpo_steps=2,
+              iterate_prompts=24)
 
 
 class Timer:
@@ -240,6 +248,8 @@ def run(cfg: DemoConfig) -> dict:
             reward_fn=["tether.world.quiz_reward:exact_match"], output_dir=str(d[name]),
             num_generations=8, batch_size=16, response_length=12, temperature=cfg.temperature,
             lr=5e-4, max_steps=sizes.grpo_steps, resume=resume(name), **common)))
+    # 9b. more rounds: the RM retrained on the last policy's samples, PPO from that policy
+    last_round = _more_rounds(cfg, d, root, sizes, timer, resume, common) if cfg.rounds > 1 else None
     # 10. gold-judged evaluation of every policy against SFT
     t0 = time.perf_counter()
     results = {}
@@ -254,6 +264,8 @@ def run(cfg: DemoConfig) -> dict:
         print(f"\n== {name} vs sft ==")
         print_table(result)
         results[name] = result
+    if last_round is not None:
+        results.update(_evaluate_rounds(cfg, d, last_round, sizes))
     quiz_results = {name: quiz_exact_match(d[name], d["quiz"] / "quiz_eval.jsonl", cfg.temperature, seed + 1)
                     for name in ("sft_quiz", "grpo", "rloo")}
     atomic_write_json(d["eval"] / "quiz_exact_match.json", quiz_results)
@@ -263,12 +275,92 @@ def run(cfg: DemoConfig) -> dict:
     summary.update({f"quiz_exact_match_{'sft' if n == 'sft_quiz' else n}": quiz_results[n] for n in quiz_results})
     summary["kl_grpo"] = _last_metrics(d["grpo"]).get("objective/kl")
     summary["kl_rloo"] = _last_metrics(d["rloo"]).get("objective/kl")
+    if last_round is not None:
+        summary["iterated"] = _rounds_summary(d, results, summary)
     atomic_write_json(root / "summary.json", summary)
     from tether.report.html import ReportConfig, build_report
 
     build_report(ReportConfig(run_dir=str(root)))
     _print_summary(summary)
     return summary
+
+
+def _more_rounds(cfg: DemoConfig, d: dict, root: Path, sizes: Sizes, timer: Timer,
+                 resume: Callable[[str], bool], common: dict) -> Path:
+    """Rounds 2.. of iterated RLHF (tether iterate, starting from the default-beta PPO policy,
+    the RM retrained from SFT on the rankings plus each round's new labels), then the beta = 0
+    stress test against the last round's RM. Returns the last round's directory."""
+    from tether.config import IterateConfig
+    from tether.recipes import iterate
+    from tether.recipes.online import loop as ppo
+
+    d["iterate"], d["ppo_beta0_last"] = root / "iterate", root / f"ppo_beta0_round{cfg.rounds}"
+    timer.run("iterate", d["iterate"], lambda: iterate.run(IterateConfig(
+        output_dir=str(d["iterate"]), policy=str(d["ppo"]), reference=str(d["sft"]),
+        prompts=str(d["world"] / "prompts.jsonl"), labels=[str(d["pairs"] / "rankings.jsonl")],
+        reward_model=str(d["rm"]), rounds=cfg.rounds - 1, prompts_per_round=sizes.iterate_prompts,
+        k=RANK_K, labeler="world", gold_judge="world", rm_steps=sizes.rm_steps, rm_lr=1e-3,
+        rm_batch_size=max(1, sizes.batch // 2), max_length=128, ppo_steps=sizes.ppo_steps,
+        ppo_batch_size=sizes.ppo_batch, ppo_lr=PPO_LR, kl_coef=cfg.kl_coef, critic="head",
+        value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, response_length=sizes.response_length,
+        temperature=cfg.temperature, seed=cfg.seed, resume=d["iterate"].exists(), progress=True,
+        tensorboard=True)))
+    last = d["iterate"] / f"round-{cfg.rounds - 1}"
+    name = "ppo_beta0_last"
+    timer.run(f"ppo_beta0_round{cfg.rounds}", d[name], lambda: ppo.run(PPOConfig(
+        policy=str(d["sft"]), reward_model=str(last / "rm"), prompts=str(d["world"] / "prompts.jsonl"),
+        output_dir=str(d[name]), max_steps=sizes.ppo_beta0_steps, batch_size=sizes.ppo_batch,
+        response_length=sizes.response_length, temperature=cfg.temperature, lr=cfg.beta0_lr, kl_coef=0.0,
+        value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, critic="head", gold_judge="world",
+        resume=resume(name), **common)), note=BETA0_NOTE)
+    return last
+
+
+def _evaluate_rounds(cfg: DemoConfig, d: dict, last: Path, sizes: Sizes) -> dict:
+    """Gold-judged: the last round's policy against SFT and against round 1's policy, and the
+    beta = 0 run against the last round's RM, against SFT."""
+    from tether.recipes.evaluate import evaluate, print_table
+
+    out = {}
+    for name, a, b in (("round_last", last / "ppo", d["sft"]), ("round_last_vs_round1", last / "ppo", d["ppo"]),
+                       ("ppo_beta0_last", d["ppo_beta0_last"], d["sft"])):
+        result = evaluate(EvalConfig(
+            policy_a=str(a), policy_b=str(b), prompts=str(d["world"] / "prompts_eval.jsonl"), judge="world",
+            reference=str(d["sft"]), max_prompts=sizes.eval_prompts, output=str(d["eval"] / f"{name}.json"),
+            response_length=sizes.response_length, temperature=cfg.temperature, seed=cfg.seed + 1))
+        atomic_write_json(d["eval"] / f"{name}.json", result)
+        print(f"\n== {name} ==")
+        print_table(result)
+        out[name] = result
+    return out
+
+
+def _rounds_summary(d: dict, results: dict, summary: dict) -> dict:
+    """The iterated-RLHF figures: the RM on the last policy's samples before and after its
+    retraining, the new round's gold against round 1's, and the beta = 0 stress test's gold
+    loss (SFT gold minus the run's gold) against the first RM and against the last."""
+    rounds = json.loads((d["iterate"] / "iterate.json").read_text())["rounds"]
+    last = rounds[-1]
+    gold_sft = summary["gold_sft"]
+    loss_first = gold_sft - summary["gold_ppo_beta0"]
+    loss_last = gold_sft - results["ppo_beta0_last"]["score_a_mean"]
+    return {
+        "rounds": 1 + len(rounds),
+        "rm_accuracy_on_new_samples_before": last.get("rm_accuracy_before"),
+        "rm_accuracy_on_new_samples_after": last.get("rm_accuracy_after"),
+        "rm_accuracy_gold_on_new_samples_before": last.get("rm_accuracy_gold_before"),
+        "rm_accuracy_gold_on_new_samples_after": last.get("rm_accuracy_gold_after"),
+        "rm_heldout_pairs_from_new_samples": last.get("rm_heldout_rows"),
+        "gold_round1": summary["gold_ppo"],
+        "gold_last_round": results["round_last"]["score_a_mean"],
+        "win_rate_last_round_vs_round1": results["round_last_vs_round1"]["win_rate"],
+        "kl_last_round": results["round_last"].get("kl_a_to_reference"),
+        "gold_ppo_beta0_first_rm": summary["gold_ppo_beta0"],
+        "gold_ppo_beta0_last_rm": results["ppo_beta0_last"]["score_a_mean"],
+        "beta0_gold_loss_first_rm": loss_first,
+        "beta0_gold_loss_last_rm": loss_last,
+        "beta0_gold_loss_ratio": loss_last / loss_first if loss_first else None,
+    }
 
 
 def _export(out: Path, sizes: Sizes, seed: int) -> None:
@@ -358,4 +450,8 @@ def _print_summary(summary: dict) -> None:
             print(f"  {key:<28} {value:.4g}")
         elif isinstance(value, (int, str)) or value is None:
             print(f"  {key:<28} {value}")
+    if "iterated" in summary:
+        print("  iterated RLHF:")
+        for key, value in summary["iterated"].items():
+            print(f"    {key:<40} {value:.4g}" if isinstance(value, float) else f"    {key:<40} {value}")
     print("  stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))

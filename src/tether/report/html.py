@@ -113,6 +113,12 @@ def build_report(cfg: ReportConfig) -> Path:
             f"<style>{_CSS}</style></head><body><h1>tether report</h1><p>{html.escape(str(root.resolve()))}</p>"]
     if scalars:
         page.append("<h2>Summary</h2>" + _table(scalars))
+    iterated = summary.get("iterated")
+    if isinstance(iterated, dict):
+        page.append("<h2>Iterated RLHF</h2><p>The RM retrained on the last policy's own samples, and "
+                    "the beta = 0 stress test against the first RM and against the retrained one "
+                    "(gold loss: SFT gold minus the run's gold).</p>"
+                    + _table([(k, v) for k, v in iterated.items() if isinstance(v, (int, float, str))]))
     page.append("<h2>Plots</h2>" + "".join(_img(p, alt) for p, alt in figures))
     samples = _samples(root / "eval")
     if samples:
