@@ -17,7 +17,7 @@ SUMMARY_KEYS = ("rm_accuracy_gold", "rm_accuracy_labels", "win_rate_ppo_vs_sft",
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--quick", "--output-dir", str(out)]) == 0
+    assert main(["demo", "--quick", "--rounds", "2", "--output-dir", str(out)]) == 0
     return out
 
 
@@ -32,6 +32,30 @@ def test_quick_demo_writes_every_summary_figure(demo_dir):
     for stage in ("base", "sft", "rm", "ppo", "ppo_beta0", "dpo", "sft_quiz", "grpo", "rloo"):
         assert json.loads((demo_dir / stage / "tether_run.json").read_text())["complete"] is True
     assert (demo_dir / "bon" / "bon.jsonl").exists()
+
+
+def test_a_second_round_retrains_the_rm_on_the_round1_policy_and_repeats_the_stress_test(demo_dir):
+    import yaml
+
+    iterated = json.loads((demo_dir / "summary.json").read_text())["iterated"]
+    assert iterated["rounds"] == 2
+    for key in ("rm_accuracy_on_new_samples_before", "rm_accuracy_on_new_samples_after",
+                "rm_accuracy_gold_on_new_samples_before", "rm_accuracy_gold_on_new_samples_after",
+                "win_rate_last_round_vs_round1"):
+        assert 0.0 <= iterated[key] <= 1.0, key
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    assert iterated["beta0_gold_loss_first_rm"] == pytest.approx(summary["gold_sft"] - summary["gold_ppo_beta0"])
+    assert iterated["gold_round1"] == summary["gold_ppo"]
+    round_dir = demo_dir / "iterate" / "round-1"
+    ppo = yaml.safe_load((round_dir / "ppo" / "config.yaml").read_text())
+    assert ppo["policy"] == str(demo_dir / "ppo") and ppo["reference"] == str(demo_dir / "sft")
+    stress = yaml.safe_load((demo_dir / "ppo_beta0_round2" / "config.yaml").read_text())
+    assert stress["reward_model"] == str(round_dir / "rm") and stress["kl_coef"] == 0.0
+    # the new RM was trained on the first rankings and the round-1 policy's ranked samples
+    rankings = (demo_dir / "pairs" / "rankings.jsonl").read_text().splitlines()
+    trained = (round_dir / "rm_data.jsonl").read_text().splitlines()
+    assert len(trained) > len(rankings)
+    assert "Iterated RLHF" in (demo_dir / "report.html").read_text()
 
 
 def test_demo_ranks_sft_samples_and_tests_on_labelled_pairs_that_keep_gold(demo_dir):
