@@ -172,9 +172,13 @@ def _json(obj: dict) -> Response:
 
 def serve(app: LabelApp, host: str = "127.0.0.1", port: int = 0):
     """A threaded server for `app`, not yet started: call `.serve_forever()` (and `.shutdown()`).
-    Its address is `server.server_address`; the app accepts only that Host."""
+    Its address is `server.server_address`. On a loopback address the app answers only requests
+    for that Host (no DNS rebinding); on any other it was exposed on purpose and says so."""
     server = make_server(host, port, app, threaded=True)
     bound = server.server_address[1]
-    names = {host, "localhost", "127.0.0.1", "[::1]"} if host in ("127.0.0.1", "localhost", "::1") else {host}
-    app.allowed_hosts = {f"{n}:{bound}" for n in names} | set(app.allowed_hosts)
+    if host in ("127.0.0.1", "localhost", "::1"):  # a page for this machine only
+        app.allowed_hosts = {f"{n}:{bound}" for n in ("localhost", "127.0.0.1", "[::1]")} | set(app.allowed_hosts)
+    else:  # exposed on purpose (--host): raters reach it under names we cannot know
+        log.warning("tether label listens on %s: anyone who can reach this machine can read the "
+                    "items and add labels", host)
     return server
