@@ -144,7 +144,7 @@ def label_round(cfg: IterateConfig, rdir: Path, seed: int) -> bool:
         done = {r["item"] for r in labels.read()}  # a skip is a person's decision too
         missing = [it for it in items if it.key not in done]
         if missing:
-            print(f"tether iterate: round {rdir.name}: {len(missing)} of {len(items)} comparisons "
+            print(f"tether iterate: {rdir.name}: {len(missing)} of {len(items)} comparisons "
                   f"await a person. Label them with\n  tether label --input {rdir / 'candidates.jsonl'} "
                   f"--output {rdir / 'labels.jsonl'}\nthen rerun this command with --resume.", flush=True)
             return False
