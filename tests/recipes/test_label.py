@@ -344,3 +344,14 @@ def test_two_raters_then_the_evaluation_figures_on_the_page(browser, page_server
     assert "win rate of a\t100.0%" in text and "6 / 0 / 0" in text
     assert "inter-rater agreement\t100.0%" in text
     assert agreement(LabelFile(out).read())["items_labelled_twice"] == 3
+
+
+def test_agreement_with_the_order_the_input_gave(tmp_path):
+    items = read_items(str(pairs_file(tmp_path / "in.jsonl", n=4)))  # chosen over rejected
+    records = [make_record(items[0], [0, 1], "ann", "chose"),  # agrees
+               make_record(items[1], [1, 0], "ann", "chose"),  # disagrees
+               make_record(items[2], [0, 0], "ann", "tie"),  # a tie is not the given order
+               make_record(items[3], [0, 0], "ann", "skip")]  # a skip is left out
+    from tether.feedback.labels import agreement_with_given
+
+    assert agreement_with_given(items, records) == {"comparisons": 3, "agreement": 1 / 3}
