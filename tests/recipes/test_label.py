@@ -41,9 +41,11 @@ def test_items_read_every_input_format_and_key_ignores_order(tmp_path):
         {"prompt": "q", "responses": ["1", "2", "3"], "ranks": [2, 0, 1]},
         {"prompt": "r", "a": "from a", "b": "from b"},
         {"prompt": "s", "chosen": "same", "rejected": "same"},  # nothing to compare
+        {"prompt": "t", "response_a": "one", "response_b": "two"},
     ])
     items = read_items(str(src))
-    assert [it.prompt for it in items] == ["p", "q", "r"]
+    assert [it.prompt for it in items] == ["p", "q", "r", "t"]
+    assert items[3].responses == ("one", "two") and items[3].given is None
     assert items[0].given == (0, 1) and items[1].given == (2, 0, 1) and items[2].given is None
     assert items[2].sources == ("a", "b")
     assert item_key("p", ["x", "y"]) == item_key("p", ["y", "x"]) == items[0].key

@@ -7,6 +7,7 @@
                                                  shown in random order and relabelled
     {"prompt", "a", "b"}                         two policies side by side (tether eval's JSON,
                                                  whose "samples" list has these keys)
+    {"prompt", "response_a", "response_b"}       an unlabelled pair, as arena-style data gives it
 
 Every format becomes an `Item`. Its key hashes the prompt and the set of responses, so the same
 comparison has the same key whatever order the file gave it in, and labels find their item again
@@ -77,8 +78,11 @@ def _parse(raw: dict, where: str) -> tuple[list[str], tuple[str, ...], Optional[
                 (), (0, 1))
     if raw.get("a") is not None or raw.get("b") is not None:
         return [_text(raw.get("a"), "a", where), _text(raw.get("b"), "b", where)], ("a", "b"), None
+    if raw.get("response_a") is not None or raw.get("response_b") is not None:  # arena-style pairs
+        return ([_text(raw.get("response_a"), "response_a", where),
+                 _text(raw.get("response_b"), "response_b", where)], (), None)
     raise DataError(f"{where}: no responses to compare; give 'responses' (a list), 'chosen' and "
-                    "'rejected', or 'a' and 'b' beside 'prompt'")
+                    "'rejected', 'a' and 'b', or 'response_a' and 'response_b' beside 'prompt'")
 
 
 def _rows(source: str) -> list[dict]:
