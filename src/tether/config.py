@@ -94,6 +94,12 @@ class TrainConfig(RunConfig):
     The count is logged either way."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype. auto is bfloat16 on a GPU that supports it, float32 otherwise."""
+    fsdp: bool = False
+    """Shard the parameters, gradients and optimizer state over the processes of the launch with
+    torch FSDP2 (fully_shard per decoder layer and the root) instead of replicating them (DDP).
+    Launch with `accelerate launch --multi_gpu --num_processes N` (N >= 2, CPUs included).
+    Checkpoints hold each process's shards; resume with the same N. The final model is one plain
+    Hugging Face directory. SFT only for now; not with --lora-r."""
     lora_r: int = 0
     """LoRA rank; 0 means a full fine-tune."""
     lora_alpha: int = 16
@@ -139,6 +145,10 @@ class TrainConfig(RunConfig):
             raise ConfigError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
         if self.lora_r < 0:
             raise ConfigError(f"--lora-r must be >= 0, got {self.lora_r}")
+        if self.fsdp and self.lora_r > 0:
+            raise ConfigError("--fsdp cannot be combined with --lora-r: LoRA's adapters are small, "
+                              "so train them replicated (drop --fsdp; accelerate launch --multi_gpu "
+                              "gives DDP), or train all weights sharded (--lora-r 0)")
         _non_negative(self, "weight_decay", "max_grad_norm")
         if self.adam_eps <= 0:
             raise ConfigError(f"--adam-eps must be > 0, got {self.adam_eps}")
@@ -456,6 +466,9 @@ class RMConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.fsdp:
+            raise ConfigError("--fsdp runs tether sft only for now; train the rm stage with DDP "
+                              "(accelerate launch --multi_gpu --num_processes N, without --fsdp)")
         _positive(self, "calibration_size")
 
 
@@ -855,6 +868,9 @@ class DPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.fsdp:
+            raise ConfigError("--fsdp runs tether sft only for now; train the dpo stage with DDP "
+                              "(accelerate launch --multi_gpu --num_processes N, without --fsdp)")
         if self.beta <= 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
 

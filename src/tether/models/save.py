@@ -18,17 +18,28 @@ COMPLETE_MARKER = "tether_run.json"
 
 
 def save_model(model: Any, tokenizer: Any, output_dir: str | Path, merge_lora: bool = True,
-               config_updates: Optional[dict] = None) -> Path:
+               config_updates: Optional[dict] = None, state_dict: Optional[dict] = None) -> Path:
     """Write weights (safetensors), config and tokenizer into `output_dir`.
 
     A peft model is merged into full weights first when `merge_lora` (otherwise the adapter is
     saved). `config_updates` are set on `model.config` before saving (e.g. a reward bias).
-    Weights that are not finite are refused before anything is written.
+    Weights that are not finite are refused before anything is written. `state_dict`: the
+    weights to write instead of the model's own (an --fsdp model's, gathered).
     """
     from tether.training.checkpoint import require_finite_weights
 
     out = Path(output_dir)
-    require_finite_weights(model, f"the model into {out}", out)
+    if state_dict is None:
+        require_finite_weights(model, f"the model into {out}", out)
+    else:  # a sharded model's gathered weights (training/fsdp.py: full_state_dict)
+        import torch
+
+        bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            from tether.errors import TrainingError
+
+            raise TrainingError(f"not writing the model into {out}: {len(bad)} tensor(s) hold NaN or inf "
+                                f"(e.g. {bad[0]}). Lower --lr and rerun with --resume.")
     tmp = out / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     if hasattr(model, "peft_config") and merge_lora:
@@ -37,7 +48,8 @@ def save_model(model: Any, tokenizer: Any, output_dir: str | Path, merge_lora: b
         setattr(model.config, key, value)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = True  # what inference users expect from a saved model
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True,
+                          **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(tmp)
     move_files_into(tmp, out)
     return out

@@ -2,8 +2,8 @@
 
 A checkpoint is written into a hidden temp directory and renamed into place only when complete,
 so a crash or Ctrl-C mid-write leaves the previous checkpoint intact and no partial one visible.
-Model, optimizer and RNG states are written by `accelerate` (so DDP/FSDP/DeepSpeed shard them
-their own way); tether adds `trainer_state.json` with the step, data position, the LR
+Model, optimizer and RNG states are written by `accelerate`, or under --fsdp by each process
+for its own shards (training/fsdp.py); tether adds `trainer_state.json` with the step, data position, the LR
 schedulers' state and any recipe state (KL controller, best eval loss, ...).
 
 Nothing in a checkpoint can run code when it is loaded: the weights are safetensors, the
@@ -75,9 +75,12 @@ def _quiet_tied_weights():
 
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict,
-                    keep: int = 2, schedulers: Sequence[Any] = (), models: Sequence[Any] = ()) -> Path:
+                    keep: int = 2, schedulers: Sequence[Any] = (), models: Sequence[Any] = (),
+                    shards: Optional[tuple[Any, list[Any]]] = None) -> Path:
     """Save everything needed to resume at `step`. All processes must call this. `models`:
-    the trained modules, refused if any weight is not finite (nothing is written then)."""
+    the trained modules, refused if any weight is not finite (nothing is written then).
+    `shards`: (model, optimizers) of an --fsdp run, whose states each process writes itself
+    (training/fsdp.py) instead of accelerate."""
     for model in models:
         require_finite_weights(model, f"the checkpoint at step {step}", output_dir)
     root = checkpoint_root(output_dir)
@@ -88,8 +91,13 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        with _quiet_tied_weights():
-            accelerator.save_state(str(tmp), safe_serialization=True)
+        if shards is not None:
+            from tether.training.fsdp import save_shards
+
+            save_shards(tmp, shards[0], shards[1], accelerator.process_index, accelerator.num_processes)
+        else:
+            with _quiet_tied_weights():
+                accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             atomic_write_json(tmp / STATE_FILE, {"step": step, **state,
@@ -110,8 +118,8 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
     return final
 
 
-def load_checkpoint(accelerator: Any, output_dir: str | Path,
-                    schedulers: Sequence[Any] = ()) -> Optional[tuple[Path, dict]]:
+def load_checkpoint(accelerator: Any, output_dir: str | Path, schedulers: Sequence[Any] = (),
+                    shards: Optional[tuple[Any, list[Any]]] = None) -> Optional[tuple[Path, dict]]:
     """Restore model/optimizer/RNG/scheduler states from the newest readable checkpoint of
     output_dir and return (its path, its trainer_state.json); None when there is none.
 
@@ -126,7 +134,12 @@ def load_checkpoint(accelerator: Any, output_dir: str | Path,
             if schedulers and saved is None:
                 raise ValueError("it holds no scheduler state in trainer_state.json (an older "
                                  "tether kept it in a pickle, which is not loaded)")
-            accelerator.load_state(str(path), load_kwargs={"weights_only": True})
+            if shards is not None:
+                from tether.training.fsdp import load_shards
+
+                load_shards(path, shards[0], shards[1], accelerator.process_index, accelerator.num_processes)
+            else:
+                accelerator.load_state(str(path), load_kwargs={"weights_only": True})
             for scheduler, saved_state in zip(schedulers, saved or []):
                 scheduler.load_state_dict(saved_state)
             return path, state
@@ -146,8 +159,13 @@ def require_finite_weights(model: Any, what: str, output_dir: str | Path) -> Non
     `model` holds a NaN or inf: such weights are never written."""
     import torch
 
+    from tether.training.fsdp import count_nonfinite, is_sharded
+
     with torch.no_grad():
-        bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if is_sharded(model):  # each process checks its shards; every process learns the result
+            bad = count_nonfinite(model)
+        else:
+            bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
         last = latest_checkpoint(output_dir)
         where = f"the last checkpoint, {last}, is finite" if last else "no checkpoint was written"

@@ -24,11 +24,12 @@ import torch
 
 from tether.errors import Interrupted
 from tether.training.checkpoint import load_checkpoint, save_checkpoint
+from tether.training.fsdp import plain
 from tether.training.metrics import MetricsWriter
 from tether.training.progress import Progress
 from tether.training.runtime import (GlobalBatches, any_process, apply_peak_lr, check_step_finite,
                                      configured_peaks, make_optimizer, make_scheduler,
-                                     sum_across_processes, total_steps)
+                                     max_across_processes, sum_across_processes, total_steps)
 from tether.training.signals import StopRequest
 
 log = logging.getLogger("tether")
@@ -69,14 +70,24 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
     steps = total_steps(len(spec.train_units), batches, cfg.epochs, cfg.max_steps)
     # 2. optimizer and schedule; the scheduler is checkpointed but not wrapped by accelerate,
     #    because accelerate would step it once per process and tether counts global steps.
+    #    Under --fsdp the model is sharded first (training/fsdp.py) and not wrapped by accelerate.
+    fsdp = bool(getattr(cfg, "fsdp", False))
+    if fsdp:
+        from tether.training.fsdp import shard
+
+        shard(spec.model.to(accelerator.device), accelerator)
     optimizer = make_optimizer(spec.model.parameters(), cfg.lr, cfg.weight_decay, cfg.adam_eps)
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, steps)
-    model, optimizer = accelerator.prepare(spec.model, optimizer)
+    if fsdp:
+        model = spec.model
+    else:
+        model, optimizer = accelerator.prepare(spec.model, optimizer)
+    shards = (model, [optimizer]) if fsdp else None
     # 3. resume
     state = {"best_eval": math.inf, "bad_evals": 0}
     start = 0
     peaks = configured_peaks([optimizer])  # as built from the config, before the state loads
-    loaded = load_checkpoint(accelerator, out, [scheduler]) if cfg.resume else None
+    loaded = load_checkpoint(accelerator, out, [scheduler], shards) if cfg.resume else None
     ckpt = loaded[0] if loaded else None
     if loaded is not None:
         state.update(loaded[1])
@@ -86,7 +97,7 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
     metrics = MetricsWriter(out, accelerator.is_main_process, cfg.tensorboard,
                             resume_step=start if ckpt is not None else None)
     bar = Progress(steps, start, spec.stage, cfg.progress and accelerator.is_main_process)
-    evaluate = lambda: _evaluate(accelerator, model, spec, cfg.batch_size)  # noqa: E731
+    evaluate = lambda: _evaluate(accelerator, model, spec, cfg.batch_size, fsdp)  # noqa: E731
     t0, final_eval, step = time.perf_counter(), {}, start
     with StopRequest() as stop:
         # 4. the loop: one iteration = one optimizer step over one global batch
@@ -115,7 +126,7 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
             # 6. atomic checkpoints
             if step % cfg.save_every == 0 or step == steps or interrupted or stop_early:
                 save_checkpoint(accelerator, out, step, state, cfg.keep_checkpoints, [scheduler],
-                                [accelerator.unwrap_model(model)])
+                                [accelerator.unwrap_model(model)], shards)
             if interrupted:
                 bar.close()
                 metrics.close()
@@ -152,8 +163,8 @@ def _train_step(accelerator: Any, model: Any, optimizer: Any, micro: list[dict],
         for k, v in stats.items():
             stat_sums[k] = stat_sums.get(k, 0.0) + float(v)
     # the total norm, clipped only when asked (an infinite bound measures without clipping)
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(),
-                                            max_grad_norm if max_grad_norm > 0 else math.inf)
+    grad_norm = plain(accelerator.clip_grad_norm_(model.parameters(),
+                                                  max_grad_norm if max_grad_norm > 0 else math.inf))
     total = sum_across_processes(accelerator, loss_sum) / max(global_weight, 1e-9)
     check_step_finite({"loss": total, "gradient norm": grad_norm}, step, out,
                       lambda: optimizer.zero_grad(set_to_none=True))
@@ -168,13 +179,21 @@ def _train_step(accelerator: Any, model: Any, optimizer: Any, micro: list[dict],
 
 
 @torch.no_grad()
-def _evaluate(accelerator: Any, model: Any, spec: LoopSpec, batch_size: int) -> dict:
-    """Held-out loss (and stats) over the whole eval set, sharded across processes."""
+def _evaluate(accelerator: Any, model: Any, spec: LoopSpec, batch_size: int, fsdp: bool = False) -> dict:
+    """Held-out loss (and stats) over the whole eval set, sharded across processes. Under
+    --fsdp every forward is a collective, so a process with fewer batches runs forwards on its
+    first batch again, counted for nothing, until every process has run as many."""
     model.eval()
     units = spec.eval_units or []
     mine = list(range(accelerator.process_index, len(units), accelerator.num_processes))
     loss_sum, weight, stat_sums = 0.0, 0.0, {}
-    for at in range(0, len(mine), batch_size):
+    starts = list(range(0, len(mine), batch_size))
+    if fsdp:
+        most = int(max_across_processes(accelerator, len(starts)))
+        for _ in range(most - len(starts)):
+            spec.loss_fn(model, {k: v.to(accelerator.device) for k, v in
+                                 spec.collate([units[i] for i in (mine or [0])[:batch_size]]).items()})
+    for at in starts:
         batch = spec.collate([units[i] for i in mine[at:at + batch_size]])
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         loss, stats = spec.loss_fn(model, batch)

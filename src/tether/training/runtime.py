@@ -237,6 +237,16 @@ def sum_across_processes(accelerator: Any, value: float) -> float:
     return float(accelerator.reduce(t, reduction="sum").item())
 
 
+def max_across_processes(accelerator: Any, value: float) -> float:
+    if accelerator.num_processes == 1:
+        return float(value)
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], device=accelerator.device, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float,
                    eps: float) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
@@ -283,9 +293,12 @@ def finish_run(accelerator: Any, model: Any, tokenizer: Any, out: Path, stage: s
     """The last step of every supervised recipe: the main process saves the final model into
     the run directory and then the completion marker; every process waits for it."""
     from tether.models.save import mark_complete, save_model
+    from tether.training.fsdp import full_state_dict, is_sharded
 
+    state_dict = full_state_dict(model) if is_sharded(model) else None  # every process joins
     if accelerator.is_main_process:
-        save_model(model, tokenizer, out, merge_lora=merge_lora, config_updates=config_updates)
+        save_model(model, tokenizer, out, merge_lora=merge_lora, config_updates=config_updates,
+                   state_dict=state_dict)
         mark_complete(out, stage, summary)
     accelerator.wait_for_everyone()
     log.info("%s done: %s -> %s", stage, summary, out)
