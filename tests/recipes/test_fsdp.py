@@ -102,6 +102,31 @@ def test_fsdp_is_refused_where_it_cannot_run(tiny_models, tmp_path, capsys):
     assert main(_args(tiny_models["llama"], data, out, "--fsdp", "--lora-r", "4")) == 2
     assert "--fsdp cannot be combined with --lora-r" in capsys.readouterr().err
     pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 4)
-    assert main(["rm", "--model", str(tiny_models["llama"]), "--data", str(pairs), "--output-dir",
-                 str(tmp_path / "rm"), "--fsdp"]) == 2
-    assert "--fsdp runs tether sft only for now" in capsys.readouterr().err
+    assert main(["dpo", "--model", str(tiny_models["llama"]), "--data", str(pairs), "--output-dir",
+                 str(tmp_path / "dpo"), "--fsdp"]) == 2
+    assert "--fsdp runs tether sft and tether rm only for now" in capsys.readouterr().err
+
+
+def test_a_sharded_reward_model_matches_one_process(tiny_models, tmp_path):
+    from tether.models.load import load_tokenizer
+    from tether.models.reward import load_reward_model, score_texts
+
+    rows = story_rows(24)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"], "chosen": r["completion"],
+                                                "rejected": rows[(i + 1) % len(rows)]["completion"]}
+                                               for i, r in enumerate(rows)])
+    model = _without_dropout(tiny_models["llama"], tmp_path / "model")
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("--data", str(pairs), "--lr", "1e-3", "--max-steps", "3", "--no-progress",
+            "--no-tensorboard", "--eval-fraction", "0.2")
+    assert main(["rm", "--model", str(model), "--output-dir", str(one), "--batch-size", "4", *args]) == 0
+    _launch("rm", "--model", str(model), "--output-dir", str(two), "--batch-size", "2", "--fsdp", *args)
+    a, b = _rows(one), _rows(two)
+    for step in a:
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-4), step
+    assert b[3]["eval/accuracy"] == a[3]["eval/accuracy"]
+    # calibrated the same way (every process scored the calibration set), saved as one RM
+    prompts, responses = [r["prompt"] for r in rows[:6]], [r["completion"] for r in rows[:6]]
+    sa, sb = (score_texts(load_reward_model(str(d)).eval(), load_tokenizer(str(d)), prompts, responses)
+              for d in (one, two))
+    assert sb == pytest.approx(sa, abs=1e-4)

@@ -29,6 +29,7 @@ from tether.losses.reward import kwise_loss, pairwise_loss
 from tether.models.load import apply_lora, count_parameters, prepare_for_training, load_tokenizer
 from tether.models.reward import (BIAS_KEY, STD_KEY, init_reward_model, scalar_head_name,
                                   score_texts, sequence_scores)
+from tether.training.fsdp import is_sharded
 from tether.training.loop import LoopSpec, train_supervised
 from tether.training.runtime import finish_run, resolve_dtype, start_run
 
@@ -255,7 +256,8 @@ def run(cfg: RMConfig) -> dict:
                "train_groups": len(train), "eval_groups": len(held),
                **{f"data/{k}": v for k, v in skipped.items()}, **result.final_eval}
     updates = None
-    if accelerator.is_main_process:
+    sharded = is_sharded(result.model)  # then every forward is a collective: all processes score
+    if accelerator.is_main_process or sharded:
         summary.update(calibrate(result.model, tokenizer, cfg, train_rows))
         updates = {BIAS_KEY: -summary["calibration/mean"], STD_KEY: summary["calibration/std"]}
     return finish_run(accelerator, result.model, tokenizer, out, "rm", summary, cfg.merge_lora, updates)
