@@ -90,6 +90,18 @@ def plain(t: Any) -> Any:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def state_bytes(model: nn.Module, optimizer: Any) -> int:
+    """Bytes of the weights and optimizer state this process holds (its shards under --fsdp,
+    everything under DDP), gradients included when they are held at the time of the call."""
+    total = 0
+    for p in model.parameters():
+        total += local(p).nbytes + (local(p.grad).nbytes if p.grad is not None else 0)
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    for state in inner.state.values():
+        total += sum(local(v).nbytes for v in state.values() if torch.is_tensor(v))
+    return total
+
+
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state dict on the main process, on CPU (empty on the others). Every
     process must call it."""

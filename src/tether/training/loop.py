@@ -24,12 +24,13 @@ import torch
 
 from tether.errors import Interrupted
 from tether.training.checkpoint import load_checkpoint, save_checkpoint
-from tether.training.fsdp import plain
+from tether.training.fsdp import plain, state_bytes
 from tether.training.metrics import MetricsWriter
 from tether.training.progress import Progress
 from tether.training.runtime import (GlobalBatches, any_process, apply_peak_lr, check_step_finite,
                                      configured_peaks, make_optimizer, make_scheduler,
-                                     max_across_processes, sum_across_processes, total_steps)
+                                     max_across_processes, resident_mb, sum_across_processes,
+                                     total_steps)
 from tether.training.signals import StopRequest
 
 log = logging.getLogger("tether")
@@ -118,6 +119,8 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
                 row.update(final_eval)
                 _track_best(state, final_eval.get("eval/loss", math.inf))
             if step % cfg.log_every == 0 or step == steps or "eval/loss" in row:
+                row["rss_mb"] = max_across_processes(accelerator, resident_mb())
+                row["state_mb"] = max_across_processes(accelerator, state_bytes(model, optimizer) / 2**20)
                 metrics.log(step, {("train/" + k if "/" not in k else k): v for k, v in row.items()})
             bar.update(1, **{k: row[k] for k in spec.bar_keys if k in row},
                        tok_s=round(row["tokens_per_sec"]))

@@ -237,6 +237,13 @@ def sum_across_processes(accelerator: Any, value: float) -> float:
     return float(accelerator.reduce(t, reduction="sum").item())
 
 
+def resident_mb() -> float:
+    """This process's resident memory now, in MiB."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def max_across_processes(accelerator: Any, value: float) -> float:
     if accelerator.num_processes == 1:
         return float(value)
