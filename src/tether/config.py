@@ -99,7 +99,7 @@ class TrainConfig(RunConfig):
     torch FSDP2 (fully_shard per decoder layer and the root) instead of replicating them (DDP).
     Launch with `accelerate launch --multi_gpu --num_processes N` (N >= 2, CPUs included).
     Checkpoints hold each process's shards; resume with the same N. The final model is one plain
-    Hugging Face directory. tether sft and tether rm for now; not with --lora-r."""
+    Hugging Face directory. tether sft, rm and dpo; not with --lora-r."""
     lora_r: int = 0
     """LoRA rank; 0 means a full fine-tune."""
     lora_alpha: int = 16
@@ -865,9 +865,6 @@ class DPOConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        if self.fsdp:
-            raise ConfigError("--fsdp runs tether sft and tether rm only for now; train the dpo stage with DDP "
-                              "(accelerate launch --multi_gpu --num_processes N, without --fsdp)")
         if self.beta <= 0:
             raise ConfigError(f"--beta must be > 0, got {self.beta}")
 

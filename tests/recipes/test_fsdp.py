@@ -1,5 +1,6 @@
-"""`tether sft --fsdp`: torch FSDP2 over two CPU processes (gloo), against one process."""
+"""`--fsdp` (sft, rm, dpo): torch FSDP2 over two CPU processes (gloo), against one process."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -101,10 +102,26 @@ def test_fsdp_is_refused_where_it_cannot_run(tiny_models, tmp_path, capsys):
     assert not out.exists()  # refused before anything was left behind
     assert main(_args(tiny_models["llama"], data, out, "--fsdp", "--lora-r", "4")) == 2
     assert "--fsdp cannot be combined with --lora-r" in capsys.readouterr().err
-    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 4)
-    assert main(["dpo", "--model", str(tiny_models["llama"]), "--data", str(pairs), "--output-dir",
-                 str(tmp_path / "dpo"), "--fsdp"]) == 2
-    assert "--fsdp runs tether sft and tether rm only for now" in capsys.readouterr().err
+
+
+def test_sharded_dpo_matches_one_process_and_samples_for_its_kl(tiny_models, tmp_path):
+    rows = story_rows(24)
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": r["prompt"], "chosen": r["completion"],
+                                                "rejected": rows[(i + 1) % len(rows)]["completion"]}
+                                               for i, r in enumerate(rows)])
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ("--model", str(tiny_models["llama"]), "--data", str(pairs), "--lr", "1e-3", "--max-steps", "3",
+            "--no-progress", "--no-tensorboard", "--eval-fraction", "0.2", "--kl-samples", "4",
+            "--kl-response-length", "6")
+    assert main(["dpo", "--output-dir", str(one), "--batch-size", "4", *args]) == 0
+    _launch("dpo", "--output-dir", str(two), "--batch-size", "2", "--fsdp", *args)
+    a, b = _rows(one), _rows(two)
+    for step in a:
+        assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-4), step
+    # the KL to the reference after training: sampled from the sharded policy on every process
+    summary_a = json.loads((one / "tether_run.json").read_text())
+    summary_b = json.loads((two / "tether_run.json").read_text())
+    assert summary_b["eval/kl_ref"] == pytest.approx(summary_a["eval/kl_ref"], rel=1e-3, abs=1e-4)
 
 
 def test_a_sharded_reward_model_matches_one_process(tiny_models, tmp_path):
