@@ -3,8 +3,8 @@
 A checkpoint is written into a hidden temp directory and renamed into place only when complete,
 so a crash or Ctrl-C mid-write leaves the previous checkpoint intact and no partial one visible.
 Model, optimizer and RNG states are written by `accelerate`, or under --fsdp by each process
-for its own shards (training/fsdp.py); tether adds `trainer_state.json` with the step, data position, the LR
-schedulers' state and any recipe state (KL controller, best eval loss, ...).
+for its own shards (training/fsdp.py); tether adds `trainer_state.json` with the step, data
+position, the LR schedulers' state and any recipe state (KL controller, best eval loss, ...).
 
 Nothing in a checkpoint can run code when it is loaded: the weights are safetensors, the
 optimizer and RNG files are read with `torch.load(weights_only=True)` (plain tensors and numpy

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -178,8 +178,3 @@ def load_shards(path: Path, model: nn.Module, optimizers: list[Any], rank: int, 
                 state[pid] = entry
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"][k]})
     torch.set_rng_state(tensors["rng.torch"])
-
-
-def shard_files_present(path: Path) -> Optional[int]:
-    meta = path / SHARD_META
-    return json.loads(meta.read_text())["world_size"] if meta.is_file() else None
