@@ -324,27 +324,9 @@ class RewardModelJudge:
 def check_scores(values: Any, n: int, spec: str, where: Sequence[str]) -> list[Optional[float]]:
     """A function's return value as n floats or None; TetherError naming the function and the
     item (`where[i]` names the item of the i-th completion) otherwise."""
-    try:
-        values = list(values)
-    except TypeError:
-        raise TetherError(f"--reward-fn {spec} returned {type(values).__name__}, not a list of "
-                          f"{n} floats (or None)") from None
-    if len(values) != n:
-        raise TetherError(f"--reward-fn {spec} returned {len(values)} value(s) for {n} completions; "
-                          "it must return one per completion")
-    out: list[Optional[float]] = []
-    for i, v in enumerate(values):
-        if v is None:
-            out.append(None)
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
-            raise TetherError(f"--reward-fn {spec} returned {v!r} for {where[i]}: give a float, or "
-                              "None where it does not apply")
-        v = float(v)
-        if not math.isfinite(v):
-            raise TetherError(f"--reward-fn {spec} returned {v} for {where[i]}: scores must be finite")
-        out.append(v)
-    return out
+    from tether.rollout.reward_fns import checked_values
+
+    return checked_values(values, n, f"--reward-fn {spec}", where, TetherError)
 
 
 class FunctionJudge:

@@ -23,7 +23,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from tether.errors import ConfigError, TrainingError
 
@@ -57,6 +57,32 @@ def load_reward_fn(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ConfigError(f"--reward-fn {spec!r}: {target} has no function {name!r}")
     return fn
+
+
+def checked_values(values: Any, n: int, what: str, where: Sequence[str],
+                   error: type = TrainingError) -> list[Optional[float]]:
+    """A reward function's return value as n floats or None (TRL's contract), else `error`
+    naming the function (`what`) and the row (`where[i]` names the i-th completion's)."""
+    try:
+        values = list(values)
+    except TypeError:
+        raise error(f"{what} returned {type(values).__name__}, not a list of {n} floats (or None)") from None
+    if len(values) != n:
+        raise error(f"{what} returned {len(values)} value(s) for {n} completions; it must return "
+                    "one per completion")
+    out: list[Optional[float]] = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
+            raise error(f"{what} returned {v!r} for {where[i]}: give a float, or None where it does "
+                        "not apply")
+        v = float(v)
+        if not math.isfinite(v):
+            raise error(f"{what} returned {v} for {where[i]}: scores must be finite")
+        out.append(v)
+    return out
 
 
 @dataclass
@@ -100,27 +126,11 @@ class RewardFunctions:
             except Exception as err:
                 raise TrainingError(f"reward function {spec} raised {type(err).__name__}: {err} "
                                     f"(on the batch of rows {rows[0]} ... {rows[-1]})") from None
-            try:
-                values = list(values)
-            except TypeError:
-                raise TrainingError(f"reward function {spec} returned {type(values).__name__}, not "
-                                    f"a list of {n} floats (or None)") from None
-            if len(values) != n:
-                raise TrainingError(f"reward function {spec} returned {len(values)} value(s) for "
-                                    f"{n} completions; it must return one per completion")
+            values = checked_values(values, n, f"reward function {spec}", rows, TrainingError)
             for i, v in enumerate(values):
-                if v is None:
-                    continue
-                if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
-                    raise TrainingError(f"reward function {spec} returned {v!r} for {rows[i]}: "
-                                        "give a float, or None where it does not apply")
-                v = float(v)
-                if not math.isfinite(v):
-                    raise TrainingError(f"reward function {spec} returned {v} for {rows[i]} "
-                                        f"(completion {completions[i][:80]!r}): rewards must be finite")
-                values[i] = v
-                total[i] += weight * v
-                applies[i] = True
+                if v is not None:
+                    total[i] += weight * v
+                    applies[i] = True
             per_fn[name] = values
         missing = [rows[i] for i in range(n) if not applies[i]]
         if missing:
