@@ -133,6 +133,19 @@ def _accepts(model: Any, name: str) -> bool:
     return name in params
 
 
+def all_finished(finished: Tensor, collective: bool) -> bool:
+    """Every row has ended; with `collective`, on every process (each forward of a sharded
+    model gathers weights from all of them, so they must all run the same number of steps)."""
+    done = finished.all()
+    if collective:
+        import torch.distributed as dist
+
+        flag = done.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        done = flag
+    return bool(done)
+
+
 class KVCacheSampler:
     """Batched sampling over left-padded prompts with a KV cache.
 
@@ -148,6 +161,10 @@ class KVCacheSampler:
         self.decoder = decoder_for(model) if fused else None
         # the KV cache's keyword: `cache` since transformers 5.24, `past_key_values` before
         self._cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
+        # A sharded model's forward is a collective (--fsdp): every process runs as many steps
+        from tether.training.fsdp import is_sharded
+
+        self._collective = is_sharded(model)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator,
@@ -180,7 +197,7 @@ class KVCacheSampler:
             n = t + 1
             if p.eos_token_ids:
                 finished |= torch.isin(token, eos)
-                if bool(finished.all()):  # a host sync per token; cheap next to a forward
+                if all_finished(finished, self._collective):  # a host sync per token
                     break
             if n == p.max_new_tokens:
                 break
