@@ -99,7 +99,7 @@ class TrainConfig(RunConfig):
     torch FSDP2 (fully_shard per decoder layer and the root) instead of replicating them (DDP).
     Launch with `accelerate launch --multi_gpu --num_processes N` (N >= 2, CPUs included).
     Checkpoints hold each process's shards; resume with the same N. The final model is one plain
-    Hugging Face directory. tether sft, rm and dpo; not with --lora-r."""
+    Hugging Face directory. Not with --lora-r."""
     lora_r: int = 0
     """LoRA rank; 0 means a full fine-tune."""
     lora_alpha: int = 16
@@ -590,6 +590,12 @@ class OnlineConfig(RunConfig):
     kl_coef: float = 0.05
     """beta, the weight of the per-token KL penalty in the reward (the initial value when
     --kl-target is set). 0.05 is the default of the sources."""
+    fsdp: bool = False
+    """Shard the policy (and a separate critic) over the processes with torch FSDP2, as for
+    tether sft --fsdp; rollouts are sampled from the sharded policy, each forward gathering one
+    layer's weights at a time. The frozen reference and reward model stay whole in every
+    process. Launch with `accelerate launch --multi_gpu --num_processes N` (N >= 2); not with
+    --lora-r or --critic separate (use --critic head)."""
     lora_r: int = 0
     """LoRA rank for the policy; 0 trains all weights. With LoRA, the reference is the same base
     model with its adapters disabled, so no second copy is held in memory."""
@@ -630,6 +636,12 @@ class OnlineConfig(RunConfig):
                 raise ConfigError(f"--{name.replace('_', '-')} is required")
         if not self.reward_model and not self.reward_fn:
             raise ConfigError("--reward-model is required (or --reward-fn file.py:name, or both)")
+        if self.fsdp and self.lora_r > 0:
+            raise ConfigError("--fsdp cannot be combined with --lora-r: train the adapters "
+                              "replicated (drop --fsdp), or all weights sharded (--lora-r 0)")
+        if self.fsdp and getattr(self, "critic", "none") == "separate":
+            raise ConfigError("--fsdp with --critic separate is not supported yet: use --critic head "
+                              "(the value head on the sharded policy), or drop --fsdp")
         if self.reference and self.lora_r > 0:
             raise ConfigError("--reference cannot be used with --lora-r: with LoRA the reference "
                               "is the policy's own base model. Merge the adapters into --policy "

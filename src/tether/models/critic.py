@@ -112,13 +112,14 @@ class Critic(nn.Module):
         return values[:, -n_response:] + reward_bias(self.model)
 
 
-def save_value_head(head: nn.Linear, output_dir: str | Path) -> Path:
-    """Write a value head as output_dir/value_head.safetensors plus a small JSON description."""
+def save_value_head(head: nn.Linear, output_dir: str | Path, state: Optional[dict] = None) -> Path:
+    """Write a value head as output_dir/value_head.safetensors plus a small JSON description
+    (`state`: its weights when they are not the module's own, e.g. gathered under --fsdp)."""
     from safetensors.torch import save_file
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in (state or head.state_dict()).items()}
     save_file(state, str(out / VALUE_HEAD_FILE))
     (out / "value_head.json").write_text(json.dumps(
         {"kind": "value_head", "in_features": head.in_features,

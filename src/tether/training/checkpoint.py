@@ -76,10 +76,10 @@ def _quiet_tied_weights():
 
 def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: dict,
                     keep: int = 2, schedulers: Sequence[Any] = (), models: Sequence[Any] = (),
-                    shards: Optional[tuple[Any, list[Any]]] = None) -> Path:
+                    shards: Optional[tuple[list[Any], list[Any]]] = None) -> Path:
     """Save everything needed to resume at `step`. All processes must call this. `models`:
     the trained modules, refused if any weight is not finite (nothing is written then).
-    `shards`: (model, optimizers) of an --fsdp run, whose states each process writes itself
+    `shards`: (models, optimizers) of an --fsdp run, whose states each process writes itself
     (training/fsdp.py) instead of accelerate."""
     for model in models:
         require_finite_weights(model, f"the checkpoint at step {step}", output_dir)
@@ -119,7 +119,7 @@ def save_checkpoint(accelerator: Any, output_dir: str | Path, step: int, state: 
 
 
 def load_checkpoint(accelerator: Any, output_dir: str | Path, schedulers: Sequence[Any] = (),
-                    shards: Optional[tuple[Any, list[Any]]] = None) -> Optional[tuple[Path, dict]]:
+                    shards: Optional[tuple[list[Any], list[Any]]] = None) -> Optional[tuple[Path, dict]]:
     """Restore model/optimizer/RNG/scheduler states from the newest readable checkpoint of
     output_dir and return (its path, its trainer_state.json); None when there is none.
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -51,9 +51,26 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return best
 
 
-def shard(model: nn.Module, accelerator: Any) -> nn.Module:
-    """Apply fully_shard to every decoder layer, then to the root (in place; returns model)."""
+def _mesh(accelerator: Any) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+
+
+def shard_whole(module: nn.Module, accelerator: Any) -> nn.Module:
+    """fully_shard on one small module that is called on its own (PPO's value head): its own
+    root, gathered when it runs."""
+    from torch.distributed.fsdp import fully_shard
+
+    require_processes(accelerator)
+    fully_shard(module, mesh=_mesh(accelerator))
+    return module
+
+
+def shard(model: nn.Module, accelerator: Any) -> nn.Module:
+    """Apply fully_shard to every decoder layer, then to the root (in place; returns model).
+    The root is what must be called: a model sharded this way is never called through a
+    wrapper that is sharded too (FSDP2 wants the outermost sharded module called first)."""
     from torch.distributed.fsdp import fully_shard
 
     require_processes(accelerator)
@@ -61,7 +78,7 @@ def shard(model: nn.Module, accelerator: Any) -> nn.Module:
     if not layers:
         raise ConfigError(f"--fsdp found no repeated decoder layers in {type(model).__name__} to "
                           "shard; train it without --fsdp")
-    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    mesh = _mesh(accelerator)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -128,11 +145,13 @@ def _shard_file(path: Path, rank: int, world: int) -> Path:
     return path / f"shard-{rank}-of-{world}.safetensors"
 
 
-def save_shards(path: Path, model: nn.Module, optimizers: list[Any], rank: int, world: int) -> None:
+def save_shards(path: Path, models: Sequence[nn.Module], optimizers: Sequence[Any], rank: int,
+                world: int) -> None:
     """This process's shards of the weights and optimizer states, and its RNG state."""
     from safetensors.torch import save_file
 
-    tensors = {f"model.{n}": local(p).detach().contiguous() for n, p in model.named_parameters()}
+    tensors = {f"model{i}.{n}": local(p).detach().contiguous()
+               for i, model in enumerate(models) for n, p in model.named_parameters()}
     groups = []
     for k, optimizer in enumerate(optimizers):
         saved = optimizer.state_dict()
@@ -147,7 +166,8 @@ def save_shards(path: Path, model: nn.Module, optimizers: list[Any], rank: int, 
         (path / SHARD_META).write_text(json.dumps({"world_size": world, "param_groups": groups}))
 
 
-def load_shards(path: Path, model: nn.Module, optimizers: list[Any], rank: int, world: int) -> None:
+def load_shards(path: Path, models: Sequence[nn.Module], optimizers: Sequence[Any], rank: int,
+                world: int) -> None:
     """Restore what `save_shards` wrote, into the model and optimizers as built (sharded the
     same way). A checkpoint written by another number of processes is refused."""
     from safetensors.torch import load_file
@@ -159,8 +179,9 @@ def load_shards(path: Path, model: nn.Module, optimizers: list[Any], rank: int, 
                          f"{world}; resume an --fsdp run with the same --num_processes")
     tensors = load_file(str(_shard_file(path, rank, world)))
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            local(p).copy_(tensors[f"model.{n}"])
+        for i, model in enumerate(models):
+            for n, p in model.named_parameters():
+                local(p).copy_(tensors[f"model{i}.{n}"])
     for k, optimizer in enumerate(optimizers):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         state: dict[int, dict] = {}

@@ -83,7 +83,7 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
         model = spec.model
     else:
         model, optimizer = accelerator.prepare(spec.model, optimizer)
-    shards = (model, [optimizer]) if fsdp else None
+    shards = ([model], [optimizer]) if fsdp else None
     # 3. resume
     state = {"best_eval": math.inf, "bad_evals": 0}
     start = 0

@@ -204,7 +204,7 @@ def resume(parts: PPOParts, out: Any) -> int:
     """Restore the latest readable checkpoint; returns its iteration (0 when there is none).
     The configured learning rates become the peaks from here on (see `apply_peak_lr`)."""
     peaks = configured_peaks(parts.optimizers)  # as built from the config, before the state loads
-    loaded = load_checkpoint(parts.accelerator, out, parts.schedulers)
+    loaded = load_checkpoint(parts.accelerator, out, parts.schedulers, parts.shards())
     if loaded is None:
         return 0
     ckpt, state = loaded
@@ -249,7 +249,8 @@ def run(cfg: OnlineConfig) -> dict:
                 # 4. atomic checkpoints
                 if step % cfg.save_every == 0 or step == cfg.max_steps or interrupted:
                     save_checkpoint(accelerator, out, step, trainer_state(parts, step), cfg.keep_checkpoints,
-                                    parts.schedulers, [accelerator.unwrap_model(m) for _, m, _ in parts.trainables()])
+                                    parts.schedulers, [accelerator.unwrap_model(m) for _, m, _ in parts.trainables()],
+                                    parts.shards())
                 if interrupted:
                     raise Interrupted(f"stopped at iteration {step}; checkpoint saved under "
                                       f"{out}/checkpoints. Rerun the same command with --resume to continue.")

@@ -114,15 +114,25 @@ def save_final(parts: Any, out: Path, summary: dict) -> None:
     """The output directory becomes the policy (plain from_pretrained loads it); the critic is
     saved in output_dir/critic: a SequenceClassification directory (separate) or the value head
     weights (head); the critic-free methods have none. The completion marker is written last."""
+    from tether.training.fsdp import full_state_dict, is_sharded
+
     acc = parts.accelerator
     acc.wait_for_everyone()
+    # --fsdp: every process joins in gathering the whole weights; the main process writes them
+    sharded = is_sharded(parts.actor)
+    actor_sd = full_state_dict(parts.actor) if sharded else None
+    critic_sd = full_state_dict(parts.critic) if sharded and parts.critic is not None else None
+    part = lambda sd, prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} \
+        if sd is not None else None  # noqa: E731
     if acc.is_main_process:
         actor = acc.unwrap_model(parts.actor)
         critic_dir = Path(out) / "critic"
         if parts.critic is not None:
-            save_model(acc.unwrap_model(parts.critic).model, parts.tokenizer, critic_dir)
+            save_model(acc.unwrap_model(parts.critic).model, parts.tokenizer, critic_dir,
+                       state_dict=part(critic_sd, "model."))
         elif actor.value_head is not None:
-            save_value_head(actor.value_head, critic_dir)
-        save_model(actor.lm, parts.tokenizer, out, merge_lora=parts.cfg.merge_lora)
+            save_value_head(actor.value_head, critic_dir, state=part(actor_sd, "value_head."))
+        save_model(actor.lm, parts.tokenizer, out, merge_lora=parts.cfg.merge_lora,
+                   state_dict=part(actor_sd, "lm."))
         mark_complete(out, stage_name(parts.cfg), {**summary, "critic": parts.cfg.critic})
     acc.wait_for_everyone()

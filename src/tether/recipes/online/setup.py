@@ -70,6 +70,13 @@ class PPOParts:
             out.append(("val", self.critic, self.optimizers[1]))
         return out
 
+    def shards(self) -> Optional[tuple[list[Any], list[Any]]]:
+        """(models, optimizers) whose states each process checkpoints itself under --fsdp."""
+        if not self.cfg.fsdp:
+            return None
+        trainables = self.trainables()
+        return [m for _, m, _ in trainables], [o for _, _, o in trainables]
+
     def all_reduce_sum(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         """A sum over all processes, for batch statistics; None with a single process."""
         if self.accelerator.num_processes == 1:
@@ -199,7 +206,18 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
              count_parameters(lm) / 1e6, cfg.critic, len(prompts.ids))
     for frozen in {id(m): m for m in (reference.model, reward.model) if m is not None}.values():
         frozen.to(device)
-    # 3. optimizers; accelerate prepares (and checkpoints) only the trainable side
+    # 3. optimizers; accelerate prepares (and checkpoints) only the trainable side. Under --fsdp
+    #    the policy, its value head and a separate critic are sharded first, each its own root
+    #    (the policy is also called alone, to sample), and not wrapped by accelerate.
+    if cfg.fsdp:
+        from tether.training.fsdp import shard, shard_whole
+
+        actor.to(device)
+        shard(actor.lm, accelerator)
+        if actor.value_head is not None:
+            shard_whole(actor.value_head, accelerator)
+        if critic is not None:
+            shard(critic.to(device).model, accelerator)
     optimizers = make_optimizers(cfg, actor, critic)
     # A schedule only when asked for. As in SFT, its state goes into trainer_state.json (JSON,
     # never a pickle) and it is not wrapped by accelerate (which would step it once per process).
@@ -207,7 +225,9 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     if cfg.lr_scheduler != "constant" or cfg.warmup_ratio > 0:
         schedulers = [make_scheduler(o, cfg.lr_scheduler, cfg.warmup_ratio, cfg.optimizer_steps)
                       for o in optimizers]
-    if critic is None:
+    if cfg.fsdp:
+        pass
+    elif critic is None:
         actor, optimizers[0] = accelerator.prepare(actor, optimizers[0])
     else:
         actor, critic, optimizers[0], optimizers[1] = accelerator.prepare(actor, critic, *optimizers)

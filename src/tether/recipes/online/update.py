@@ -27,6 +27,7 @@ from tether.ops.logprobs import entropy_from_logits, token_logprobs
 from tether.ops.masking import masked_mean
 from tether.rollout.score import row_chunks
 from tether.rollout.types import Experience, Sequences
+from tether.training.fsdp import plain
 from tether.training.runtime import any_process, check_step_finite
 
 
@@ -153,8 +154,8 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
     norms = {}
     for name, model, _ in parts.trainables():
         params = [p for p in model.parameters() if p.requires_grad]
-        norms[name] = parts.accelerator.clip_grad_norm_(
-            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        norms[name] = plain(parts.accelerator.clip_grad_norm_(
+            params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf))
     # one host sync for all of them
     values = torch.stack([torch.as_tensor(n).float() for n in norms.values()]
                          + [loss.detach().float().reshape(())]).tolist()
