@@ -595,7 +595,7 @@ class OnlineConfig(RunConfig):
     tether sft --fsdp; rollouts are sampled from the sharded policy, each forward gathering one
     layer's weights at a time. The frozen reference and reward model stay whole in every
     process. Launch with `accelerate launch --multi_gpu --num_processes N` (N >= 2); not with
-    --lora-r or --critic separate (use --critic head)."""
+    --lora-r, nor with PPO's separate critic (its value head works)."""
     lora_r: int = 0
     """LoRA rank for the policy; 0 trains all weights. With LoRA, the reference is the same base
     model with its adapters disabled, so no second copy is held in memory."""
