@@ -105,10 +105,13 @@ def _kind(value: Any) -> str:
 
 
 def _rows_to_dataset(rows: list[dict], source: str) -> Any:
+    """Rows -> a Dataset with every column any row has (a row without one holds null there:
+    `Dataset.from_list` alone would keep only the first row's columns)."""
     from datasets import Dataset
 
+    columns = list(dict.fromkeys(col for row in rows for col in row))
     try:
-        return Dataset.from_list(rows)
+        return Dataset.from_dict({col: [row.get(col) for row in rows] for col in columns})
     except Exception as err:  # pyarrow type clashes between rows: name the first one
         first: dict[str, tuple[str, str]] = {}
         for i, row in enumerate(rows):

@@ -21,10 +21,9 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
-from tether.data.io import LINE, _base_suffix, _read_json, load_rows, read_json_lines
+from tether.data.io import LINE, load_rows
 from tether.errors import DataError
 
 log = logging.getLogger("tether")
@@ -85,28 +84,13 @@ def _parse(raw: dict, where: str) -> tuple[list[str], tuple[str, ...], Optional[
                     "'rejected', 'a' and 'b', or 'response_a' and 'response_b' beside 'prompt'")
 
 
-def _rows(source: str) -> list[dict]:
-    """JSON files are read row by row, so rows of different formats may share a file (datasets
-    would take every row's columns from the first); other sources go through `load_rows`."""
-    path = Path(source)
-    if path.is_file() and _base_suffix(path) in {".jsonl", ".ndjson"}:
-        rows = read_json_lines(path, located=True)
-    elif path.is_file() and _base_suffix(path) == ".json":
-        rows = _read_json(path)
-    else:
-        return list(load_rows(source))
-    if not rows:
-        raise DataError(f"{source} is empty: it holds no rows")
-    return rows
-
-
 def read_items(source: str) -> list[Item]:
     """Every comparable item of `source`, in file order. Rows whose responses are all the same
     text cannot be compared and are skipped (counted in a log line); a repeated comparison is
     kept once. A malformed row raises DataError naming the file and line; so does a file with
     nothing to compare."""
-    ds = _rows(source)
-    columns = sorted({c for row in ds for c in row} - {LINE})
+    ds = load_rows(source)
+    columns = sorted(set(ds.column_names) - {LINE})
     if "prompt" not in columns:
         raise DataError(f"{source} has no 'prompt' column; found columns: {', '.join(columns) or '(none)'}")
     items, seen, same = [], set(), 0
