@@ -30,7 +30,7 @@ import os
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 from tether.errors import DataError
 from tether.eval.stats import WinRate, win_rate
@@ -102,28 +102,37 @@ class LabelFile:
     def read(self) -> list[dict]:
         """Every record; a cut-off last line is dropped with a warning, a malformed line
         elsewhere raises DataError naming the file and line."""
-        if not self.path.exists():
-            return []
-        raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
         records = []
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line.decode("utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                if lineno == len(lines):  # the last line, without its newline: cut off
-                    log.warning("%s:%d: a cut-off last line (a crash while writing) is ignored",
-                                self.path, lineno)
-                    continue
-                raise DataError(f"{self.path}:{lineno}: not a JSON label record; the file is not "
-                                "a tether label file, or was edited by hand") from None
+        for lineno, row in read_appended(self.path, "not a JSON label record; the file is not a "
+                                         "tether label file, or was edited by hand"):
             if not isinstance(row, dict) or "ranks" not in row or "item" not in row:
                 raise DataError(f"{self.path}:{lineno}: not a tether label record (no 'item' or "
                                 "'ranks'); give --output a new file or one tether wrote")
             records.append(row)
         return records
+
+
+def read_appended(path: str | Path, hint: str, error: type = DataError) -> list[tuple[int, Any]]:
+    """(line number, JSON value) for each line of a JSON lines file tether appends to (none when
+    it does not exist). Only the last line can be cut off by a crash while writing: it is
+    dropped with a warning. A malformed line elsewhere raises `error` with the file, the line
+    and `hint`."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((lineno, json.loads(line.decode("utf-8"))))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if lineno == len(lines):  # the last line, without its newline: cut off
+                log.warning("%s:%d: a cut-off last line (a crash while writing) is ignored", path, lineno)
+                continue
+            raise error(f"{path}:{lineno}: {hint}") from None
+    return out
 
 
 def latest_by_rater(records: Iterable[dict]) -> dict[tuple[str, str], dict]:

@@ -22,7 +22,7 @@ from tether.feedback.judge import (DEFAULT_TEMPLATE, FunctionJudge, LMJudge, Out
                                    RewardModelJudge, Verdict, answer_token_ids, function_rater,
                                    model_rater, read_template)
 from tether.config import JudgeConfig
-from tether.feedback.labels import LabelFile, agreement_with_given, make_record
+from tether.feedback.labels import LabelFile, agreement_with_given, make_record, read_appended
 from tether.training.files import atomic_write_json
 from tether.training.progress import Progress
 from tether.training.runtime import resolve_dtype, setup_logging
@@ -87,25 +87,10 @@ def make_judge(cfg: JudgeConfig, rater: str) -> Any:
 
 
 def read_rows(path: str) -> list[dict]:
-    """The JSON objects of a JSON lines file we append to; a cut-off last line (a crash while
-    writing) is ignored, as LabelFile ignores it."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    rows, lines = [], p.read_text(encoding="utf-8", errors="replace").split("\n")
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            if lineno == len(lines):
-                continue
-            raise ConfigError(f"{path}:{lineno} is not JSON: --unsure must be a file tether judge "
-                              "wrote, or a new one") from None
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    """The JSON objects of the --unsure file (a cut-off last line ignored, as in a label file)."""
+    return [row for _, row in read_appended(path, "not JSON; --unsure must be a file tether "
+                                            "judge wrote, or a new one", ConfigError)
+            if isinstance(row, dict)]
 
 
 def already_judged(records: Sequence[dict], unsure_rows: Sequence[dict], rater: str) -> set[str]:
