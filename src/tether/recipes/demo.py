@@ -184,7 +184,6 @@ def run(cfg: DemoConfig) -> dict:
     """Run every stage (skipping finished ones), then write summary.json and the report."""
     from tether.recipes import bon, dpo, rm, sft, world
     from tether.recipes.online import loop as ppo
-    from tether.recipes.evaluate import evaluate, print_table
     from tether.training.checkpoint import latest_checkpoint
     from tether.training.runtime import setup_logging
 
@@ -255,15 +254,8 @@ def run(cfg: DemoConfig) -> dict:
     results = {}
     for name, policy in (("ppo", d["ppo"]), ("ppo_beta0", d["ppo_beta0"]), ("dpo", d["dpo"]),
                          ("bon", d["bon"] / "bon.jsonl")):
-        result = evaluate(EvalConfig(
-            policy_a=str(policy), policy_b=str(d["sft"]), prompts=str(d["world"] / "prompts_eval.jsonl"),
-            judge="world", reference=str(d["sft"]) if name != "bon" else None,
-            max_prompts=sizes.eval_prompts, output=str(d["eval"] / f"{name}_vs_sft.json"),
-            response_length=sizes.response_length, temperature=cfg.temperature, seed=seed + 1))
-        atomic_write_json(d["eval"] / f"{name}_vs_sft.json", result)
-        print(f"\n== {name} vs sft ==")
-        print_table(result)
-        results[name] = result
+        results[name] = gold_eval(cfg, d, sizes, f"{name}_vs_sft", policy, d["sft"],
+                                  reference=name != "bon")
     if last_round is not None:
         results.update(_evaluate_rounds(cfg, d, last_round, sizes))
     quiz_results = {name: quiz_exact_match(d[name], d["quiz"] / "quiz_eval.jsonl", cfg.temperature, seed + 1)
@@ -316,23 +308,30 @@ def _more_rounds(cfg: DemoConfig, d: dict, root: Path, sizes: Sizes, timer: Time
     return last
 
 
+def gold_eval(cfg: DemoConfig, d: dict, sizes: Sizes, name: str, a: Path, b: Path,
+              reference: bool = True) -> dict:
+    """`tether eval` of a against b on the held-out prompts, judged by the gold judge (KL of a to
+    SFT when a is a model); written to eval/<name>.json and printed."""
+    from tether.recipes.evaluate import evaluate, print_table
+
+    out = d["eval"] / f"{name}.json"
+    result = evaluate(EvalConfig(
+        policy_a=str(a), policy_b=str(b), prompts=str(d["world"] / "prompts_eval.jsonl"), judge="world",
+        reference=str(d["sft"]) if reference else None, max_prompts=sizes.eval_prompts, output=str(out),
+        response_length=sizes.response_length, temperature=cfg.temperature, seed=cfg.seed + 1))
+    atomic_write_json(out, result)
+    print(f"\n== {name.replace('_vs_', ' vs ')} ==")
+    print_table(result)
+    return result
+
+
 def _evaluate_rounds(cfg: DemoConfig, d: dict, last: Path, sizes: Sizes) -> dict:
     """Gold-judged: the last round's policy against SFT and against round 1's policy, and the
     beta = 0 run against the last round's RM, against SFT."""
-    from tether.recipes.evaluate import evaluate, print_table
-
-    out = {}
-    for name, a, b in (("round_last", last / "ppo", d["sft"]), ("round_last_vs_round1", last / "ppo", d["ppo"]),
-                       ("ppo_beta0_last", d["ppo_beta0_last"], d["sft"])):
-        result = evaluate(EvalConfig(
-            policy_a=str(a), policy_b=str(b), prompts=str(d["world"] / "prompts_eval.jsonl"), judge="world",
-            reference=str(d["sft"]), max_prompts=sizes.eval_prompts, output=str(d["eval"] / f"{name}.json"),
-            response_length=sizes.response_length, temperature=cfg.temperature, seed=cfg.seed + 1))
-        atomic_write_json(d["eval"] / f"{name}.json", result)
-        print(f"\n== {name} ==")
-        print_table(result)
-        out[name] = result
-    return out
+    return {name: gold_eval(cfg, d, sizes, name, a, b)
+            for name, a, b in (("round_last", last / "ppo", d["sft"]),
+                               ("round_last_vs_round1", last / "ppo", d["ppo"]),
+                               ("ppo_beta0_last", d["ppo_beta0_last"], d["sft"]))}
 
 
 def _rounds_summary(d: dict, results: dict, summary: dict) -> dict:
