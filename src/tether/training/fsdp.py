@@ -131,11 +131,10 @@ def count_nonfinite(model: nn.Module) -> list[str]:
     """Names of parameters with a NaN or inf in any process's shard (a collective)."""
     import torch.distributed as dist
 
-    names = [n for n, p in model.named_parameters()]
-    bad = torch.tensor([0 if bool(torch.isfinite(local(p)).all()) else 1 for _, p in model.named_parameters()],
-                       dtype=torch.int32)
+    named = list(model.named_parameters())
+    bad = torch.tensor([0 if bool(torch.isfinite(local(p)).all()) else 1 for _, p in named], dtype=torch.int32)
     dist.all_reduce(bad)
-    return [n for n, b in zip(names, bad.tolist()) if b]
+    return [n for (n, _), b in zip(named, bad.tolist()) if b]
 
 
 # ----------------------------------------------------------------------------- checkpoints

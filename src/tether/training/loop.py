@@ -119,8 +119,8 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
                 row.update(final_eval)
                 _track_best(state, final_eval.get("eval/loss", math.inf))
             if step % cfg.log_every == 0 or step == steps or "eval/loss" in row:
-                row["rss_mb"] = max_across_processes(accelerator, resident_mb())
-                row["state_mb"] = max_across_processes(accelerator, state_bytes(model, optimizer) / 2**20)
+                row["rss_mb"], row["state_mb"] = max_across_processes(
+                    accelerator, resident_mb(), state_bytes(model, optimizer) / 2**20)
                 metrics.log(step, {("train/" + k if "/" not in k else k): v for k, v in row.items()})
             bar.update(1, **{k: row[k] for k in spec.bar_keys if k in row},
                        tok_s=round(row["tokens_per_sec"]))
@@ -192,7 +192,7 @@ def _evaluate(accelerator: Any, model: Any, spec: LoopSpec, batch_size: int, fsd
     loss_sum, weight, stat_sums = 0.0, 0.0, {}
     starts = list(range(0, len(mine), batch_size))
     if fsdp:
-        most = int(max_across_processes(accelerator, len(starts)))
+        most = int(max_across_processes(accelerator, len(starts))[0])
         for _ in range(most - len(starts)):
             spec.loss_fn(model, {k: v.to(accelerator.device) for k, v in
                                  spec.collate([units[i] for i in (mine or [0])[:batch_size]]).items()})

@@ -244,14 +244,15 @@ def resident_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def max_across_processes(accelerator: Any, value: float) -> float:
+def max_across_processes(accelerator: Any, *values: float) -> list[float]:
+    """Each value's largest across processes, in one collective."""
     if accelerator.num_processes == 1:
-        return float(value)
+        return [float(v) for v in values]
     import torch.distributed as dist
 
-    t = torch.tensor([float(value)], device=accelerator.device, dtype=torch.float64)
+    t = torch.tensor([float(v) for v in values], device=accelerator.device, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    return t.tolist()
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float,
