@@ -591,11 +591,18 @@ class OnlineConfig(RunConfig):
     """beta, the weight of the per-token KL penalty in the reward (the initial value when
     --kl-target is set). 0.05 is the default of the sources."""
     fsdp: bool = False
-    """Shard the policy (and a separate critic) over the processes with torch FSDP2, as for
-    tether sft --fsdp; rollouts are sampled from the sharded policy, each forward gathering one
-    layer's weights at a time. The frozen reference and reward model stay whole in every
-    process. Launch with `accelerate launch --multi_gpu --num_processes N` (N >= 2); not with
-    --lora-r, nor with PPO's separate critic (its value head works)."""
+    """Shard every model over the processes with torch FSDP2, as for tether sft --fsdp: the
+    policy and the critic (head or separate) with their optimizer states, and the frozen
+    reference and reward model (no optimizer state). Rollouts are sampled from the sharded
+    policy as --fsdp-sampling says. Launch with `accelerate launch --multi_gpu --num_processes
+    N` (N >= 2); not with --lora-r."""
+    fsdp_sampling: Literal["gathered", "per-layer"] = "gathered"
+    """With --fsdp, how the policy's weights are gathered for sampling. gathered: each layer's
+    full weights are kept from the first decoding step to the end of the rollout (one
+    all-gather per layer per rollout; every process holds the whole policy's weights, not its
+    gradients or optimizer state, for that time). per-layer: gathered and freed again for every
+    forward, i.e. for every generated token (the least memory, and one all-gather per layer
+    per token). See docs/distributed.md for what each costs."""
     lora_r: int = 0
     """LoRA rank for the policy; 0 trains all weights. With LoRA, the reference is the same base
     model with its adapters disabled, so no second copy is held in memory."""
@@ -639,9 +646,6 @@ class OnlineConfig(RunConfig):
         if self.fsdp and self.lora_r > 0:
             raise ConfigError("--fsdp cannot be combined with --lora-r: train the adapters "
                               "replicated (drop --fsdp), or all weights sharded (--lora-r 0)")
-        if self.fsdp and getattr(self, "critic", "none") == "separate":
-            raise ConfigError("--fsdp with --critic separate is not supported yet: use --critic head "
-                              "(the value head on the sharded policy), or drop --fsdp")
         if self.reference and self.lora_r > 0:
             raise ConfigError("--reference cannot be used with --lora-r: with LoRA the reference "
                               "is the policy's own base model. Merge the adapters into --policy "

@@ -103,8 +103,9 @@ def test_fsdp_is_refused_where_it_cannot_run(tiny_models, tmp_path, capsys):
     assert main(_args(tiny_models["llama"], data, out, "--fsdp", "--lora-r", "4")) == 2
     assert "--fsdp cannot be combined with --lora-r" in capsys.readouterr().err
     assert main(["ppo", "--policy", str(tiny_models["llama"]), "--reward-model", str(tiny_models["llama"]),
-                 "--prompts", str(data), "--output-dir", str(out), "--critic", "separate", "--fsdp"]) == 2
-    assert "--critic separate is not supported yet" in capsys.readouterr().err
+                 "--prompts", str(data), "--output-dir", str(out), "--fsdp", "--lora-r", "4"]) == 2
+    assert "--fsdp cannot be combined with --lora-r" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_sharded_dpo_matches_one_process_and_samples_for_its_kl(tiny_models, tmp_path):
@@ -170,17 +171,23 @@ def ppo_inputs(tiny_models, tmp_path):
 
 def _ppo_args(model, rm, prompts, out, *extra):
     return ["ppo", "--policy", str(model), "--reward-model", str(rm), "--prompts", str(prompts),
-            "--output-dir", str(out), "--response-length", "6", "--ppo-epochs", "2", "--critic", "head",
+            "--output-dir", str(out), "--response-length", "6", "--ppo-epochs", "2",
             "--no-progress", "--no-tensorboard", *extra]
 
 
-def test_sharded_ppo_matches_one_process_resumes_and_saves_a_plain_policy(ppo_inputs, tmp_path):
+# Both critics, and both ways of gathering the policy for sampling: the rollouts of iterations 2
+# and 3 come from the updated policy, so a sampler reading stale gathered weights would differ.
+@pytest.mark.parametrize("critic,sampling", [("head", "per-layer"), ("separate", "gathered")])
+def test_sharded_ppo_matches_one_process_resumes_and_saves_a_plain_policy(ppo_inputs, tmp_path, critic,
+                                                                          sampling):
     from transformers import AutoModelForCausalLM
 
     model, rm, prompts = ppo_inputs
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
-    assert main(_ppo_args(model, rm, prompts, one, "--max-steps", "3", "--batch-size", "8")) == 0
-    sharded = ("--max-steps", "3", "--batch-size", "4", "--fsdp", "--save-every", "2", "--keep-checkpoints", "3")
+    assert main(_ppo_args(model, rm, prompts, one, "--max-steps", "3", "--batch-size", "8",
+                          "--critic", critic)) == 0
+    sharded = ("--max-steps", "3", "--batch-size", "4", "--fsdp", "--save-every", "2", "--keep-checkpoints", "3",
+               "--critic", critic, "--fsdp-sampling", sampling)
     _launch(*_ppo_args(model, rm, prompts, two, *sharded))
     a, b = _rows(one), _rows(two)
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -195,7 +202,15 @@ def test_sharded_ppo_matches_one_process_resumes_and_saves_a_plain_policy(ppo_in
         la = AutoModelForCausalLM.from_pretrained(one).eval()(ids).logits
         lb = AutoModelForCausalLM.from_pretrained(two).eval()(ids).logits
     assert torch.allclose(la, lb, atol=1e-4, rtol=1e-4)
-    assert (two / "critic" / "value_head.safetensors").exists()
+    if critic == "head":
+        assert (two / "critic" / "value_head.safetensors").exists()
+    else:  # the separate critic is saved whole too, and computes what the one-process one does
+        from tether.models.reward import load_reward_model, per_token_scalars
+
+        with torch.no_grad():
+            va, vb = (per_token_scalars(load_reward_model(str(d / "critic")).eval(), ids, torch.ones_like(ids))
+                      for d in (one, two))
+        assert torch.allclose(va, vb, atol=1e-4, rtol=1e-4)
     # interrupted after iteration 2: resuming from its sharded checkpoint finishes the same run
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(two / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")

@@ -37,3 +37,23 @@ def test_fast_paths_step_aside_for_sharded_parameters(sharded_llama):
     ids = torch.tensor([[1, 7, 3, 9, 4]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-5)
+
+
+def test_gathered_keeps_each_layer_whole_until_the_block_ends(sharded_llama):
+    from tether.training.fsdp import gathered, is_sharded
+
+    model, plain = sharded_llama
+    layer = model.model.layers[0]
+    ids = torch.tensor([[1, 7, 3, 9, 4]])
+    with torch.no_grad():
+        model(ids)
+        assert is_sharded(layer)  # by default a layer's weights are freed after each forward
+        with gathered(model):
+            assert is_sharded(layer)  # nothing is gathered before it is used
+            logits = model(ids).logits
+            assert not is_sharded(layer)  # gathered once, then kept for the next forwards
+            assert torch.allclose(model(ids).logits, logits)
+        assert is_sharded(layer)  # freed at the end of the block
+        assert torch.allclose(model(ids).logits, plain(ids).logits, atol=1e-5)
+        model(ids)
+        assert is_sharded(layer)  # and freed after each forward again, as before the block

@@ -14,6 +14,7 @@ Both return a `Rollout` whose responses are cut at their first EOS (any of the E
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, Sequence
@@ -154,9 +155,10 @@ class KVCacheSampler:
     through the model's own forward with its cache otherwise.
     """
 
-    def __init__(self, model: Any, params: SamplingParams, fused: bool = True):
+    def __init__(self, model: Any, params: SamplingParams, fused: bool = True, gather: bool = False):
         self.model = model
         self.params = params
+        self.gather = gather
         self._keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         self.decoder = decoder_for(model) if fused else None
         # the KV cache's keyword: `cache` since transformers 5.24, `past_key_values` before
@@ -169,6 +171,11 @@ class KVCacheSampler:
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator,
                  noise_rows: Optional[tuple[int, int]] = None) -> Rollout:
+        with _sampling_context(self.model, self.gather and self._collective):
+            return self._generate(prompt_ids, prompt_mask, rng, noise_rows)
+
+    def _generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator,
+                  noise_rows: Optional[tuple[int, int]]) -> Rollout:
         p = self.params
         B, P = prompt_ids.shape
         noise_rows = noise_window(B, p, noise_rows)
@@ -220,9 +227,13 @@ class KVCacheSampler:
 class HFGenerator:
     """transformers' generate() with the same sampling parameters."""
 
-    def __init__(self, model: Any, params: SamplingParams):
+    def __init__(self, model: Any, params: SamplingParams, gather: bool = False):
+        from tether.training.fsdp import is_sharded
+
         self.model = model
         self.params = params
+        self.gather = gather
+        self._collective = is_sharded(model)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator,
@@ -243,10 +254,14 @@ class HFGenerator:
         devices = [prompt_ids.device] if prompt_ids.device.type == "cuda" else []
         was_training = self.model.training
         self.model.eval()
-        with torch.random.fork_rng(devices=devices):  # generate() draws from the global RNG
-            torch.manual_seed(seed)
+        # a sharded model's forward is a collective: synced_gpus keeps every process stepping
+        # until all have finished (the name is transformers'; it applies on CPUs too)
+        synced = {"synced_gpus": True} if self._collective else {}
+        with torch.random.fork_rng(devices=devices), \
+                _sampling_context(self.model, self.gather and self._collective):
+            torch.manual_seed(seed)  # generate() draws from the global RNG
             out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                      generation_config=config)
+                                      generation_config=config, **synced)
         self.model.train(was_training)
         return finish_responses(prompt_ids, prompt_mask, out[:, prompt_ids.shape[1]:], p)
 
@@ -254,10 +269,20 @@ class HFGenerator:
         """Nothing to do: generate() runs the live policy."""
 
 
-def make_generator(backend: str, model: Any, params: SamplingParams) -> Generator:
+def make_generator(backend: str, model: Any, params: SamplingParams, gather: bool = False) -> Generator:
+    """gather: for a sharded (--fsdp) model, keep its gathered weights for the whole of each
+    rollout rather than gathering them again for every token (`training/fsdp.gathered`)."""
     if backend == "hf":
-        return HFGenerator(model, params)
-    return KVCacheSampler(model, params)
+        return HFGenerator(model, params, gather)
+    return KVCacheSampler(model, params, gather=gather)
+
+
+def _sampling_context(model: Any, gather: bool) -> Any:
+    if not gather:
+        return contextlib.nullcontext()
+    from tether.training.fsdp import gathered
+
+    return gathered(model)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int,

@@ -69,8 +69,11 @@ def check_reference_detached(reference: Any, trainable: list[torch.nn.Parameter]
     """No parameter that an optimizer updates may be one the reference reads: the structural
     form of the probe above, which holds whatever the CPU's rounding. reference: a
     `rollout.score.Reference`; with LoRA (adapters off) it reads the base weights only."""
-    updated = {p.data_ptr() for p in trainable if p.requires_grad}
-    shared = [name for name, p in reference.read_parameters() if p.data_ptr() in updated]
+    from tether.training.fsdp import local
+
+    # a sharded (--fsdp) parameter's own data_ptr is 0: compare the storage of its local shard
+    updated = {local(p).data_ptr() for p in trainable if p.requires_grad}
+    shared = [name for name, p in reference.read_parameters() if local(p).data_ptr() in updated]
     if not shared:
         return None
     return HealthIssue("reference_changed", (

@@ -18,10 +18,11 @@ and how its state is written:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -67,10 +68,29 @@ def shard_whole(module: nn.Module, accelerator: Any) -> nn.Module:
     return module
 
 
+def _scalar_parts(model: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+    """(trunk, head) of a sequence-classification model (a reward model or a critic), whose
+    trunk tether also calls on its own (models/reward.py reads its hidden states); None for a
+    causal LM, which is only ever called whole."""
+    from tether.models.reward import HEAD_NAMES
+
+    if model.get_output_embeddings() is not None:
+        return None
+    heads = [getattr(model, n) for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    trunk = getattr(model, "base_model", None)
+    if not heads or trunk is None or trunk is model:
+        return None
+    return trunk, heads[0]
+
+
 def shard(model: nn.Module, accelerator: Any) -> nn.Module:
     """Apply fully_shard to every decoder layer, then to the root (in place; returns model).
+    Trainable or frozen alike: a frozen model's shards simply get no gradients.
+
     The root is what must be called: a model sharded this way is never called through a
-    wrapper that is sharded too (FSDP2 wants the outermost sharded module called first)."""
+    wrapper that is sharded too (FSDP2 wants the outermost sharded module called first). A
+    sequence-classification model has two roots, its trunk and its head, since tether calls
+    the trunk alone (per-token values, the score at the last token) as well as the whole."""
     from torch.distributed.fsdp import fully_shard
 
     require_processes(accelerator)
@@ -81,16 +101,50 @@ def shard(model: nn.Module, accelerator: Any) -> nn.Module:
     mesh = _mesh(accelerator)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    log.info("fsdp: %d decoder layers and the root sharded over %d processes", len(layers),
-             accelerator.num_processes)
+    parts = _scalar_parts(model)
+    roots = [model] if parts is None else list(parts)
+    for root in roots:
+        fully_shard(root, mesh=mesh)
+    left = [n for n, p in model.named_parameters() if not is_sharded_tensor(p)]
+    if left:
+        raise ConfigError(f"--fsdp left {len(left)} parameter(s) of {type(model).__name__} unsharded "
+                          f"(e.g. {left[0]}); run it without --fsdp")
+    log.info("fsdp: %s: %d decoder layers and %d root(s) sharded over %d processes",
+             type(model).__name__, len(layers), len(roots), accelerator.num_processes)
     return model
 
 
-def is_sharded(model: Any) -> bool:
+def is_sharded_tensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return isinstance(t, DTensor)
+
+
+@contextlib.contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Within the block, each sharded module of `model` keeps its full weights once its first
+    forward has gathered them, instead of freeing them after every forward; they are freed
+    (resharded) at the end. For sampling: one forward per token would otherwise all-gather every
+    layer again for every token. It costs the memory of the whole weights, once, for the
+    block's duration (not their gradients or optimizer state). Anything else runs as it is."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    inner = {id(sub) for m in modules for sub in m.modules() if sub is not m}
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            # back to fully_shard's defaults: a root keeps its (few) weights after a forward,
+            # as the backward that follows in training needs them at once; the rest free them
+            m.set_reshard_after_forward(id(m) in inner, recurse=False)
+
+
+def is_sharded(model: Any) -> bool:
+    return any(is_sharded_tensor(p) for p in model.parameters())
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

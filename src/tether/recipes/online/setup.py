@@ -207,8 +207,10 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     for frozen in {id(m): m for m in (reference.model, reward.model) if m is not None}.values():
         frozen.to(device)
     # 3. optimizers; accelerate prepares (and checkpoints) only the trainable side. Under --fsdp
-    #    the policy, its value head and a separate critic are sharded first, each its own root
-    #    (the policy is also called alone, to sample), and not wrapped by accelerate.
+    #    every model is sharded first, each its own root (the policy is also called alone, to
+    #    sample), and none is wrapped by accelerate: the policy, its value head or the separate
+    #    critic, and the frozen reference and RM (LoRA's reference is the policy itself, but
+    #    LoRA is refused with --fsdp).
     if cfg.fsdp:
         from tether.training.fsdp import shard, shard_whole
 
@@ -218,6 +220,8 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
             shard_whole(actor.value_head, accelerator)
         if critic is not None:
             shard(critic.to(device).model, accelerator)
+        for frozen in {id(m): m for m in (reference.model, reward.model) if m is not None}.values():
+            shard(frozen, accelerator)
     optimizers = make_optimizers(cfg, actor, critic)
     # A schedule only when asked for. As in SFT, its state goes into trainer_state.json (JSON,
     # never a pickle) and it is not wrapped by accelerate (which would step it once per process).
@@ -235,7 +239,8 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     params = SamplingParams(cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
                             () if cfg.ignore_eos else eos_ids, tokenizer.pad_token_id,
                             noise_shard=(accelerator.process_index, accelerator.num_processes))
-    generator = make_generator(cfg.generation_backend, accelerator.unwrap_model(actor).lm, params)
+    generator = make_generator(cfg.generation_backend, accelerator.unwrap_model(actor).lm, params,
+                               gather=cfg.fsdp and cfg.fsdp_sampling == "gathered")
     kl_target = getattr(cfg, "kl_target", None)  # adaptive beta: PPO's option
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, kl_target, cfg.kl_horizon)
               if kl_target is not None else FixedKLController(cfg.kl_coef))
