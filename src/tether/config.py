@@ -907,6 +907,13 @@ class SamplingFields:
     """Weight dtype. auto is bfloat16 on a GPU that supports it, float32 otherwise."""
     progress: bool = True
     """Show a progress bar over the sampling."""
+    fsdp: bool = False
+    """Shard every model (policy, reward model, reference) over the processes with torch FSDP2,
+    for models too large for one device. Under `accelerate launch --num_processes N` the
+    prompts are spread over the processes with or without it; each process samples and scores
+    its share and the main process writes the results. The samples are those one process
+    draws with the same seed. Launch with `accelerate launch --multi_gpu --num_processes N`
+    (N >= 2)."""
 
 
 @dataclass(frozen=True)

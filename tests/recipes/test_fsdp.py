@@ -230,3 +230,31 @@ def test_sharded_grpo_runs_to_the_end(ppo_inputs, tmp_path):
             "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--num-generations", "4",
             "--response-length", "6", "--fsdp", "--no-progress", "--no-tensorboard")
     assert sorted(_rows(out)) == [1, 2] and (out / "model.safetensors").exists()
+
+
+def test_sharded_bon_and_eval_sample_what_one_process_samples(ppo_inputs, tmp_path):
+    """bon and eval spread their prompts over the processes (7 prompts x 3 samples in batches of
+    4: the last batch has one row, which the second process repeats), with --fsdp sharding the
+    policy, the RM and the reference; the results are those of one process."""
+    model, rm, prompts = ppo_inputs
+    bon = ("bon", "--policy", str(model), "--reward-model", str(rm), "--prompts", str(prompts), "--n", "3",
+           "--max-prompts", "7", "--batch-size", "4", "--response-length", "6", "--no-progress")
+    assert main([*bon, "--output-dir", str(tmp_path / "bon1")]) == 0
+    _launch(*bon, "--output-dir", str(tmp_path / "bon2"), "--fsdp")
+    _launch(*bon, "--output-dir", str(tmp_path / "bon2r"))  # spread, not sharded
+    one = [json.loads(line) for line in (tmp_path / "bon1" / "bon.jsonl").read_text().splitlines()]
+    for other in ("bon2", "bon2r"):
+        two = [json.loads(line) for line in (tmp_path / other / "bon.jsonl").read_text().splitlines()]
+        assert [r["responses"] for r in two] == [r["responses"] for r in one]
+        for a, b in zip(one, two):
+            assert b["scores"] == pytest.approx(a["scores"], abs=1e-4)
+    ev = ("eval", "--policy-a", str(model), "--policy-b", str(tmp_path / "bon1" / "bon.jsonl"),
+          "--prompts", str(prompts), "--max-prompts", "7", "--judge", str(rm), "--reference", str(rm.parent / "model"),
+          "--batch-size", "3", "--response-length", "6", "--no-progress")
+    assert main([*ev, "--output", str(tmp_path / "e1.json")]) == 0
+    _launch(*ev, "--output", str(tmp_path / "e2.json"), "--fsdp")
+    e1, e2 = (json.loads((tmp_path / f).read_text()) for f in ("e1.json", "e2.json"))
+    assert [s["a"] for s in e2["samples"]] == [s["a"] for s in e1["samples"]]
+    for key in ("win_rate", "score_a_mean", "score_b_mean", "kl_a_to_reference"):
+        assert e2[key] == pytest.approx(e1[key], abs=1e-4), key
+    assert e1["prompts"] == e2["prompts"] == 7

@@ -6,8 +6,8 @@ PPO does: left-padded prompts, a KV cache, responses cut at the first EOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -26,6 +26,60 @@ class Samples:
     temperature: float = 1.0  # the samples were drawn from softmax(logits / temperature)
     top_k: int = 0  # ... truncated to the top_k most likely tokens (0 = not truncated)
     top_p: float = 1.0  # ... and to the top_p nucleus (1.0 = not truncated)
+    # Spread over processes (`part`): which row of the whole list each sample is, and whether it
+    # is this process's own (the others repeat a neighbour's, see `Spread`). Without a part,
+    # every row in order, all owned.
+    index: list[int] = field(default_factory=list)
+    owned: list[bool] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The rows one process of a launch computes when `total` rows are processed in batches of
+    `batch_size` spread over `count` processes (part = (index, count)).
+
+    Each batch of b rows is cut into `count` windows of ceil(b / count) rows; process p owns
+    window p. Every process runs a window of the same size, because the forwards of a sharded
+    model (--fsdp) are collectives: a window that would run past the batch's end is moved back
+    to end there, and its rows before the process's own repeat a neighbour's. Such a repeat has
+    the same prompt and, through `noise_rows`, the same sampling noise as the row it copies, so
+    it ends when that row ends and no process decodes longer than one process alone would.
+    With that noise each row is sampled as one process sampling the whole batch samples it."""
+
+    rows: tuple[int, ...]  # the rows this process computes, batch after batch
+    owned: tuple[bool, ...]  # which of them are its own
+    batches: tuple[tuple[int, int, int, int], ...]  # (first local row, rows, noise offset, batch rows)
+
+    @classmethod
+    def of(cls, total: int, batch_size: int, part: tuple[int, int] = (0, 1)) -> "Spread":
+        index, count = part
+        rows: list[int] = []
+        owned: list[bool] = []
+        batches = []
+        for at in range(0, total, batch_size):
+            b = min(batch_size, total - at)
+            size = -(-b // count)
+            own = index * size
+            offset = min(own, b - size)
+            batches.append((len(rows), size, offset, b))
+            rows.extend(at + offset + i for i in range(size))
+            owned.extend(offset + i >= own for i in range(size))
+        return cls(tuple(rows), tuple(owned), tuple(batches))
+
+
+def gather_owned(accelerator: Any, index: Sequence[int], owned: Sequence[bool],
+                 **columns: Sequence[Any]) -> dict[str, list]:
+    """Every process's own rows of each column, put back in row order, on every process (a
+    collective when there are several; the objects travel between this launch's processes)."""
+    mine = [(i, *values) for i, keep, *values in zip(index, owned, *columns.values()) if keep]
+    if accelerator is not None and accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        parts: list[Optional[list]] = [None] * accelerator.num_processes
+        dist.all_gather_object(parts, mine)
+        mine = [row for part in parts for row in (part or [])]
+    mine.sort(key=lambda row: row[0])
+    return {name: [row[k + 1] for row in mine] for k, name in enumerate(columns)}
 
 
 @torch.no_grad()
@@ -33,10 +87,12 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
                      max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
                      max_prompt_length: int | None = None, progress: str = "",
-                     chat: bool = False) -> Samples:
+                     chat: bool = False, part: tuple[int, int] = (0, 1)) -> Samples:
     """`n` samples for every prompt, in prompt order. Deterministic for a given seed.
     progress: a label for a progress bar over the samples (none when empty). chat: the prompts
-    are rendered chat templates, encoded without added special tokens."""
+    are rendered chat templates, encoded without added special tokens. part: (this process,
+    number of processes) to sample this process's rows only, as `Spread` lays them out (the
+    same samples as one process draws); `gather_owned` puts the rows of all back together."""
     from tether.models.load import eos_token_ids
     from tether.rollout.generate import KVCacheSampler, SamplingParams, left_pad
 
@@ -44,26 +100,28 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     pad = pad_id(tokenizer, eos[0])
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, eos_token_ids=tuple(eos), pad_token_id=pad)
-    sampler = KVCacheSampler(model, params)
+    sampler = KVCacheSampler(model, params, gather=True)  # gather: a sharded model's weights
     device = next(model.parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
     flat = [p for p in prompts for _ in range(n)]
-    encoded = [encode_chat_or_prompt(tokenizer, p, chat) for p in flat]
+    spread = Spread.of(len(flat), batch_size, part)
+    mine = [flat[i] for i in spread.rows]
+    encoded = [encode_chat_or_prompt(tokenizer, p, chat) for p in mine]
     if max_prompt_length:
         encoded = [e[-max_prompt_length:] for e in encoded]
-    out = Samples([], [], [], [], chat, temperature, top_k, top_p)
+    out = Samples([], [], [], [], chat, temperature, top_k, top_p, list(spread.rows), list(spread.owned))
     bar = Progress(len(flat), desc=progress, enabled=bool(progress) and len(flat) > batch_size)
-    for at in range(0, len(flat), batch_size):
-        ids, mask = left_pad(encoded[at:at + batch_size], pad, device)
-        rollout = sampler.generate(ids, mask, rng)
+    for first, size, offset, rows in spread.batches:
+        ids, mask = left_pad(encoded[first:first + size], pad, device)
+        rollout = sampler.generate(ids, mask, rng, noise_rows=(offset, rows))
         for row in range(ids.shape[0]):
             keep = rollout.response_ids[row][rollout.response_mask[row].bool()].tolist()
             text_ids = [t for t in keep if t not in eos]
-            out.prompts.append(flat[at + row])
+            out.prompts.append(mine[first + row])
             out.responses.append(tokenizer.decode(text_ids, skip_special_tokens=True))
             out.response_ids.append(keep)
             out.ended.append(bool(rollout.ended[row]))
-        bar.update(ids.shape[0])
+        bar.update(rows)
     bar.close()
     return out
 
@@ -105,7 +163,15 @@ def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
 
 def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, samples: Samples,
                     batch_size: int = 64) -> float:
-    """Monte-Carlo KL(policy || reference) per sequence: mean of log pi(y) - log ref(y), y ~ pi.
+    """The mean of `kl_terms` (see there)."""
+    terms = kl_terms(policy, reference, tokenizer, samples, batch_size)
+    return sum(terms) / max(len(terms), 1)
+
+
+def kl_terms(policy: Any, reference: Any, tokenizer: Any, samples: Samples,
+             batch_size: int = 64) -> list[float]:
+    """Monte-Carlo KL(policy || reference) per sequence: log pi(y) - log ref(y) of each sample
+    y ~ pi, whose mean estimates the KL.
 
     pi is what the samples were drawn from: the policy at the samples' temperature, truncated by
     their top-k / top-p when set. The reference is read at the same temperature and never
@@ -114,4 +180,4 @@ def kl_to_reference(policy: Any, reference: Any, tokenizer: Any, samples: Sample
     args = (samples.prompts, samples.response_ids, batch_size, samples.chat, samples.temperature)
     lp = response_logprobs(policy, tokenizer, *args, top_k=samples.top_k, top_p=samples.top_p)
     lr = response_logprobs(reference, tokenizer, *args)
-    return sum(a - b for a, b in zip(lp, lr)) / max(len(lp), 1)
+    return [a - b for a, b in zip(lp, lr)]

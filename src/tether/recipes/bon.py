@@ -3,6 +3,8 @@
 For every prompt: sample N responses from the policy, score all of them with the reward model
 in batches, keep the highest. Writes `bon.jsonl` ({prompt, response, score, responses, scores})
 and `pairs.jsonl` ({prompt, chosen, rejected}: best against worst, ready for tether rm / dpo).
+Under `accelerate launch` the samples are spread over the processes (`eval.sampling.Spread`),
+and with --fsdp both models are sharded; the main process writes the files.
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ from tether.data.io import load_rows, require_columns
 from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
 from tether.models.reward import load_reward_model, score_texts
 from tether.models.save import mark_complete
-from tether.training.rundir import claim, save_run_config
 from tether.training.files import write_jsonl
-from tether.training.runtime import resolve_dtype, setup_logging
+from tether.training.runtime import resolve_dtype, start_run
 
 log = logging.getLogger("tether")
 
@@ -33,13 +34,12 @@ def read_prompts(source: str, limit: int = 0) -> list[str]:
 
 def run(cfg: BoNConfig) -> dict:
     """Sample, score, select, write; returns the summary."""
-    from tether.eval.sampling import sample_responses
+    from tether.eval.sampling import gather_owned, sample_responses
 
-    setup_logging()
     t0 = time.perf_counter()
-    out = claim(cfg)
-    save_run_config(cfg, out)
-    # 1. models (dropout off: sampling and scoring are inference)
+    accelerator, out = start_run(cfg)
+    part = (accelerator.process_index, accelerator.num_processes)
+    # 1. models (dropout off: sampling and scoring are inference); under --fsdp both sharded
     dtype = resolve_dtype(cfg.dtype)
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, padding_side="left")
     policy = load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code).eval()
@@ -48,17 +48,27 @@ def run(cfg: BoNConfig) -> dict:
                                      rm_tokenizer.pad_token_id).eval()
     for model in (policy, reward_model):
         disable_dropout(model)
+        model.to(accelerator.device)
+        if cfg.fsdp:
+            from tether.training.fsdp import shard
+
+            shard(model, accelerator)
     prompts = read_prompts(cfg.prompts, cfg.max_prompts)
-    # 2. N samples per prompt, then one batched scoring pass over all of them
+    # 2. N samples per prompt (this process's share), then batched scoring of all of them
     samples = sample_responses(policy, tokenizer, prompts, n=cfg.n, max_new_tokens=cfg.response_length,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                               batch_size=cfg.batch_size, seed=cfg.seed,
-                               progress=f"best-of-{cfg.n}" if cfg.progress else "")
-    scores = score_texts(reward_model, rm_tokenizer, samples.prompts, samples.responses, cfg.batch_size)
+                               batch_size=cfg.batch_size, seed=cfg.seed, part=part,
+                               progress=f"best-of-{cfg.n}" if cfg.progress and accelerator.is_main_process else "")
+    local_scores = score_texts(reward_model, rm_tokenizer, samples.prompts, samples.responses, cfg.batch_size)
+    every = gather_owned(accelerator, samples.index, samples.owned, responses=samples.responses,
+                         scores=local_scores)
+    if not accelerator.is_main_process:  # the main process writes what every process found
+        return {}
+    responses, scores = every["responses"], every["scores"]
     # 3. select the best (and the worst, for pairs)
     rows, pairs = [], []
     for i, prompt in enumerate(prompts):
-        resp = samples.responses[i * cfg.n:(i + 1) * cfg.n]
+        resp = responses[i * cfg.n:(i + 1) * cfg.n]
         sc = scores[i * cfg.n:(i + 1) * cfg.n]
         best, worst = max(range(cfg.n), key=sc.__getitem__), min(range(cfg.n), key=sc.__getitem__)
         rows.append({"prompt": prompt, "response": resp[best], "score": sc[best],

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tether.config import EvalConfig
+from tether.eval.sampling import Spread
 from tether.eval.stats import distinct_n, win_rate
 from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
 from tether.training.files import atomic_write_json, write_jsonl
-from tether.training.runtime import resolve_dtype, setup_logging
+from tether.training.runtime import make_accelerator, resolve_dtype, setup_logging
 
 log = logging.getLogger("tether")
 
@@ -36,21 +37,46 @@ def _responses_from_file(source: str) -> dict[str, str]:
     return {str(r["prompt"]): str(r["response"] or "") for r in ds}
 
 
-def make_judge(spec: str, batch_size: int, dtype: Any) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
+def _load(kind: str, source: str, cfg: EvalConfig, dtype: Any, accelerator: Any) -> Any:
+    """A model for inference (eval mode, dropout off): on the launch's device, and sharded
+    under --fsdp. kind: 'lm' or 'rm'."""
+    if kind == "rm":
+        from tether.models.reward import load_reward_model
+
+        model = load_reward_model(source, dtype, cfg.trust_remote_code,
+                                  pad_token_id=load_tokenizer(source, cfg.trust_remote_code).pad_token_id)
+    else:
+        model = load_causal_lm(source, dtype, cfg.trust_remote_code)
+    disable_dropout(model)
+    model.eval()
+    if accelerator is not None:
+        model.to(accelerator.device)
+        if cfg.fsdp:
+            from tether.training.fsdp import shard
+
+            shard(model, accelerator)
+    return model
+
+
+def make_judge(cfg: EvalConfig, dtype: Any, accelerator: Any = None
+               ) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
     """'world' -> the gold judge; anything else -> a reward model directory."""
-    if spec == "world":
+    if cfg.judge == "world":
         from tether.world import score
 
         return lambda prompts, responses: [score(p, r) for p, r in zip(prompts, responses)]
-    from tether.models.reward import load_reward_model, score_texts
+    from tether.models.reward import score_texts
 
-    tok = load_tokenizer(spec)
-    model = load_reward_model(spec, dtype, pad_token_id=tok.pad_token_id).eval()
-    return lambda prompts, responses: score_texts(model, tok, prompts, responses, batch_size)
+    tok = load_tokenizer(cfg.judge, cfg.trust_remote_code)
+    model = _load("rm", cfg.judge, cfg, dtype, accelerator)
+    return lambda prompts, responses: score_texts(model, tok, prompts, responses, cfg.batch_size)
 
 
-def _answers(source: str, prompts: list[str], cfg: EvalConfig, dtype: Any) -> tuple[list[str], Any]:
-    """Responses of one policy to `prompts`, and (model, tokenizer, samples) when it is a model."""
+def _answers(source: str, prompts: list[str], cfg: EvalConfig, dtype: Any, spread: Spread,
+             accelerator: Any) -> tuple[list[str], Any]:
+    """Responses of one policy to this process's rows of `prompts` (`spread`), and (model,
+    tokenizer, samples) when it is a model."""
+    mine = [prompts[i] for i in spread.rows]
     if not _is_model(source):
         table = _responses_from_file(source)
         missing = [p for p in prompts if p not in table]
@@ -58,17 +84,22 @@ def _answers(source: str, prompts: list[str], cfg: EvalConfig, dtype: Any) -> tu
             from tether.errors import DataError
 
             raise DataError(f"{source} has no response for {len(missing)} prompt(s), e.g. {missing[0]!r}")
-        return [table[p] for p in prompts], None
+        return [table[p] for p in mine], None
     from tether.eval.sampling import sample_responses
 
     tok = load_tokenizer(source, cfg.trust_remote_code, padding_side="left")
-    model = load_causal_lm(source, dtype, cfg.trust_remote_code).eval()
-    disable_dropout(model)
+    model = _load("lm", source, cfg, dtype, accelerator)
+    show = cfg.progress and (accelerator is None or accelerator.is_main_process)
     samples = sample_responses(model, tok, prompts, n=1, max_new_tokens=cfg.response_length,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                               batch_size=cfg.batch_size, seed=cfg.seed,
-                               progress=f"sampling {Path(source).name}" if cfg.progress else "")
+                               batch_size=cfg.batch_size, seed=cfg.seed, part=_part(accelerator),
+                               progress=f"sampling {Path(source).name}" if show else "")
+    assert tuple(samples.index) == spread.rows
     return samples.responses, (model, tok, samples)
+
+
+def _part(accelerator: Any) -> tuple[int, int]:
+    return (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
 
 
 def _prompts(cfg: EvalConfig) -> list[str]:
@@ -81,14 +112,28 @@ def _prompts(cfg: EvalConfig) -> list[str]:
     return prompts[:cfg.max_prompts] if cfg.max_prompts > 0 else prompts
 
 
-def evaluate(cfg: EvalConfig) -> dict:
-    """Compute every figure; returns the result dict (also written to cfg.output)."""
+def evaluate(cfg: EvalConfig, accelerator: Any = None) -> dict:
+    """Compute every figure; returns the result dict (also written to cfg.output). With an
+    accelerator of several processes, each samples, judges and measures the KL of its share of
+    the prompts (`eval.sampling.Spread`) and every process returns the whole result."""
+    from tether.eval.sampling import gather_owned
+
     dtype = resolve_dtype(cfg.dtype)
     prompts = _prompts(cfg)
-    a, model_a = _answers(cfg.policy_a, prompts, cfg, dtype)
-    b, _ = _answers(cfg.policy_b, prompts, cfg, dtype)
-    judge = make_judge(cfg.judge, cfg.batch_size, dtype)
-    score_a, score_b = judge(prompts, a), judge(prompts, b)
+    spread = Spread.of(len(prompts), cfg.batch_size, _part(accelerator))
+    mine = [prompts[i] for i in spread.rows]
+    a, model_a = _answers(cfg.policy_a, prompts, cfg, dtype, spread, accelerator)
+    b, _ = _answers(cfg.policy_b, prompts, cfg, dtype, spread, accelerator)
+    judge = make_judge(cfg, dtype, accelerator)
+    columns = {"a": a, "b": b, "score_a": judge(mine, a), "score_b": judge(mine, b)}
+    if cfg.reference and model_a is not None:
+        from tether.eval.sampling import kl_terms
+
+        model, tok, samples = model_a
+        reference = _load("lm", cfg.reference, cfg, dtype, accelerator)
+        columns["kl"] = kl_terms(model, reference, tok, samples, cfg.batch_size)
+    every = gather_owned(accelerator, spread.rows, spread.owned, **columns)
+    a, b, score_a, score_b = every["a"], every["b"], every["score_a"], every["score_b"]
     wr = win_rate(score_a, score_b)
     result = {"policy_a": cfg.policy_a, "policy_b": cfg.policy_b, "judge": cfg.judge,
               "prompts": len(prompts), **wr.as_dict(),
@@ -96,16 +141,12 @@ def evaluate(cfg: EvalConfig) -> dict:
               "length_a": statistics.fmean(len(r.split()) for r in a),
               "length_b": statistics.fmean(len(r.split()) for r in b),
               "distinct2_a": distinct_n(a, 2), "distinct2_b": distinct_n(b, 2)}
-    if cfg.reference and model_a is not None:
-        from tether.eval.sampling import kl_to_reference
-
-        model, tok, samples = model_a
-        reference = load_causal_lm(cfg.reference, dtype, cfg.trust_remote_code).eval()
-        result["kl_a_to_reference"] = kl_to_reference(model, reference, tok, samples, cfg.batch_size)
+    if "kl" in every:
+        result["kl_a_to_reference"] = statistics.fmean(every["kl"])
     pairs = [{"prompt": p, "a": x, "b": y, "score_a": sa, "score_b": sb}
              for p, x, y, sa, sb in zip(prompts, a, b, score_a, score_b)]
     result["samples"] = pairs[:cfg.n_samples_shown]
-    if cfg.side_by_side:
+    if cfg.side_by_side and (accelerator is None or accelerator.is_main_process):
         write_jsonl(cfg.side_by_side, pairs)
     return result
 
@@ -126,8 +167,15 @@ def print_table(result: dict) -> None:
 
 
 def run(cfg: EvalConfig) -> dict:
-    setup_logging()
-    result = evaluate(cfg)
-    atomic_write_json(cfg.output, result)
-    print_table(result)
+    import os
+
+    # one process needs no accelerator; a launch of several (or --fsdp) spreads the prompts
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+    accelerator = make_accelerator(cfg.seed) if cfg.fsdp or launched else None
+    if accelerator is None:
+        setup_logging()
+    result = evaluate(cfg, accelerator)
+    if accelerator is None or accelerator.is_main_process:
+        atomic_write_json(cfg.output, result)
+        print_table(result)
     return result
