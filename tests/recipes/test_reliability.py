@@ -429,12 +429,20 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(world, tmp_path,
     assert run(capsys, stage_args(world, "sft", out) + ["--save-every", "1", "--resume"])[0] == 0
 
 
-@pytest.mark.parametrize("env", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_a_launch_whose_processes_would_not_be_connected_is_refused(env, world, tmp_path, capsys,
-                                                                     monkeypatch):
-    """`accelerate launch --use_fsdp --num_processes 2` on CPUs starts processes that each think
-    they are alone: refused before anything is written."""
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("env,says", [("ACCELERATE_USE_FSDP", "pass --fsdp to the stage"),
+                                      ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed is not supported")])
+def test_a_launch_tether_would_not_run_as_asked_is_refused(env, says, gpu, world, tmp_path, capsys,
+                                                           monkeypatch):
+    """accelerate's FSDP plugin and DeepSpeed are refused before anything is written, saying
+    what to launch instead: on CPUs `accelerate launch --use_fsdp --num_processes 2` starts
+    processes that each think they are alone; on GPUs tether shards with FSDP2 itself."""
+    from tether.training import runtime
+
     monkeypatch.setenv(env, "true")
+    monkeypatch.setattr(runtime, "_has_accelerator_device", lambda: gpu)
     out = tmp_path / "run"
-    expect(capsys, world, stage_args(world, "sft", out), 2, "--multi_gpu --num_processes N")
+    err = expect(capsys, world, stage_args(world, "sft", out), 2, "--multi_gpu --num_processes N")
+    assert says in err
+    assert ("not connected" in err) == (not gpu)
     assert not out.exists()

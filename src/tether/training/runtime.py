@@ -58,17 +58,28 @@ def make_accelerator(seed: int) -> Any:
 
 
 def check_launch() -> None:
-    """Refuse, before anything is written, a launch whose processes would not be connected:
-    accelerate's FSDP and DeepSpeed plugins need GPUs, and without one `accelerate launch
-    --use_fsdp --num_processes 2` starts processes that each think they are alone."""
-    if _has_accelerator_device():
-        return
-    for env, name in (("ACCELERATE_USE_FSDP", "--use_fsdp"), ("ACCELERATE_USE_DEEPSPEED", "--use_deepspeed")):
-        if os.environ.get(env, "").lower() in ("1", "true", "yes"):
-            raise ConfigError(f"`accelerate launch {name}` needs GPUs; on this machine it would start "
-                              "processes that are not connected (each writing the same output). "
-                              "On CPUs use `accelerate launch --multi_gpu --num_processes N` (DDP "
-                              "over gloo).")
+    """Refuse, before anything is written, a launch that tether would not run as asked:
+
+    - accelerate's FSDP plugin (`--use_fsdp`, or an FSDP accelerate config), on any device:
+      tether shards with torch FSDP2 itself (`--fsdp`) and does not run models wrapped by
+      accelerate's FSDP. Without a GPU it is worse: the processes would not be connected.
+    - DeepSpeed (`--use_deepspeed`): it does not run on CPUs here, so tether has never been run
+      under it; refused everywhere rather than trusted untested (docs/distributed.md).
+    """
+    enabled = lambda env: os.environ.get(env, "").lower() in ("1", "true", "yes")  # noqa: E731
+    gpu = _has_accelerator_device()
+    detached = "" if gpu else (" Without a GPU it would also start processes that are not "
+                               "connected, each writing the same output.")
+    if enabled("ACCELERATE_USE_FSDP"):
+        raise ConfigError("tether shards with torch FSDP2 itself, not through accelerate's FSDP "
+                          "plugin (`accelerate launch --use_fsdp` or an FSDP accelerate config)."
+                          + detached + " Launch with `accelerate launch --multi_gpu "
+                          "--num_processes N` and pass --fsdp to the stage.")
+    if enabled("ACCELERATE_USE_DEEPSPEED"):
+        raise ConfigError("DeepSpeed is not supported: it was never run with tether (it does not "
+                          "run on CPUs, where tether is tested)." + detached + " To shard the "
+                          "models, launch with `accelerate launch --multi_gpu --num_processes N` "
+                          "and pass --fsdp (torch FSDP2).")
 
 
 # glibc mallopt parameters (malloc.h)
