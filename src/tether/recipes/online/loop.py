@@ -28,7 +28,8 @@ from tether.rollout.types import Experience
 from tether.training.checkpoint import load_checkpoint, save_checkpoint
 from tether.training.metrics import MetricsWriter
 from tether.training.progress import Progress
-from tether.training.runtime import any_process, apply_peak_lr, configured_peaks, start_run
+from tether.training.runtime import (any_process, apply_peak_lr, configured_peaks, max_across_processes,
+                                     resident_mb, start_run)
 from tether.training.signals import StopRequest
 
 log = logging.getLogger("tether")
@@ -190,6 +191,10 @@ def finish_iteration(parts: PPOParts, step: int, exp: Experience, stats: dict, i
                               "iteration; its log names it")]
     metrics["health/issues"] = float(len(issues))
     metrics.update(clock.metrics())
+    # memory: the largest process's resident set, and the bytes of weights, gradients and
+    # optimizer states it holds (its shards under --fsdp); one collective for both
+    metrics["memory/rss_mb"], metrics["memory/state_mb"] = max_across_processes(
+        parts.accelerator, resident_mb(), parts.state_bytes() / 2**20)
     return IterationResult(metrics, exp, texts, issues)
 
 

@@ -77,6 +77,21 @@ class PPOParts:
         trainables = self.trainables()
         return [m for _, m, _ in trainables], [o for _, _, o in trainables]
 
+    def state_bytes(self) -> int:
+        """Bytes of the weights, gradients and optimizer states this process holds: the
+        trainable models with their optimizers, and the frozen reference and RM (weights only;
+        with LoRA the reference is the policy itself and counted once)."""
+        from tether.training.fsdp import local, state_bytes
+
+        total = sum(state_bytes(m, o) for _, m, o in self.trainables())
+        seen = {id(p) for _, m, _ in self.trainables() for p in m.parameters()}
+        for frozen in (self.reference.model, self.reward.model):
+            for p in (frozen.parameters() if frozen is not None else ()):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += local(p).nbytes
+        return total
+
     def all_reduce_sum(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
         """A sum over all processes, for batch statistics; None with a single process."""
         if self.accelerator.num_processes == 1:
@@ -109,15 +124,23 @@ def freeze(model: Any) -> Any:
     return model.eval()
 
 
-def load_policy_and_reference(cfg: OnlineConfig, dtype: torch.dtype) -> tuple[Any, Reference]:
+def unchanged(model: Any) -> Any:
+    return model
+
+
+def load_policy_and_reference(cfg: OnlineConfig, dtype: torch.dtype,
+                              place: Callable[[Any], Any] = unchanged) -> tuple[Any, Reference]:
     """The trainable policy, and pi_ref: a frozen copy of --reference (default: of the policy as
-    loaded), or with LoRA the policy's own base with adapters disabled (no second copy)."""
+    loaded), or with LoRA the policy's own base with adapters disabled (no second copy).
+    place: applied to each model as soon as it is loaded (under --fsdp: sharded, so that a
+    process never holds more than one whole model at a time)."""
     lm = load_causal_lm(cfg.policy, dtype, cfg.trust_remote_code, cfg.gradient_checkpointing)
     disable_dropout(lm)
     if cfg.lora_r > 0:
         lm = apply_lora(lm, cfg.lora_r, cfg.lora_alpha, 0.0, cfg.lora_target_modules)
         return lm, Reference(lm, adapters_off=True)
-    ref = freeze(load_causal_lm(cfg.reference or cfg.policy, dtype, cfg.trust_remote_code))
+    lm = place(lm)
+    ref = place(freeze(load_causal_lm(cfg.reference or cfg.policy, dtype, cfg.trust_remote_code)))
     if cfg.reference and ref.get_output_embeddings().weight.shape != lm.get_output_embeddings().weight.shape:
         raise ConfigError(f"--reference {cfg.reference} does not share the policy's vocabulary and "
                           f"width (LM head {tuple(ref.get_output_embeddings().weight.shape)} against "
@@ -126,16 +149,16 @@ def load_policy_and_reference(cfg: OnlineConfig, dtype: torch.dtype) -> tuple[An
     return lm, Reference(ref)
 
 
-def load_reward_side(cfg: OnlineConfig, tokenizer: Any, dtype: torch.dtype,
-                     eos_ids: tuple[int, ...]) -> tuple[RewardSources, Optional[Critic]]:
+def load_reward_side(cfg: OnlineConfig, tokenizer: Any, dtype: torch.dtype, eos_ids: tuple[int, ...],
+                     place: Callable[[Any], Any] = unchanged) -> tuple[RewardSources, Optional[Critic]]:
     """The rewards (the frozen RM, its calibration bias included in its scores, and/or the
     --reward-fn functions) and, with --critic separate, a trainable critic initialised from
-    the RM."""
+    the RM. place: as in `load_policy_and_reference`."""
     functions = RewardFunctions.from_config(cfg.reward_fn, cfg.reward_weights or []) \
         if cfg.reward_fn else None
     if not cfg.reward_model:
         return RewardSources(None, functions, tokenizer, eos_ids), None
-    rm = freeze(load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code, tokenizer.pad_token_id))
+    rm = place(freeze(load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code, tokenizer.pad_token_id)))
     rm_tokenizer = None
     try:
         own = load_tokenizer(cfg.reward_model, cfg.trust_remote_code)
@@ -157,7 +180,7 @@ def load_reward_side(cfg: OnlineConfig, tokenizer: Any, dtype: torch.dtype,
     critic_model.config.use_cache = False  # a training forward has no use for a KV cache
     if cfg.gradient_checkpointing:
         critic_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return scorer, Critic(critic_model)
+    return scorer, Critic(place(critic_model))
 
 
 def make_optimizers(cfg: OnlineConfig, actor: Actor, critic: Optional[Critic]) -> list:
@@ -194,10 +217,17 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation)
     eval_prompts = (load_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation)
                     if cfg.eval_prompts else None)
-    # 2. models: policy, reference, reward model, critic
-    lm, reference = load_policy_and_reference(cfg, dtype)
+    # 2. models: policy, reference, reward model, critic. Under --fsdp every model is sharded
+    #    as soon as it is loaded, each its own root (the policy is also called alone, to sample),
+    #    and none is wrapped by accelerate: frozen ones get no optimizer state.
+    place = unchanged
+    if cfg.fsdp:
+        from tether.training.fsdp import shard
+
+        place = lambda model: shard(model.to(device), accelerator)  # noqa: E731
+    lm, reference = load_policy_and_reference(cfg, dtype, place)
     eos_ids = tuple(eos_token_ids(tokenizer, lm))
-    reward, critic = load_reward_side(cfg, tokenizer, dtype, eos_ids)
+    reward, critic = load_reward_side(cfg, tokenizer, dtype, eos_ids, place)
     # Train mode only switches on gradient checkpointing: every dropout is already 0.
     actor = Actor(lm, new_value_head(lm) if cfg.critic == "head" else None).train()
     if critic is not None:
@@ -207,21 +237,11 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     for frozen in {id(m): m for m in (reference.model, reward.model) if m is not None}.values():
         frozen.to(device)
     # 3. optimizers; accelerate prepares (and checkpoints) only the trainable side. Under --fsdp
-    #    every model is sharded first, each its own root (the policy is also called alone, to
-    #    sample), and none is wrapped by accelerate: the policy, its value head or the separate
-    #    critic, and the frozen reference and RM (LoRA's reference is the policy itself, but
-    #    LoRA is refused with --fsdp).
-    if cfg.fsdp:
-        from tether.training.fsdp import shard, shard_whole
+    #    the value head is sharded on its own too.
+    if cfg.fsdp and actor.value_head is not None:
+        from tether.training.fsdp import shard_whole
 
-        actor.to(device)
-        shard(actor.lm, accelerator)
-        if actor.value_head is not None:
-            shard_whole(actor.value_head, accelerator)
-        if critic is not None:
-            shard(critic.to(device).model, accelerator)
-        for frozen in {id(m): m for m in (reference.model, reward.model) if m is not None}.values():
-            shard(frozen, accelerator)
+        shard_whole(actor.value_head.to(device), accelerator)
     optimizers = make_optimizers(cfg, actor, critic)
     # A schedule only when asked for. As in SFT, its state goes into trainer_state.json (JSON,
     # never a pickle) and it is not wrapped by accelerate (which would step it once per process).
