@@ -197,6 +197,9 @@ def test_sharded_ppo_matches_one_process_resumes_and_saves_a_plain_policy(ppo_in
         # the KL is a difference of two sums of logprobs (6 tokens, |log p| up to ~7): its float
         # error is that of the logprobs, about 1e-5 here, not a share of its own small size
         assert b[step]["objective/kl"] == pytest.approx(a[step]["objective/kl"], abs=1e-4), step
+        # each process holds half of every model: weights, optimizer states, and the frozen
+        # reference's and RM's weights too (none kept whole after a forward)
+        assert b[step]["memory/state_mb"] == pytest.approx(a[step]["memory/state_mb"] / 2, rel=0.02), step
     ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
     with torch.no_grad():
         la = AutoModelForCausalLM.from_pretrained(one).eval()(ids).logits

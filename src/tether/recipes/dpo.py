@@ -108,15 +108,22 @@ def _eval_prompts(cfg: DPOConfig, tokenizer: Any) -> tuple[list[str], bool]:
     return prompts[:cfg.kl_samples], any(r.get("chat", False) for r in rows)
 
 
-def make_kl_hook(cfg: DPOConfig, tokenizer: Any):
-    """After training: KL(policy || reference) on responses sampled from the policy."""
+def make_kl_hook(cfg: DPOConfig, tokenizer: Any, accelerator: Any = None):
+    """After training: KL(policy || reference) on responses sampled from the policy (under
+    --fsdp from the sharded policy, and the reference sharded too)."""
     def hook(model: Any) -> dict:
         if cfg.kl_samples <= 0:
             return {}
         from tether.eval.sampling import kl_to_reference, sample_responses
 
         reference = load_causal_lm(cfg.model, resolve_dtype(cfg.dtype), cfg.trust_remote_code)
+        disable_dropout(reference)
+        reference.eval().requires_grad_(False)
         reference.to(next(model.parameters()).device)
+        if cfg.fsdp:
+            from tether.training.fsdp import shard
+
+            shard(reference, accelerator)
         was_training = model.training
         model.eval()
         prompts, chat = _eval_prompts(cfg, tokenizer)
@@ -156,7 +163,7 @@ def run(cfg: DPOConfig) -> dict:
     pad = tokenizer.pad_token_id
     spec = LoopSpec("dpo", model, train, held or None, lambda units: collate_pairs(units, pad),
                     make_loss_fn(cfg.beta), lambda batch: batch["input_ids"].shape[0] / 2,
-                    eval_hook=make_kl_hook(cfg, tokenizer), bar_keys=("loss", "accuracy"))
+                    eval_hook=make_kl_hook(cfg, tokenizer, accelerator), bar_keys=("loss", "accuracy"))
     result = train_supervised(cfg, accelerator, spec)
     # 5. the output directory becomes the final policy
     summary = {"steps": result.step, "train_seconds": round(result.train_seconds, 2), **result.final_eval}

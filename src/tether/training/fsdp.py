@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tether.errors import ConfigError
+from tether.training.runtime import release_freed_memory
 
 log = logging.getLogger("tether")
 
@@ -105,13 +106,20 @@ def shard(model: nn.Module, accelerator: Any) -> nn.Module:
     roots = [model] if parts is None else list(parts)
     for root in roots:
         fully_shard(root, mesh=mesh)
+        if _frozen(root):  # no backward follows its forwards: free a root's weights after them
+            root.set_reshard_after_forward(True, recurse=False)
     left = [n for n, p in model.named_parameters() if not is_sharded_tensor(p)]
     if left:
         raise ConfigError(f"--fsdp left {len(left)} parameter(s) of {type(model).__name__} unsharded "
                           f"(e.g. {left[0]}); run it without --fsdp")
     log.info("fsdp: %s: %d decoder layers and %d root(s) sharded over %d processes",
              type(model).__name__, len(layers), len(roots), accelerator.num_processes)
+    release_freed_memory()  # the whole weights this process loaded, now replaced by its shards
     return model
+
+
+def _frozen(module: nn.Module) -> bool:
+    return not any(p.requires_grad for p in module.parameters())
 
 
 def is_sharded_tensor(t: Any) -> bool:
@@ -138,9 +146,9 @@ def gathered(model: nn.Module) -> Iterator[None]:
     finally:
         for m in modules:
             m.reshard()
-            # back to fully_shard's defaults: a root keeps its (few) weights after a forward,
-            # as the backward that follows in training needs them at once; the rest free them
-            m.set_reshard_after_forward(id(m) in inner, recurse=False)
+            # back to what `shard` set: a trained root keeps its weights after a forward, as
+            # the backward that follows needs them at once; the rest free them
+            m.set_reshard_after_forward(id(m) in inner or _frozen(m), recurse=False)
 
 
 def is_sharded(model: Any) -> bool:

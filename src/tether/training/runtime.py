@@ -113,6 +113,21 @@ def keep_freed_memory() -> bool:
     return _MALLOC_TUNED
 
 
+def release_freed_memory() -> bool:
+    """On Linux/glibc, hand the heap's free memory back to the OS now (malloc_trim). For a
+    one-off drop that `keep_freed_memory` would otherwise keep for good: the whole models each
+    process loads before --fsdp shards them. Returns whether it ran."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 def _has_accelerator_device() -> bool:
     """accelerate only sets up multi-process CPU training (gloo) when told it is on CPU."""
     if torch.cuda.is_available():
