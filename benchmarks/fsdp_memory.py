@@ -10,6 +10,7 @@ memory only.
 
     python benchmarks/fsdp_memory.py                  # tether sft, ~70M parameters, 3 repeats
     python benchmarks/fsdp_memory.py --stage ppo      # tether ppo: memory, then speed
+    python benchmarks/fsdp_memory.py --stage ppo --skip-speed
     python benchmarks/fsdp_memory.py --hidden 512 --layers 4
 """
 
@@ -131,18 +132,67 @@ def ppo_command(policy: Path, rm: Path, prompts: Path, steps: int, batch: int, l
 
 def ppo_memory(a: argparse.Namespace, work: Path) -> dict:
     """PPO with its four models: policy and separate critic (trained: weights, AdamW moments;
-    gradients are freed after each step), reference and RM (frozen: weights only)."""
+    gradients are freed after each step), reference and RM (frozen: weights only).
+
+    Each side is a launch of this script's worker (`--worker`), which builds tether's PPO parts
+    and runs iterations, reading its own memory after each: the resident set, the resident set
+    once glibc has handed its free heap back (malloc_trim: the memory the process really holds;
+    on CPUs freed blocks otherwise stay resident), and the peak resident set so far."""
     shape = llama_shape(a.hidden, a.layers, a.vocab)
     policy, rm, prompts = ppo_models(shape, work)
     n_lm, n_rm = count(policy), count(rm, "rm")
-    command = ppo_command(policy, rm, prompts, a.steps, 4, 16)
-    runs = measure(a.repeats, {"ddp": [], "fsdp": ["--fsdp"]}, command, work, "memory")
+    sides = {"ddp": "0", "fsdp": "1"}
+    rows: dict[str, list[dict]] = {k: [] for k in sides}
+    for r in range(a.repeats):
+        for side, flag in sides.items():
+            out = work / f"worker-{side}-{r}"
+            out.mkdir()
+            cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", __file__,
+                   "--worker", str(out), "--worker-fsdp", flag, "--worker-models", str(policy), str(rm), str(prompts),
+                   "--steps", str(a.steps)]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "TETHER_CPU_MALLOC": "0"}
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(done.stdout[-2000:] + done.stderr[-2000:])
+            ranks = [json.loads(f.read_text()) for f in sorted(out.glob("rank-*.json"))]
+            last = {k: max(rk[-1][k] for rk in ranks) for k in ranks[0][-1]}  # the largest process
+            rows[side].append(last)
+            print(f"repeat {r + 1}: {side} " + ", ".join(f"{k} {v:.0f} MB" for k, v in last.items()), flush=True)
+    med = {side: {k: statistics.median(x[k] for x in v) for k in v[0]} for side, v in rows.items()}
     bytes_per = {"policy": 12, "critic": 12, "reference": 4, "reward_model": 4}
     params = {"policy": n_lm, "critic": n_rm, "reference": n_lm, "reward_model": n_rm}
     per_model = {k: bytes_per[k] * params[k] / 2**20 for k in params}
     analytic = {"ddp": sum(per_model.values()), "fsdp": sum(per_model.values()) / 2}
     return {"stage": "ppo", "parameters": params, "bytes_per_parameter": bytes_per,
-            "analytic_mb_per_model_ddp": per_model, **runs, "analytic_states_mb_per_process": analytic}
+            "analytic_mb_per_model_ddp": per_model, "analytic_states_mb_per_process": analytic,
+            "measured_mb_largest_process": med, "runs": rows}
+
+
+def worker(out: Path, fsdp: bool, policy: str, rm: str, prompts: str, steps: int) -> int:
+    """One process of a `ppo_memory` launch: build, run `steps` iterations, record memory."""
+    import resource
+
+    import psutil
+    from tether.config import PPOConfig
+    from tether.recipes.online.loop import run_iteration
+    from tether.recipes.online.setup import build
+    from tether.training.runtime import release_freed_memory
+
+    cfg = PPOConfig(policy=policy, reward_model=rm, prompts=prompts, output_dir=str(out / "unused"),
+                    batch_size=4, response_length=16, ppo_epochs=1, fsdp=fsdp, progress=False,
+                    tensorboard=False)
+    parts = build(cfg)
+    rows = []
+    for step in range(1, steps + 1):
+        run_iteration(parts, step)
+        row = {"state_mb": parts.state_bytes() / 2**20, "rss_mb": psutil.Process().memory_info().rss / 2**20}
+        release_freed_memory()
+        row["rss_trimmed_mb"] = psutil.Process().memory_info().rss / 2**20
+        row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        rows.append(row)
+    (out / f"rank-{parts.accelerator.process_index}.json").write_text(json.dumps(rows))
+    return 0
 
 
 def ppo_speed(a: argparse.Namespace, work: Path) -> dict:
@@ -185,7 +235,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-repeats", type=int, default=5)
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--output", default="")
+    p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--worker-fsdp", default="0", help=argparse.SUPPRESS)
+    p.add_argument("--worker-models", nargs=3, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.worker:
+        return worker(Path(a.worker), a.worker_fsdp == "1", *a.worker_models, a.steps)
     import torch
 
     work = Path(tempfile.mkdtemp(prefix="tether-fsdp-mem-"))
