@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed-steps", type=int, default=4, help="PPO speed: iterations per run (the first is warm-up)")
     p.add_argument("--speed-repeats", type=int, default=5)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-memory", action="store_true", help="--stage ppo: the speed part only")
     p.add_argument("--output", default="")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--worker-fsdp", default="0", help=argparse.SUPPRESS)
@@ -248,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage == "sft":
         result.update(sft_memory(a, work))
     else:
-        result.update(ppo_memory(a, work))
+        if not a.skip_memory:
+            result.update(ppo_memory(a, work))
         if not a.skip_speed:
             result["speed"] = ppo_speed(a, work)
     print(json.dumps(result, indent=2))

@@ -225,13 +225,14 @@ def test_sharded_ppo_matches_one_process_resumes_and_saves_a_plain_policy(ppo_in
 
 
 def test_sharded_grpo_runs_to_the_end(ppo_inputs, tmp_path):
+    """Through transformers' generate() too (synced_gpus: every forward is a collective)."""
     model, _, prompts = ppo_inputs
     fn = tmp_path / "r.py"
     fn.write_text("def score(prompts, completions, **_):\n    return [float(len(c)) for c in completions]\n")
     out = tmp_path / "grpo"
     _launch("grpo", "--policy", str(model), "--reward-fn", f"{fn}:score", "--prompts", str(prompts),
             "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--num-generations", "4",
-            "--response-length", "6", "--fsdp", "--no-progress", "--no-tensorboard")
+            "--response-length", "6", "--fsdp", "--generation-backend", "hf", "--no-progress", "--no-tensorboard")
     assert sorted(_rows(out)) == [1, 2] and (out / "model.safetensors").exists()
 
 
