@@ -20,6 +20,7 @@ from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
 from tether.models.reward import load_reward_model, score_texts
 from tether.models.save import mark_complete
 from tether.training.files import write_jsonl
+from tether.training.fsdp import place
 from tether.training.runtime import resolve_dtype, start_run
 
 log = logging.getLogger("tether")
@@ -48,11 +49,7 @@ def run(cfg: BoNConfig) -> dict:
                                      rm_tokenizer.pad_token_id).eval()
     for model in (policy, reward_model):
         disable_dropout(model)
-        model.to(accelerator.device)
-        if cfg.fsdp:
-            from tether.training.fsdp import shard
-
-            shard(model, accelerator)
+        place(model, accelerator, cfg.fsdp)
     prompts = read_prompts(cfg.prompts, cfg.max_prompts)
     # 2. N samples per prompt (this process's share), then batched scoring of all of them
     samples = sample_responses(policy, tokenizer, prompts, n=cfg.n, max_new_tokens=cfg.response_length,

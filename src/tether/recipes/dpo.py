@@ -24,6 +24,7 @@ from tether.data.sft import IGNORE
 from tether.losses.dpo import dpo_loss
 from tether.models.load import apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer
 from tether.ops.logprobs import sequence_logprobs
+from tether.training.fsdp import place
 from tether.training.loop import LoopSpec, train_supervised
 from tether.training.runtime import finish_run, resolve_dtype, start_run
 
@@ -108,7 +109,7 @@ def _eval_prompts(cfg: DPOConfig, tokenizer: Any) -> tuple[list[str], bool]:
     return prompts[:cfg.kl_samples], any(r.get("chat", False) for r in rows)
 
 
-def make_kl_hook(cfg: DPOConfig, tokenizer: Any, accelerator: Any = None):
+def make_kl_hook(cfg: DPOConfig, tokenizer: Any, accelerator: Any):
     """After training: KL(policy || reference) on responses sampled from the policy (under
     --fsdp from the sharded policy, and the reference sharded too)."""
     def hook(model: Any) -> dict:
@@ -119,11 +120,7 @@ def make_kl_hook(cfg: DPOConfig, tokenizer: Any, accelerator: Any = None):
         reference = load_causal_lm(cfg.model, resolve_dtype(cfg.dtype), cfg.trust_remote_code)
         disable_dropout(reference)
         reference.eval().requires_grad_(False)
-        reference.to(next(model.parameters()).device)
-        if cfg.fsdp:
-            from tether.training.fsdp import shard
-
-            shard(reference, accelerator)
+        place(reference, accelerator, cfg.fsdp)
         was_training = model.training
         model.eval()
         prompts, chat = _eval_prompts(cfg, tokenizer)

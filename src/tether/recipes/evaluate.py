@@ -50,11 +50,9 @@ def _load(kind: str, source: str, cfg: EvalConfig, dtype: Any, accelerator: Any)
     disable_dropout(model)
     model.eval()
     if accelerator is not None:
-        model.to(accelerator.device)
-        if cfg.fsdp:
-            from tether.training.fsdp import shard
+        from tether.training.fsdp import place
 
-            shard(model, accelerator)
+        place(model, accelerator, cfg.fsdp)
     return model
 
 

@@ -118,6 +118,12 @@ def shard(model: nn.Module, accelerator: Any) -> nn.Module:
     return model
 
 
+def place(model: nn.Module, accelerator: Any, sharded: bool) -> nn.Module:
+    """`model` on the launch's device, and sharded when `sharded` (a stage's --fsdp)."""
+    model.to(accelerator.device)
+    return shard(model, accelerator) if sharded else model
+
+
 def _frozen(module: nn.Module) -> bool:
     return not any(p.requires_grad for p in module.parameters())
 

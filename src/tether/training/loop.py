@@ -74,9 +74,9 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
     #    Under --fsdp the model is sharded first (training/fsdp.py) and not wrapped by accelerate.
     fsdp = bool(getattr(cfg, "fsdp", False))
     if fsdp:
-        from tether.training.fsdp import shard
+        from tether.training.fsdp import place
 
-        shard(spec.model.to(accelerator.device), accelerator)
+        place(spec.model, accelerator, True)
     optimizer = make_optimizer(spec.model.parameters(), cfg.lr, cfg.weight_decay, cfg.adam_eps)
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler, cfg.warmup_ratio, steps)
     if fsdp:

@@ -222,9 +222,9 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     #    and none is wrapped by accelerate: frozen ones get no optimizer state.
     place = unchanged
     if cfg.fsdp:
-        from tether.training.fsdp import shard
+        from tether.training.fsdp import place as place_on
 
-        place = lambda model: shard(model.to(device), accelerator)  # noqa: E731
+        place = lambda model: place_on(model, accelerator, True)  # noqa: E731
     lm, reference = load_policy_and_reference(cfg, dtype, place)
     eos_ids = tuple(eos_token_ids(tokenizer, lm))
     reward, critic = load_reward_side(cfg, tokenizer, dtype, eos_ids, place)
