@@ -67,7 +67,7 @@ def test_functions_are_weighted_and_none_means_not_applicable(fns):
 
 @pytest.mark.parametrize("name,needle", [
     ("broken", "raised KeyError"), ("short", "returned 1 value(s) for 2"),
-    ("not_finite", "returned nan for f:2"), ("nothing", "no reward function applies to f:1"),
+    ("not_finite", "returned nan for f:2 (completion 'b')"), ("nothing", "no reward function applies to f:1"),
 ])
 def test_a_function_that_misbehaves_is_named_with_the_row(fns, name, needle):
     rf = RewardFunctions.from_config([f"{fns}:{name}"], [])

@@ -126,7 +126,8 @@ class RewardFunctions:
             except Exception as err:
                 raise TrainingError(f"reward function {spec} raised {type(err).__name__}: {err} "
                                     f"(on the batch of rows {rows[0]} ... {rows[-1]})") from None
-            values = checked_values(values, n, f"reward function {spec}", rows, TrainingError)
+            where = [f"{row} (completion {c[:80]!r})" for row, c in zip(rows, completions)]
+            values = checked_values(values, n, f"reward function {spec}", where, TrainingError)
             for i, v in enumerate(values):
                 if v is not None:
                     total[i] += weight * v
