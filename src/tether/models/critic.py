@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 from torch import Tensor, nn
 
+from tether.models import prefix
+from tether.models.prefix import PromptGroups, prompt_groups, shared_logits
 from tether.models.reward import per_token_scalars, reward_bias
 from tether.models.tail import reading_last
 
@@ -42,12 +44,23 @@ def response_logits(lm: Any, input_ids: Tensor, attention_mask: Tensor, position
     prompt logits are computed and nothing is sliced afterwards (a slice's backward allocates
     and fills another logits-sized gradient).
     """
+    groups = _shared_prompts(lm, input_ids, attention_mask, n_response)
+    if groups is not None:  # G rows per prompt: the prompt is computed once (models/prefix.py)
+        return shared_logits(lm, input_ids, attention_mask, position_ids, n_response, groups)
     keep = _accepts_logits_to_keep(lm) if keep_arg is None else keep_arg
     kwargs = {"logits_to_keep": n_response} if keep else {}
     with reading_last(lm, n_response):  # the last layer runs at those positions only
         logits = lm(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                     position_ids=position_ids[:, :-1], use_cache=False, **kwargs).logits
     return logits if keep else logits[:, -n_response:]
+
+
+def _shared_prompts(lm: Any, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> Optional[PromptGroups]:
+    """The batch's distinct prompts when the shared-prompt forward applies to it and to `lm`."""
+    if not prefix.usable(lm):
+        return None
+    groups = prompt_groups(input_ids, attention_mask, input_ids.shape[1] - n_response)
+    return groups if groups is not None and prefix.trusted(lm) else None
 
 
 class Actor(nn.Module):
@@ -77,8 +90,9 @@ class Actor(nn.Module):
                 hook.remove()
         if self.value_head is None:
             return logits, None
-        # (B, T, d) when logits_to_keep picked the positions, else (B, L - 1, d)
-        hidden = captured[-1] if self._keep else captured[-1][:, -n_response:]
+        # (B, T, d) when logits_to_keep picked the positions or the prompt was shared (the
+        # head's last call is the response pass), else (B, L - 1, d)
+        hidden = captured[-1][:, -n_response:]
         head = self.value_head
         return logits, head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 

@@ -22,8 +22,10 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from tether.models import prefix
+from tether.models.prefix import output_cache, prompt_groups
 from tether.ops.masking import response_mask
-from tether.rollout.decode import decoder_for, output_cache
+from tether.rollout.decode import decoder_for
 from tether.rollout.types import Rollout, position_ids_from_mask
 
 
@@ -189,10 +191,19 @@ class KVCacheSampler:
         eos = torch.tensor(p.eos_token_ids, device=prompt_ids.device, dtype=prompt_ids.dtype)
         sampled = prompt_ids.new_full((B, p.max_new_tokens), p.pad_token_id)
         finished = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
-        # Prefill: logits of the last position only (the rest would be (B, P, V) of waste).
-        out = self.model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                         use_cache=True, **self._keep)
+        # Prefill: logits of the last position only (the rest would be (B, P, V) of waste), and
+        # once per distinct prompt when rows repeat prompts (G samples per prompt): the cache is
+        # then repeated to the rows (models/prefix.py).
+        groups = prompt_groups(prompt_ids, prompt_mask, P) if prefix.usable(self.model) else None
+        if groups is not None and not prefix.trusted(self.model):
+            groups = None
+        rows = groups.first if groups is not None else slice(None)
+        out = self.model(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
+                         position_ids=positions[rows], use_cache=True, **self._keep)
         logits = out.logits[:, -1]
+        if groups is not None:
+            output_cache(out).reorder_cache(groups.inverse)
+            logits = logits[groups.inverse]
         fused = self.decoder if self.decoder and self.decoder.fits(P + p.max_new_tokens) else None
         if fused:
             fused.start(output_cache(out), prompt_mask, P + p.max_new_tokens)
