@@ -144,3 +144,18 @@ def test_sampler_prefills_each_prompt_once_and_samples_the_same(tiny_model, monk
     plain, plain_rows = sample(False)
     assert shared_rows[0] == 3 and plain_rows[0] == 12  # the prefill
     assert torch.equal(shared, plain)
+
+
+def test_a_sliding_window_shorter_than_the_rows(tmp_path):
+    """Mistral with a 4-token window over 11-token rows: the repeated cache keeps the window."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    lm = T.MistralForCausalLM(T.MistralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=120, max_position_embeddings=64, sliding_window=4)).eval()
+    ids, mask, pos, T_ = _grouped_batch(lm.config.vocab_size)
+    groups = prompt_groups(ids, mask, ids.shape[1] - T_)
+    with torch.no_grad():
+        torch.testing.assert_close(shared_logits(lm, ids, mask, pos, T_, groups), _whole(lm, ids, mask, pos, T_),
+                                   rtol=1e-4, atol=1e-5)

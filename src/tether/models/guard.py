@@ -1,10 +1,11 @@
 """One guard for the fast paths that re-implement part of a transformers model.
 
-`tether.models.tail` (the last decoder layer at the read positions only) and
-`tether.rollout.decode` (the fused one-token decode step) compute what a transformers model
+`tether.models.tail` (the last decoder layer at the read positions only),
+`tether.rollout.decode` (the fused one-token decode step) and `tether.models.prefix` (one
+prompt pass per distinct prompt, on a repeated cache) compute what a transformers model
 computes, through its own modules but with their own control flow. A new transformers release
 can change what they rely on (a renamed cache keyword, another mask format, a new norm) without
-any error: the fast path would then compute something else. So neither is trusted blindly:
+any error: the fast path would then compute something else. So none is trusted blindly:
 
 - each declares the transformers releases (major.minor) its tests were run on; on any other
   release it steps aside;
