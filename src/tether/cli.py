@@ -89,6 +89,7 @@ def _match_stage(argv: list[str]) -> tuple[Optional[str], list[str]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    grouped = _process_group_up()
     try:
         code = _main(list(sys.argv[1:] if argv is None else argv))
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
@@ -96,6 +97,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BrokenPipeError:  # `tether ppo --help | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    finally:
+        if not grouped and _process_group_up():
+            _close_process_group()
+
+
+def _process_group_up() -> bool:
+    dist = sys.modules.get("torch.distributed")  # never import torch only for this
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _close_process_group() -> None:
+    """Destroy the process group this run started (under a launcher) before the interpreter
+    exits. Left to exit, its gloo threads can be torn down mid-flight: a process that had
+    finished its work aborted at exit ('terminate called without an active exception',
+    SIGABRT) in a loaded 2-process `tether eval --fsdp`. A group the caller had already set up
+    is left to the caller."""
+    import torch.distributed as dist
+
+    dist.destroy_process_group()
 
 
 def _main(argv: list[str]) -> int:
