@@ -113,13 +113,13 @@ def test_steps_aside_under_gradient_checkpointing(tiny_models):
 
 def test_the_probe_catches_a_wrong_repeat(tiny_models, monkeypatch):
     lm = _load(tiny_models["llama"])
-    assert prefix._probe(lm) is None
+    assert prefix._probe(lm, gradients=True) is None
 
     def wrong(lm, ids, mask, pos, T, groups):  # every row reads the first prompt's cache
         return shared_logits(lm, ids, mask, pos, T, prefix.PromptGroups(groups.first, torch.zeros_like(groups.inverse)))
 
     monkeypatch.setattr(prefix, "shared_logits", wrong)
-    problem = prefix._probe(lm)
+    problem = prefix._probe(lm, gradients=True)
     assert problem is not None and "disagrees" in problem
 
 
@@ -139,7 +139,8 @@ def test_sampler_prefills_each_prompt_once_and_samples_the_same(tiny_model, monk
         handle.remove()
         return out.response_ids, rows
 
-    prefix.trusted(lm)
+    with torch.no_grad():  # the sampler's verdict (outputs only): its probe's calls are not counted
+        assert prefix.trusted(lm)
     shared, shared_rows = sample(True)
     plain, plain_rows = sample(False)
     assert shared_rows[0] == 3 and plain_rows[0] == 12  # the prefill
@@ -175,4 +176,17 @@ def test_the_probe_passes_on_other_families():
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, **common)):
         torch.manual_seed(0)
         lm = T.AutoModelForCausalLM.from_config(config).eval()
-        assert prefix._probe(lm) is None, type(lm).__name__
+        assert prefix._probe(lm, gradients=True) is None, type(lm).__name__
+
+
+def test_a_pass_without_gradients_probes_outputs_only(tiny_models, monkeypatch):
+    """Sampling and the reference never start autograd for the probe; a forward whose gradients
+    are used gets the probe with gradients, once per model."""
+    lm = _load(tiny_models["llama"])
+    seen = []
+    real = prefix._probe
+    monkeypatch.setattr(prefix, "_probe", lambda model, gradients: seen.append(gradients) or real(model, gradients))
+    with torch.no_grad():
+        assert prefix.trusted(lm) and prefix.trusted(lm)
+    assert prefix.trusted(lm) and prefix.trusted(lm)
+    assert seen == [False, True]

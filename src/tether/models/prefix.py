@@ -32,7 +32,12 @@ from torch import Tensor
 
 from tether.models.guard import FastPath, mismatch
 
+# Two verdicts per model: its outputs (what sampling and the reference need) and, for a forward
+# whose gradients are used, its outputs and gradients. A pass without gradients never runs the
+# backward probe: autograd is then never started in a process that only samples (bon, eval).
 GUARD = FastPath("tether.models.prefix (one prompt pass per distinct prompt)", verified=("5.23", "5.24"))
+GUARD_GRADIENTS = FastPath("tether.models.prefix (one prompt pass per distinct prompt, with gradients)",
+                           verified=("5.23", "5.24"))
 
 
 class PromptGroups(NamedTuple):
@@ -105,14 +110,17 @@ def shared_logits(lm: Any, input_ids: Tensor, attention_mask: Tensor, position_i
 
 
 def trusted(lm: Any) -> bool:
-    """The release is a verified one and the probe passed on this model (see `GUARD`)."""
-    return GUARD.trusted(lm, lambda: _probe(lm))
+    """The release is a verified one and the probe passed on this model: the outputs' probe for
+    a pass without gradients, the outputs' and gradients' for one with them (see `GUARD`)."""
+    if torch.is_grad_enabled() and any(p.requires_grad for p in lm.parameters()):
+        return GUARD_GRADIENTS.trusted(lm, lambda: _probe(lm, gradients=True))
+    return GUARD.trusted(lm, lambda: _probe(lm, gradients=False))
 
 
-def _probe(lm: Any) -> Optional[str]:
-    """Two prompts, two responses each, one prompt left-padded: the logits, and the gradients
-    of a weighted sum of them, against the whole-row forward. Gradients are taken with
-    autograd.grad, so nothing accumulates into .grad."""
+def _probe(lm: Any, gradients: bool) -> Optional[str]:
+    """Two prompts, two responses each, one prompt left-padded: the logits and, with
+    `gradients`, the gradients of a weighted sum of them, against the whole-row forward.
+    Gradients are taken with autograd.grad, so nothing accumulates into .grad."""
     weight = lm.get_output_embeddings().weight
     device, vocab = weight.device, lm.get_output_embeddings().weight.shape[0]
     P, T = 5, 3
@@ -125,11 +133,11 @@ def _probe(lm: Any) -> Optional[str]:
     groups = prompt_groups(ids, mask, P)
     if groups is None or groups.first.numel() != 2:
         return "its probe batch did not group into two prompts"
-    params = [p for p in lm.parameters() if p.requires_grad]
+    params = [p for p in lm.parameters() if p.requires_grad] if gradients else []
     was_training = lm.training
     lm.eval()
     try:
-        with torch.enable_grad():
+        with torch.set_grad_enabled(bool(params)):
             whole = lm(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
                        use_cache=False).logits[:, -T:]
             ours = shared_logits(lm, ids, mask, pos, T, groups)
