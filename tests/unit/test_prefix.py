@@ -123,7 +123,10 @@ def test_the_probe_catches_a_wrong_repeat(tiny_models, monkeypatch):
     assert problem is not None and "disagrees" in problem
 
 
-def test_sampler_prefills_each_prompt_once_and_samples_the_same(tiny_model, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["own-forward", "fused-step"])
+def test_sampler_prefills_each_prompt_once_and_samples_the_same(tiny_model, fused, monkeypatch):
+    """Decoding on the repeated cache, through the model's own forward or (Llama, Qwen2) the
+    fused decode step, which takes the cache over."""
     lm = _load(tiny_model)
     ids, mask, _, T = _grouped_batch(lm.config.vocab_size)
     P = ids.shape[1] - T
@@ -132,10 +135,12 @@ def test_sampler_prefills_each_prompt_once_and_samples_the_same(tiny_model, monk
 
     def sample(share: bool):
         monkeypatch.setattr(prefix, "usable", lambda model: share)
+        sampler = KVCacheSampler(lm, params, fused=fused)  # the fused step's own probe runs here
+        assert (sampler.decoder is not None) == (fused and type(lm).__name__ in ("LlamaForCausalLM", "Qwen2ForCausalLM"))
         rows = []
         handle = lm.register_forward_pre_hook(lambda m, args, kw: rows.append(kw["input_ids"].shape[0]),
                                               with_kwargs=True)
-        out = KVCacheSampler(lm, params, fused=False).generate(prompts, prompt_mask, torch.Generator().manual_seed(7))
+        out = sampler.generate(prompts, prompt_mask, torch.Generator().manual_seed(7))
         handle.remove()
         return out.response_ids, rows
 
