@@ -15,24 +15,17 @@ model its last layer runs at the response-predicting positions only.
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any, Optional
 
 from torch import Tensor, nn
 
-from tether.models import prefix
-from tether.models.prefix import PromptGroups, prompt_groups, shared_logits
+from tether.models.prefix import accepts_logits_to_keep, shareable_groups, shared_logits
 from tether.models.reward import per_token_scalars, reward_bias
 from tether.models.tail import reading_last
 
 VALUE_HEAD_FILE = "value_head.safetensors"
-
-
-def _accepts_logits_to_keep(lm: Any) -> bool:
-    inner = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def response_logits(lm: Any, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
@@ -44,23 +37,15 @@ def response_logits(lm: Any, input_ids: Tensor, attention_mask: Tensor, position
     prompt logits are computed and nothing is sliced afterwards (a slice's backward allocates
     and fills another logits-sized gradient).
     """
-    groups = _shared_prompts(lm, input_ids, attention_mask, n_response)
+    groups = shareable_groups(lm, input_ids, attention_mask, input_ids.shape[1] - n_response)
     if groups is not None:  # G rows per prompt: the prompt is computed once (models/prefix.py)
         return shared_logits(lm, input_ids, attention_mask, position_ids, n_response, groups)
-    keep = _accepts_logits_to_keep(lm) if keep_arg is None else keep_arg
+    keep = accepts_logits_to_keep(lm) if keep_arg is None else keep_arg
     kwargs = {"logits_to_keep": n_response} if keep else {}
     with reading_last(lm, n_response):  # the last layer runs at those positions only
         logits = lm(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
                     position_ids=position_ids[:, :-1], use_cache=False, **kwargs).logits
     return logits if keep else logits[:, -n_response:]
-
-
-def _shared_prompts(lm: Any, input_ids: Tensor, attention_mask: Tensor, n_response: int) -> Optional[PromptGroups]:
-    """The batch's distinct prompts when the shared-prompt forward applies to it and to `lm`."""
-    if not prefix.usable(lm):
-        return None
-    groups = prompt_groups(input_ids, attention_mask, input_ids.shape[1] - n_response)
-    return groups if groups is not None and prefix.trusted(lm) else None
 
 
 class Actor(nn.Module):
@@ -70,7 +55,7 @@ class Actor(nn.Module):
         super().__init__()
         self.lm = lm
         self.value_head = value_head
-        self._keep = _accepts_logits_to_keep(lm)
+        self._keep = accepts_logits_to_keep(lm)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
                 n_response: int) -> tuple[Tensor, Optional[Tensor]]:

@@ -78,7 +78,7 @@ def cache_keyword(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(_inner(model).forward).parameters else "past_key_values"
 
 
-def _keeps_logits(model: Any) -> bool:
+def accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(_inner(model).forward).parameters
 
 
@@ -99,7 +99,7 @@ def shared_logits(lm: Any, input_ids: Tensor, attention_mask: Tensor, position_i
     per distinct prompt. The rows of one group must share those columns (`prompt_groups`)."""
     P = input_ids.shape[1] - n_response  # prompt columns
     first, inverse = groups
-    keep = {"logits_to_keep": 1} if _keeps_logits(lm) else {}
+    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(lm) else {}
     head = lm(input_ids=input_ids[first, :P - 1], attention_mask=attention_mask[first, :P - 1],
               position_ids=position_ids[first, :P - 1], use_cache=True, **keep)
     cache = output_cache(head)
@@ -107,6 +107,16 @@ def shared_logits(lm: Any, input_ids: Tensor, attention_mask: Tensor, position_i
     out = lm(input_ids=input_ids[:, P - 1:-1], attention_mask=attention_mask[:, :-1],
              position_ids=position_ids[:, P - 1:-1], use_cache=True, **{cache_keyword(lm): cache})
     return out.logits
+
+
+def shareable_groups(model: Any, input_ids: Tensor, attention_mask: Tensor,
+                     n_prompt: int) -> Optional[PromptGroups]:
+    """The batch's distinct prompts when a shared prompt pass applies both to the batch
+    (`prompt_groups`) and to `model` (`usable`, then `trusted`); else None."""
+    if not usable(model):
+        return None
+    groups = prompt_groups(input_ids, attention_mask, n_prompt)
+    return groups if groups is not None and trusted(model) else None
 
 
 def trusted(lm: Any) -> bool:

@@ -22,8 +22,7 @@ from typing import Any, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from tether.models import prefix
-from tether.models.prefix import output_cache, prompt_groups
+from tether.models.prefix import cache_keyword, output_cache, shareable_groups
 from tether.ops.masking import response_mask
 from tether.rollout.decode import decoder_for
 from tether.rollout.types import Rollout, position_ids_from_mask
@@ -164,7 +163,7 @@ class KVCacheSampler:
         self._keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
         self.decoder = decoder_for(model) if fused else None
         # the KV cache's keyword: `cache` since transformers 5.24, `past_key_values` before
-        self._cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"
+        self._cache_arg = cache_keyword(model)
         # A sharded model's forward is a collective (--fsdp): every process runs as many steps
         from tether.training.fsdp import is_sharded
 
@@ -194,9 +193,7 @@ class KVCacheSampler:
         # Prefill: logits of the last position only (the rest would be (B, P, V) of waste), and
         # once per distinct prompt when rows repeat prompts (G samples per prompt): the cache is
         # then repeated to the rows (models/prefix.py).
-        groups = prompt_groups(prompt_ids, prompt_mask, P) if prefix.usable(self.model) else None
-        if groups is not None and not prefix.trusted(self.model):
-            groups = None
+        groups = shareable_groups(self.model, prompt_ids, prompt_mask, P)
         rows = groups.first if groups is not None else slice(None)
         out = self.model(input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
                          position_ids=positions[rows], use_cache=True, **self._keep)
