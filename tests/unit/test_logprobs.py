@@ -138,3 +138,35 @@ def test_chunks_tile_the_grid_within_the_element_budget():
         # 10_000 -> all 3 rows at once (165); 120 -> 2 rows (110); 60 -> 1 row (55);
         # 20 -> 1 position (11) per chunk; 5 -> still at least 1 position (11)
         assert max(sizes) == largest
+
+
+def test_logprobs_and_entropy_from_one_pass_match_the_separate_functions():
+    from tether.ops.logprobs import token_logprobs_and_entropy
+
+    g = torch.Generator().manual_seed(2)
+    logits = (torch.randn(3, 5, 11, generator=g) * 2).requires_grad_()
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    for budget in (10_000, 55, 20):  # one chunk, a row per chunk, positions per chunk
+        logprobs, entropy = token_logprobs_and_entropy(logits, tokens, 0.7, max_chunk_elements=budget)
+        torch.testing.assert_close(logprobs, token_logprobs(logits, tokens, 0.7))
+        torch.testing.assert_close(entropy, entropy_from_logits(logits.detach(), 0.7))
+        assert not entropy.requires_grad
+        # the entropy adds nothing to the gradient: it is a metric
+        (logprobs.sum() + entropy.sum()).backward()
+        with_entropy = logits.grad.clone()
+        logits.grad = None
+        token_logprobs(logits, tokens, 0.7).sum().backward()
+        torch.testing.assert_close(with_entropy, logits.grad)
+        logits.grad = None
+    assert token_logprobs_and_entropy(logits, tokens, entropy=False)[1] is None
+
+
+def test_entropy_of_a_two_token_vocab_by_hand_from_the_logprob_pass():
+    from tether.ops.logprobs import token_logprobs_and_entropy
+
+    # [ln 3, 0]: p = [3/4, 1/4], H = 0.562335; [ln 9, 0] at T=2 is the same distribution
+    logits = torch.tensor([[[LN3, 0.0]], [[math.log(9.0), 0.0]]])
+    _, at_1 = token_logprobs_and_entropy(logits[:1], torch.tensor([[0]]))
+    _, at_2 = token_logprobs_and_entropy(logits[1:], torch.tensor([[1]]), temperature=2.0)
+    torch.testing.assert_close(at_1, torch.tensor([[0.562335]]))
+    torch.testing.assert_close(at_2, torch.tensor([[0.562335]]))

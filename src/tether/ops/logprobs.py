@@ -1,9 +1,11 @@
 """Per-token log-probabilities and entropies from causal-LM logits.
 
-Everything here works chunk by chunk over the rows of the batch: a logits tensor of shape
+Everything here works chunk by chunk over the (batch, time) positions: a logits tensor of shape
 (B, T, V) with a 150k vocabulary is gigabytes, so we never build a full float32 log_softmax
 copy of it. Each chunk is upcast to float32 on its own (bf16 logsumexp loses the small
-differences between logprobs that PPO ratios and KL depend on), reduced, and dropped.
+differences between logprobs that PPO ratios and KL depend on), reduced, and dropped. A policy
+forward that also wants the entropy gets it from the same log_softmax pass
+(`token_logprobs_and_entropy`).
 """
 
 import torch
@@ -13,8 +15,6 @@ from torch.autograd.function import once_differentiable
 # 2**26 float32 elements = 256 MiB per chunk: small next to the logits themselves, big enough
 # that a batch of short sequences is still done in a single chunk.
 DEFAULT_CHUNK_ELEMENTS = 2**26
-
-
 def _chunks(B: int, T: int, V: int, max_elements: int):
     """Yield (batch slice, time slice) pairs that tile a (B, T) grid, each covering at most
     `max_elements` logits (but at least one position). Whole rows where they fit, since
@@ -39,30 +39,57 @@ def _scaled_float(chunk: Tensor, temperature: float) -> Tensor:
     return chunk
 
 
-class _GatherLogSoftmax(torch.autograd.Function):
-    """log_softmax(x)[..., y] with a backward that keeps only x.
+def _entropy(log_p: Tensor) -> Tensor:
+    """-sum p log p over the last dim, from a log_softmax; p * log p is formed in place."""
+    return -log_p.exp().mul_(log_p).sum(-1)
 
-    Forward: one fused log_softmax pass, then a gather; the (.., V) log_softmax output is a
-    temporary, not saved. Backward: d/dx = onehot(y) - softmax(x), times the incoming gradient,
-    built in one softmax pass plus in-place ops. On CPU this forward + backward takes about half
-    the time of `x[y] - logsumexp(x)` differentiated by autograd (whose backward runs three full
-    passes and allocates three (.., V) tensors), and it saves the same tensor (x) for backward.
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(logits / T)[..., y] (and, if asked, the entropy), chunk by chunk, with a
+    backward that keeps only the logits.
+
+    Forward: per chunk, one fused log_softmax, a gather and optionally the entropy; nothing of
+    the (.., V) log_softmax is saved. Backward: d/dlogits = (onehot(y) - softmax(logits / T)) / T
+    times the incoming gradient, per chunk, in one softmax pass plus in-place ops, written into
+    the gradient in the logits' dtype. On CPU this forward + backward takes about half the time
+    of `x[y] - logsumexp(x)` differentiated by autograd, whose backward runs three full passes
+    and allocates three (.., V) tensors. The entropy output has no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, tokens: Tensor) -> Tensor:
-        index = tokens.unsqueeze(-1)
-        ctx.save_for_backward(x, index)
-        return torch.log_softmax(x, dim=-1).gather(-1, index).squeeze(-1)
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, max_elements: int,
+                with_entropy: bool) -> tuple[Tensor, Tensor]:
+        B, T, V = logits.shape
+        out = torch.empty((B, T), dtype=torch.float32, device=logits.device)
+        entropy = torch.empty((B, T) if with_entropy else (0,), dtype=torch.float32, device=logits.device)
+        for bs, ts in _chunks(B, T, V, max_elements):
+            log_p = torch.log_softmax(_scaled_float(logits[bs, ts], temperature), dim=-1)
+            out[bs, ts] = log_p.gather(-1, tokens[bs, ts].unsqueeze(-1)).squeeze(-1)
+            if with_entropy:
+                entropy[bs, ts] = _entropy(log_p)
+        ctx.save_for_backward(logits, tokens)
+        ctx.temperature, ctx.max_elements = temperature, max_elements
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        x, index = ctx.saved_tensors
-        g = grad.unsqueeze(-1)
-        grad_x = torch.softmax(x, dim=-1).mul_(-g)
-        grad_x.scatter_add_(-1, index, g)
-        return grad_x, None
+    def backward(ctx, grad: Tensor, _entropy_grad: Tensor) -> tuple:
+        logits, tokens = ctx.saved_tensors
+        B, T, V = logits.shape
+        chunks = list(_chunks(B, T, V, ctx.max_elements))
+        grad = grad / ctx.temperature
+        grad_logits = None
+        for bs, ts in chunks:
+            g = grad[bs, ts].unsqueeze(-1)
+            part = torch.softmax(_scaled_float(logits[bs, ts], ctx.temperature), dim=-1).mul_(-g)
+            part.scatter_add_(-1, tokens[bs, ts].unsqueeze(-1), g)
+            if len(chunks) == 1:  # no second (B, T, V) tensor to copy it into
+                return part.to(logits.dtype), None, None, None, None
+            if grad_logits is None:
+                grad_logits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            grad_logits[bs, ts] = part
+        return grad_logits, None, None, None, None
 
 
 def token_logprobs(
@@ -83,16 +110,29 @@ def token_logprobs(
         max_chunk_elements: at most this many logits are upcast at a time.
 
     Returns:
-        shape (B, T) float32.
+        shape (B, T) float32, differentiable with respect to the logits.
     """
+    return token_logprobs_and_entropy(logits, tokens, temperature, entropy=False,
+                                      max_chunk_elements=max_chunk_elements)[0]
+
+
+def token_logprobs_and_entropy(
+    logits: Tensor,
+    tokens: Tensor,
+    temperature: float = 1.0,
+    *,
+    entropy: bool = True,
+    max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor | None]:
+    """`token_logprobs` and, from the same log_softmax pass, the entropy of softmax(logits /
+    temperature) at every position: ((B, T) float32, (B, T) float32 without gradient, or None
+    when entropy=False)."""
     B, T, V = logits.shape
-    out = torch.empty((B, T), dtype=torch.float32, device=logits.device)
-    if out.numel() == 0:
-        return out
-    for bs, ts in _chunks(B, T, V, max_chunk_elements):
-        x = _scaled_float(logits[bs, ts], temperature)
-        out[bs, ts] = _GatherLogSoftmax.apply(x, tokens[bs, ts])
-    return out
+    if B * T == 0:
+        empty = torch.empty((B, T), dtype=torch.float32, device=logits.device)
+        return empty, (empty.clone() if entropy else None)
+    out, ent = _TokenLogprobs.apply(logits, tokens, temperature, max_chunk_elements, entropy)
+    return out, (ent if entropy else None)
 
 
 def entropy_from_logits(
@@ -115,10 +155,7 @@ def entropy_from_logits(
     if out.numel() == 0:
         return out
     for bs, ts in _chunks(B, T, V, max_chunk_elements):
-        x = _scaled_float(logits[bs, ts], temperature)
-        # H = -sum p log p, from one fused log_softmax pass; p * log p is formed in place.
-        log_p = torch.log_softmax(x, dim=-1)
-        out[bs, ts] = -log_p.exp().mul_(log_p).sum(-1)
+        out[bs, ts] = _entropy(torch.log_softmax(_scaled_float(logits[bs, ts], temperature), dim=-1))
     return out
 
 

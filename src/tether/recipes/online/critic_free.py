@@ -104,10 +104,10 @@ def run_critic_free_iteration(parts: Any, step: int) -> IterationResult:
     first = None
     if cfg.reuses_first_forward:
         clock.lap("score")
-        first = forward_policy(parts, seqs)
+        first = forward_policy(parts, seqs, entropy=True)
         clock.lap("update")
         logprobs = first.logprobs.detach()
-        entropy = mean_entropy(first.logits, mask, cfg.temperature)
+        entropy = mean_entropy(first, mask)
     else:
         logprobs, _, entropy = score_old_policy(parts, seqs, chunk=cfg.micro_batch_size)
     # 3. rewards: the KL per token goes into the reward (k1) or, later, into the loss

@@ -130,10 +130,10 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     first = None
     if cfg.reuses_first_forward:
         clock.lap("score")
-        first = forward_policy(parts, seqs)
+        first = forward_policy(parts, seqs, entropy=True)
         clock.lap("update")
         logprobs, values = first.logprobs.detach(), first.values.detach()
-        entropy = mean_entropy(first.logits, mask, cfg.temperature)
+        entropy = mean_entropy(first, mask)
     else:
         logprobs, values, entropy = score_old_policy(parts, seqs, chunk=cfg.micro_batch_size)
     # 3. per-token rewards: -beta * k1 on every response token, the score at the last one

@@ -23,7 +23,7 @@ from torch import Tensor
 from tether.losses.policy_gradient import clipped_policy_loss
 from tether.losses.ppo import policy_loss, value_loss
 from tether.losses.sft import sft_loss
-from tether.ops.logprobs import entropy_from_logits, token_logprobs
+from tether.ops.logprobs import token_logprobs_and_entropy
 from tether.ops.masking import masked_mean
 from tether.rollout.score import row_chunks
 from tether.rollout.types import Experience, Sequences
@@ -37,24 +37,26 @@ class PolicyOutput:
 
     logprobs: Tensor  # (B, T) float32, log pi_theta(y_t) at the sampling temperature
     values: Tensor  # (B, T) float32, V(x, y_<t)
-    logits: Tensor  # (B, T, V), kept for the entropy
+    entropy: Optional[Tensor] = None  # (B, T) float32 without gradient, when asked for
 
 
-def forward_policy(parts: Any, seqs: Sequences) -> PolicyOutput:
-    """Policy logits (response positions only) and values: with --critic head one trunk pass
-    gives both; with a separate critic, the critic runs its own pass."""
+def forward_policy(parts: Any, seqs: Sequences, entropy: bool = False) -> PolicyOutput:
+    """Policy logprobs (response positions only) and values: with --critic head one trunk pass
+    gives both; with a separate critic, the critic runs its own pass. entropy: also the
+    policy's entropy at each response position, from the same log_softmax pass."""
     T = seqs.response_ids.shape[1]
     args = (seqs.input_ids, seqs.attention_mask, seqs.position_ids, T)
     logits, values = parts.actor(*args)
     if parts.critic is not None:
         values = parts.critic(*args)
-    return PolicyOutput(token_logprobs(logits, seqs.response_ids, parts.cfg.temperature), values, logits)
+    logprobs, ent = token_logprobs_and_entropy(logits, seqs.response_ids, parts.cfg.temperature,
+                                               entropy=entropy)
+    return PolicyOutput(logprobs, values, ent)
 
 
-def mean_entropy(logits: Tensor, mask: Tensor, temperature: float) -> Tensor:
-    """Masked mean entropy (nats per token) of softmax(logits / T): 0-dim, no grad."""
-    with torch.no_grad():
-        return masked_mean(entropy_from_logits(logits.detach(), temperature), mask)
+def mean_entropy(out: PolicyOutput, mask: Tensor) -> Tensor:
+    """Masked mean entropy (nats per token) of a forward run with entropy=True: 0-dim."""
+    return masked_mean(out.entropy, mask)
 
 
 @torch.no_grad()
@@ -64,11 +66,11 @@ def score_old_policy(parts: Any, seqs: Sequences, chunk: int = 0) -> tuple[Tenso
     logprobs, values, entropy_sum, tokens = [], [], 0.0, 0.0
     for rows in row_chunks(seqs.input_ids.shape[0], chunk):
         part = seqs.rows(torch.arange(seqs.input_ids.shape[0])[rows])
-        out = forward_policy(parts, part)
+        out = forward_policy(parts, part, entropy=True)
         logprobs.append(out.logprobs)
         values.append(out.values if out.values is not None else torch.zeros_like(out.logprobs))
         n = part.response_mask.sum()
-        entropy_sum = entropy_sum + mean_entropy(out.logits, part.response_mask, parts.cfg.temperature) * n
+        entropy_sum = entropy_sum + mean_entropy(out, part.response_mask) * n
         tokens = tokens + n
     return torch.cat(logprobs), torch.cat(values), entropy_sum / max(float(tokens), 1.0)
 
