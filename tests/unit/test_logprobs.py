@@ -170,3 +170,40 @@ def test_entropy_of_a_two_token_vocab_by_hand_from_the_logprob_pass():
     _, at_2 = token_logprobs_and_entropy(logits[1:], torch.tensor([[1]]), temperature=2.0)
     torch.testing.assert_close(at_1, torch.tensor([[0.562335]]))
     torch.testing.assert_close(at_2, torch.tensor([[0.562335]]))
+
+
+def test_backward_keeps_only_the_logits_themselves():
+    # bf16 logits at T = 0.7: the float32 upcast and the division by T are redone per chunk in
+    # backward, so the graph holds no (B, T, V) tensor but the logits (an earlier version saved
+    # a float32 copy of the scaled logits, twice the size of bf16 ones)
+    logits = torch.randn(4, 6, 50).to(torch.bfloat16).requires_grad_()
+    tokens = torch.randint(0, 50, (4, 6))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = token_logprobs(logits, tokens, temperature=0.7, max_chunk_elements=300)
+    full = [t for t in saved if t.numel() >= logits.numel()]
+    assert len(full) == 1 and full[0].dtype == torch.bfloat16 and full[0].data_ptr() == logits.data_ptr()
+    out.sum().backward()
+    reference = logits.detach().float().requires_grad_()
+    torch.log_softmax(reference / 0.7, -1).gather(-1, tokens[..., None]).sum().backward()
+    torch.testing.assert_close(logits.grad.float(), reference.grad, atol=1e-2, rtol=1e-2)
+
+
+def test_gradient_at_a_temperature_is_the_same_bits_as_autograd_dividing_last():
+    # the backward applies 1/T after the softmax term, as autograd's DivBackward did before the
+    # division was folded in: float32 results are bit-identical to that order of operations
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.randn(3, 4, 17, generator=g) * 3).requires_grad_()
+    tokens = torch.randint(0, 17, (3, 4), generator=g)
+    weights = torch.randn(3, 4, generator=g)
+    (token_logprobs(logits, tokens, temperature=0.7) * weights).sum().backward()
+    ours, logits.grad = logits.grad.clone(), None
+    x = logits.detach() / 0.7
+    expected = torch.softmax(x, -1).mul_(-weights[..., None])
+    expected.scatter_add_(-1, tokens[..., None], weights[..., None])
+    assert torch.equal(ours, expected / 0.7)

@@ -78,12 +78,13 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, tokens = ctx.saved_tensors
         B, T, V = logits.shape
         chunks = list(_chunks(B, T, V, ctx.max_elements))
-        grad = grad / ctx.temperature
         grad_logits = None
         for bs, ts in chunks:
             g = grad[bs, ts].unsqueeze(-1)
             part = torch.softmax(_scaled_float(logits[bs, ts], ctx.temperature), dim=-1).mul_(-g)
             part.scatter_add_(-1, tokens[bs, ts].unsqueeze(-1), g)
+            if ctx.temperature != 1.0:  # d(logits / T) / d logits, applied last as autograd would
+                part.div_(ctx.temperature)
             if len(chunks) == 1:  # no second (B, T, V) tensor to copy it into
                 return part.to(logits.dtype), None, None, None, None
             if grad_logits is None:
