@@ -162,3 +162,43 @@ def is_peft(model: Any) -> bool:
 
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# The config keys that state how many positions a model's position embedding has.
+POSITION_KEYS = ("n_positions", "max_position_embeddings")
+
+
+def position_limit(model: Any) -> Optional[tuple[int, str]]:
+    """(positions, config key) when the model's positions come from a learned embedding table
+    (GPT-2, GPT-BigCode, GPT-Neo, OPT, BioGPT): no input may be longer, or its forward fails
+    with an index error. None when positions are computed (rotary, ALiBi): a longer input runs,
+    if less well than within the length the model was trained on."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(inner, "config", None)
+    found = [(getattr(config, key), key) for key in POSITION_KEYS
+             if isinstance(getattr(config, key, None), int) and getattr(config, key) > 0]
+    if not found:
+        return None
+    limit, key = found[0]
+    tokens = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
+    for name, module in inner.named_modules():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        # OPT's table has 2 extra rows (its positions start at 2)
+        if (isinstance(module, torch.nn.Embedding) and module is not tokens and ("pos" in leaf or leaf == "wpe")
+                and limit <= module.num_embeddings <= limit + 2):
+            return limit, key
+    return None
+
+
+def check_positions(model: Any, longest: int, what: str, fix: str, name: str = "the model") -> None:
+    """Refuse, before any work, inputs longer than a learned position table (`position_limit`):
+    `longest` tokens of `what`, and `fix` says which option to lower."""
+    from tether.errors import ConfigError
+
+    found = position_limit(model)
+    if found is None or longest <= found[0]:
+        return
+    limit, key = found
+    raise ConfigError(f"{what} reach {longest} tokens, but {name} has learned position embeddings for "
+                      f"{limit} positions only ({key} in its config), and its forward cannot take a longer "
+                      f"input: {fix} so that no input is longer than {limit} tokens")

@@ -22,7 +22,8 @@ from tether.data.io import load_rows
 from tether.data.preference import load_preference_groups, read_preference_rows
 from tether.data.sft import IGNORE
 from tether.losses.dpo import dpo_loss
-from tether.models.load import apply_lora, count_parameters, disable_dropout, load_causal_lm, load_tokenizer
+from tether.models.load import (apply_lora, check_positions, count_parameters, disable_dropout, load_causal_lm,
+                               load_tokenizer)
 from tether.ops.logprobs import sequence_logprobs
 from tether.training.fsdp import place
 from tether.training.loop import LoopSpec, train_supervised
@@ -151,6 +152,9 @@ def run(cfg: DPOConfig) -> dict:
     # dropout off: the policy's log-probs are compared with the reference's, and dropout in the
     # train-mode forward would move the loss away from log 2 before any update
     disable_dropout(model)
+    check_positions(model, max((len(u.prompt_ids) + max(len(u.chosen_ids), len(u.rejected_ids))
+                                for u in train + held), default=0),
+                    "the preference pairs", f"lower --max-length (now {cfg.max_length})", cfg.model)
     model.to(accelerator.device)
     fill_reference_logps(model, train + held, tokenizer.pad_token_id, cfg.batch_size * 2)
     if cfg.lora_r > 0:

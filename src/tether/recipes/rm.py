@@ -26,7 +26,7 @@ from tether.data.preference import (Group, collate_groups, read_preference_rows,
                                     read_prompt_responses, tokenize_groups)
 from tether.errors import DataError
 from tether.losses.reward import kwise_loss, pairwise_loss
-from tether.models.load import apply_lora, count_parameters, prepare_for_training, load_tokenizer
+from tether.models.load import apply_lora, check_positions, count_parameters, load_tokenizer, prepare_for_training
 from tether.models.reward import (BIAS_KEY, STD_KEY, init_reward_model, scalar_head_name,
                                   score_texts, sequence_scores)
 from tether.training.fsdp import is_sharded
@@ -243,6 +243,9 @@ def run(cfg: RMConfig) -> dict:
              sum(len(g.pairs()) for g in train))
     # 3. model: SFT trunk + N(0, 1/(d+1)) head (LoRA with the head trained in full)
     model = build_model(cfg, tokenizer.pad_token_id)
+    check_positions(model, max((len(g.prompt_ids) + len(r) for g in train + held for r in g.response_ids),
+                               default=0),
+                    "the preference data", f"lower --max-length (now {cfg.max_length})", cfg.model)
     log.info("model: %s, %.2fM parameters", cfg.model, count_parameters(model) / 1e6)
     # 4. the shared loop; one unit = one prompt group, weight = number of groups
     pad = tokenizer.pad_token_id

@@ -8,7 +8,7 @@ from typing import Any
 from tether.config import SFTConfig
 from tether.data.io import load_rows, split_holdout
 from tether.data.sft import IGNORE, collate, collate_packed, pack, tokenize_sft
-from tether.models.load import apply_lora, count_parameters, load_causal_lm, load_tokenizer
+from tether.models.load import apply_lora, check_positions, count_parameters, load_causal_lm, load_tokenizer
 from tether.training.loop import LoopSpec, train_supervised
 from tether.training.runtime import finish_run, resolve_dtype, start_run
 
@@ -62,6 +62,9 @@ def run(cfg: SFTConfig) -> dict:
     # 3. model (LoRA through peft when --lora-r > 0)
     model = load_causal_lm(cfg.model, resolve_dtype(cfg.dtype), cfg.trust_remote_code,
                            cfg.gradient_checkpointing)
+    check_positions(model, max((len(ex.input_ids) for ex in [*train, *held]), default=0),
+                    f"the examples of {cfg.data}", f"lower --max-length (now {cfg.max_length}; longer "
+                    "examples are cut or dropped as --over-length says)", cfg.model)
     if cfg.lora_r > 0:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     log.info("model: %s, %.2fM parameters", cfg.model, count_parameters(model) / 1e6)

@@ -13,7 +13,7 @@ import torch
 from tether.config import OnlineConfig
 from tether.errors import ConfigError
 from tether.models.critic import Actor, Critic, new_value_head
-from tether.models.load import (apply_lora, count_parameters, disable_dropout, eos_token_ids,
+from tether.models.load import (apply_lora, check_positions, count_parameters, disable_dropout, eos_token_ids,
                                 load_causal_lm, load_tokenizer)
 from tether.models.reward import load_reward_model
 from tether.ops.advantages import kl_penalised_rewards
@@ -196,6 +196,19 @@ def make_optimizers(cfg: OnlineConfig, actor: Actor, critic: Optional[Critic]) -
     return optimizers
 
 
+def check_lengths(cfg: OnlineConfig, prompts: PromptSet, eval_prompts: Optional[PromptSet],
+                  models: list[tuple[str, Any]]) -> None:
+    """Refuse prompts plus --response-length tokens that a model with learned position
+    embeddings cannot take (`models.load.check_positions`), before any rollout."""
+    lengths = [len(ids) for ids in prompts.ids + (eval_prompts.ids if eval_prompts is not None else [])]
+    longest = max(lengths, default=0) + cfg.response_length
+    fix = (f"lower --response-length (now {cfg.response_length}) or --max-prompt-length (now "
+           f"{cfg.max_prompt_length}; longer prompts are cut or dropped as --prompt-truncation says)")
+    for name, model in models:
+        if model is not None:
+            check_positions(model, longest, "the longest prompt plus --response-length", fix, name)
+
+
 def probe_rollout(prompts: PromptSet, pad_token_id: int, device: Any) -> Rollout:
     """The fixed probe batch of the reference check: the first prompts of the data set, each
     followed by the first prompt's own tokens as a stand-in response."""
@@ -228,6 +241,10 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     lm, reference = load_policy_and_reference(cfg, dtype, place)
     eos_ids = tuple(eos_token_ids(tokenizer, lm))
     reward, critic = load_reward_side(cfg, tokenizer, dtype, eos_ids, place)
+    check_lengths(cfg, prompts, eval_prompts, [(f"the policy {cfg.policy}", lm),
+                                               ("the reference", reference.model),
+                                               ("the reward model", reward.model),
+                                               ("the critic", critic.model if critic is not None else None)])
     # Train mode only switches on gradient checkpointing: every dropout is already 0.
     actor = Actor(lm, new_value_head(lm) if cfg.critic == "head" else None).train()
     if critic is not None:

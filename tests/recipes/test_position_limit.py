@@ -1,0 +1,103 @@
+"""Inputs longer than a learned position table get a clear error before any work, not an
+IndexError from inside the model's forward."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from tether.cli import main
+from tether.models.load import position_limit
+
+from conftest import write_jsonl
+
+
+def _model(family: str, positions: int, **extra):
+    key = "n_positions" if family in ("gpt2", "gpt_bigcode") else "max_position_embeddings"
+    sizes = {"gpt2": dict(n_embd=32, n_layer=1, n_head=4), "gpt_bigcode": dict(n_embd=32, n_layer=1, n_head=4),
+             "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
+                         word_embed_proj_dim=32),
+             "gpt_neo": dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]]),
+             "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+             "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)}
+    config = AutoConfig.for_model(family, vocab_size=64, **{key: positions}, **sizes[family], **extra)
+    return AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family, key", [("gpt2", "n_positions"), ("gpt_bigcode", "n_positions"),
+                                         ("opt", "max_position_embeddings"),
+                                         ("gpt_neo", "max_position_embeddings")])
+def test_learned_position_tables_are_found(family, key):
+    model = _model(family, 48)
+    assert position_limit(model) == (48, key)
+    ids = torch.zeros((1, 49), dtype=torch.long)
+    with pytest.raises(IndexError):  # what the check spares the user
+        model(input_ids=ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_computed_positions_have_no_limit(family):
+    model = _model(family, 48)
+    assert position_limit(model) is None
+    model(input_ids=torch.zeros((1, 60), dtype=torch.long))  # longer than stated, and it runs
+
+
+def test_a_vocabulary_as_large_as_the_positions_is_not_taken_for_them():
+    model = _model("llama", 64)  # vocab 64 = positions 64, and no position table
+    assert position_limit(model) is None
+
+
+@pytest.fixture
+def short_gpt2(tiny_models, tmp_path):
+    """The tiny GPT-2 of the suite, with a position table of 24 rows."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["gpt2"])
+    config = AutoConfig.from_pretrained(tiny_models["gpt2"])
+    config.n_positions = 24
+    torch.manual_seed(0)
+    path = tmp_path / "short_gpt2"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path, tokenizer
+
+
+def test_sft_refuses_examples_longer_than_the_position_table(short_gpt2, tmp_path, capsys):
+    path, tokenizer = short_gpt2
+    rows = [{"prompt": "the cat sat on the mat and", "completion": " the dog sat on the rug and the bird sat"
+             " on the tree and the fish sat in the pond"}] * 8
+    longest = len(tokenizer(rows[0]["prompt"] + rows[0]["completion"])["input_ids"])
+    assert longest > 24
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    args = ["sft", "--model", str(path), "--data", str(data), "--max-steps", "1", "--batch-size", "4",
+            "--no-progress", "--eval-fraction", "0"]
+    assert main(args + ["--output-dir", str(tmp_path / "a")]) != 0
+    err = capsys.readouterr().err
+    assert "24 positions" in err and "n_positions" in err and "--max-length" in err, err
+    assert "IndexError" not in err
+    # the fix it names works
+    assert main(args + ["--output-dir", str(tmp_path / "b"), "--max-length", "24"]) == 0
+
+
+def test_grpo_refuses_prompt_plus_response_longer_than_the_position_table(short_gpt2, tmp_path, capsys):
+    path, _ = short_gpt2
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat sat on the mat"}] * 8)
+    reward = tmp_path / "r.py"
+    reward.write_text("def score(prompts, completions, **_):\n    return [len(c) / 10 for c in completions]\n")
+    args = ["grpo", "--policy", str(path), "--prompts", str(prompts), "--reward-fn", f"{reward}:score",
+            "--num-generations", "2", "--batch-size", "2", "--max-steps", "1", "--no-progress"]
+    assert main(args + ["--output-dir", str(tmp_path / "a"), "--response-length", "30"]) != 0
+    err = capsys.readouterr().err
+    assert "24 positions" in err and "--response-length" in err, err
+    assert main(args + ["--output-dir", str(tmp_path / "b"), "--response-length", "8"]) == 0
+
+
+@pytest.mark.parametrize("stage", ["rm", "dpo"])
+def test_preference_stages_refuse_pairs_longer_than_the_position_table(stage, short_gpt2, tmp_path, capsys):
+    path, _ = short_gpt2
+    long_tail = " and the dog sat on the rug and the bird sat on the tree and the fish sat in the pond"
+    rows = [{"prompt": "the cat sat on the mat", "chosen": " yes" + long_tail, "rejected": " no" + long_tail}] * 8
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    args = [stage, "--model", str(path), "--data", str(data), "--max-steps", "1", "--batch-size", "4",
+            "--no-progress", "--eval-fraction", "0"]
+    assert main(args + ["--output-dir", str(tmp_path / "a")]) != 0
+    err = capsys.readouterr().err
+    assert "24 positions" in err and "--max-length" in err, err
+    assert not (tmp_path / "a" / "model.safetensors").exists()
