@@ -68,12 +68,16 @@ def test_sft_refuses_examples_longer_than_the_position_table(short_gpt2, tmp_pat
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     args = ["sft", "--model", str(path), "--data", str(data), "--max-steps", "1", "--batch-size", "4",
             "--no-progress", "--eval-fraction", "0"]
-    assert main(args + ["--output-dir", str(tmp_path / "a")]) != 0
+    # a length the user chose, and the examples reach past the table: refused, before any work
+    assert main(args + ["--output-dir", str(tmp_path / "a"), "--max-length", "100"]) != 0
     err = capsys.readouterr().err
     assert "24 positions" in err and "n_positions" in err and "--max-length" in err, err
     assert "IndexError" not in err
+    assert not (tmp_path / "a" / "model.safetensors").exists()
     # the fix it names works
     assert main(args + ["--output-dir", str(tmp_path / "b"), "--max-length", "24"]) == 0
+    # the default --max-length (512) is lowered to the table, with a warning
+    assert main(args + ["--output-dir", str(tmp_path / "c")]) == 0
 
 
 def test_grpo_refuses_prompt_plus_response_longer_than_the_position_table(short_gpt2, tmp_path, capsys):
@@ -83,10 +87,29 @@ def test_grpo_refuses_prompt_plus_response_longer_than_the_position_table(short_
     reward.write_text("def score(prompts, completions, **_):\n    return [len(c) / 10 for c in completions]\n")
     args = ["grpo", "--policy", str(path), "--prompts", str(prompts), "--reward-fn", f"{reward}:score",
             "--num-generations", "2", "--batch-size", "2", "--max-steps", "1", "--no-progress"]
+    # the response alone does not fit: refused, naming --response-length
     assert main(args + ["--output-dir", str(tmp_path / "a"), "--response-length", "30"]) != 0
     err = capsys.readouterr().err
     assert "24 positions" in err and "--response-length" in err, err
     assert main(args + ["--output-dir", str(tmp_path / "b"), "--response-length", "8"]) == 0
+
+
+def test_grpo_cuts_long_prompts_to_the_table_when_the_prompt_length_is_left_at_its_default(
+        short_gpt2, tmp_path, capsys):
+    path, tokenizer = short_gpt2
+    text = "the cat sat on the mat and the dog sat on the rug and the bird sat on the tree"
+    assert len(tokenizer(text)["input_ids"]) + 8 > 24
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": text}] * 8)
+    reward = tmp_path / "r.py"
+    reward.write_text("def score(prompts, completions, **_):\n    return [len(c) / 10 for c in completions]\n")
+    args = ["grpo", "--policy", str(path), "--prompts", str(prompts), "--reward-fn", f"{reward}:score",
+            "--num-generations", "2", "--batch-size", "2", "--max-steps", "1", "--no-progress",
+            "--response-length", "8"]
+    # the default --max-prompt-length (256) becomes 24 - 8 = 16: the prompts lose their beginnings
+    assert main(args + ["--output-dir", str(tmp_path / "a")]) == 0
+    # a --max-prompt-length the user chose is kept, and refused when the prompts reach past the table
+    assert main(args + ["--output-dir", str(tmp_path / "b"), "--max-prompt-length", "100"]) != 0
+    assert "--max-prompt-length (now 100" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("stage", ["rm", "dpo"])
@@ -97,7 +120,23 @@ def test_preference_stages_refuse_pairs_longer_than_the_position_table(stage, sh
     data = write_jsonl(tmp_path / "pairs.jsonl", rows)
     args = [stage, "--model", str(path), "--data", str(data), "--max-steps", "1", "--batch-size", "4",
             "--no-progress", "--eval-fraction", "0"]
-    assert main(args + ["--output-dir", str(tmp_path / "a")]) != 0
+    assert main(args + ["--output-dir", str(tmp_path / "a"), "--max-length", "100"]) != 0
     err = capsys.readouterr().err
     assert "24 positions" in err and "--max-length" in err, err
     assert not (tmp_path / "a" / "model.safetensors").exists()
+    assert main(args + ["--output-dir", str(tmp_path / "b")]) == 0  # the default fits itself
+
+
+def test_sampling_cuts_prompts_to_the_table_and_refuses_responses_that_cannot_fit(short_gpt2):
+    from tether.errors import ConfigError
+    from tether.eval.sampling import sample_responses
+
+    path, tokenizer = short_gpt2
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    prompt = "the cat sat on the mat and the dog sat on the rug and the bird sat on the tree"
+    assert len(tokenizer(prompt)["input_ids"]) + 8 > 24
+    # best-of-N, evaluation and DPO's KL samples: the prompt keeps its last 24 - 8 tokens
+    samples = sample_responses(model, tokenizer, [prompt], n=2, max_new_tokens=8)
+    assert len(samples.responses) == 2
+    with pytest.raises(ConfigError, match="24 positions"):
+        sample_responses(model, tokenizer, [prompt], max_new_tokens=24)

@@ -6,6 +6,7 @@ PPO does: left-padded prompts, a KV cache, responses cut at the first EOS.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -14,6 +15,8 @@ import torch
 from tether.data.tokenize import encode_chat_or_prompt
 from tether.models.load import pad_id
 from tether.training.progress import Progress
+
+log = logging.getLogger("tether")
 
 
 @dataclass
@@ -82,6 +85,30 @@ def gather_owned(accelerator: Any, index: Sequence[int], owned: Sequence[bool],
     return {name: [row[k + 1] for row in mine] for k, name in enumerate(columns)}
 
 
+def _fit_to_positions(model: Any, max_new_tokens: int, max_prompt_length: int | None,
+                      encoded: Sequence[Sequence[int]]) -> int | None:
+    """The prompt length to cut to, so that a prompt and its response fit the model's learned
+    position table (GPT-2, OPT, ...), with a warning when prompts lose their beginnings for it.
+    A response that alone does not fit is an error."""
+    from tether.errors import ConfigError
+    from tether.models.load import position_limit
+
+    found = position_limit(model)
+    if found is None:
+        return max_prompt_length
+    limit, key = found
+    if max_new_tokens >= limit:
+        raise ConfigError(f"responses of {max_new_tokens} tokens do not fit the model's learned position "
+                          f"table ({limit} positions, {key} in its config) after even one prompt token: "
+                          "lower the response length")
+    room = limit - max_new_tokens
+    cut = sum(len(e) > room for e in encoded) if not max_prompt_length or max_prompt_length > room else 0
+    if cut:
+        log.warning("%d prompt(s) lose their beginnings: the model's learned position table holds %d "
+                    "positions (%s), and each response takes %d", cut, limit, key, max_new_tokens)
+    return min(max_prompt_length or room, room)
+
+
 @torch.no_grad()
 def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int = 1,
                      max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
@@ -107,6 +134,7 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     spread = Spread.of(len(flat), batch_size, part)
     mine = [flat[i] for i in spread.rows]
     encoded = [encode_chat_or_prompt(tokenizer, p, chat) for p in mine]
+    max_prompt_length = _fit_to_positions(model, max_new_tokens, max_prompt_length, encoded)
     if max_prompt_length:
         encoded = [e[-max_prompt_length:] for e in encoded]
     out = Samples([], [], [], [], chat, temperature, top_k, top_p, list(spread.rows), list(spread.owned))

@@ -202,3 +202,40 @@ def check_positions(model: Any, longest: int, what: str, fix: str, name: str = "
     raise ConfigError(f"{what} reach {longest} tokens, but {name} has learned position embeddings for "
                       f"{limit} positions only ({key} in its config), and its forward cannot take a longer "
                       f"input: {fix} so that no input is longer than {limit} tokens")
+
+
+def declared_position_limit(name: str, trust_remote_code: bool = False) -> Optional[tuple[int, str]]:
+    """`position_limit` of the model at `name`, from its config alone: the model is built on the
+    meta device, so no weight is read or allocated. None when it cannot be told."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - an unknown layout: the check after loading still applies
+        return None
+    return position_limit(model)
+
+
+def fit_default_length(cfg: Any, field_name: str, model_name: str, reserve: int = 0) -> Any:
+    """`cfg` with `field_name` (a length option left at its default) lowered so that it plus
+    `reserve` tokens fits the learned position table of the model at `model_name`; a warning
+    says so. A value the user chose is left as it is: `check_positions` refuses it later if the
+    data actually reach past the table."""
+    import dataclasses
+
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}[field_name]
+    value = getattr(cfg, field_name)
+    if value != default:
+        return cfg
+    found = declared_position_limit(model_name, getattr(cfg, "trust_remote_code", False))
+    if found is None or value + reserve <= found[0] or found[0] - reserve < 1:
+        return cfg
+    limit, key = found
+    fitted = limit - reserve
+    flag = "--" + field_name.replace("_", "-")
+    log.warning("%s %d (the default)%s is more than %s's learned position table holds (%d positions, "
+                "%s in its config): using %s %d", flag, value,
+                f" plus --response-length {reserve}" if reserve else "", model_name, limit, key, flag, fitted)
+    return dataclasses.replace(cfg, **{field_name: fitted})

@@ -22,8 +22,8 @@ from tether.data.io import load_rows
 from tether.data.preference import load_preference_groups, read_preference_rows
 from tether.data.sft import IGNORE
 from tether.losses.dpo import dpo_loss
-from tether.models.load import (apply_lora, check_positions, count_parameters, disable_dropout, load_causal_lm,
-                               load_tokenizer)
+from tether.models.load import (apply_lora, check_positions, count_parameters, disable_dropout,
+                               fit_default_length, load_causal_lm, load_tokenizer)
 from tether.ops.logprobs import sequence_logprobs
 from tether.training.fsdp import place
 from tether.training.loop import LoopSpec, train_supervised
@@ -137,6 +137,7 @@ def run(cfg: DPOConfig) -> dict:
     """Train with DPO and save the policy into cfg.output_dir; returns the summary."""
     # 1. runtime and run directory
     accelerator, out = start_run(cfg)
+    cfg = fit_default_length(cfg, "max_length", cfg.model)  # a short learned position table
     # 2. tokenizer and pairs
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train = load_pairs(cfg.data, tokenizer, cfg.max_length, cfg.over_length)
@@ -155,6 +156,10 @@ def run(cfg: DPOConfig) -> dict:
     check_positions(model, max((len(u.prompt_ids) + max(len(u.chosen_ids), len(u.rejected_ids))
                                 for u in train + held), default=0),
                     "the preference pairs", f"lower --max-length (now {cfg.max_length})", cfg.model)
+    if cfg.kl_samples > 0:  # the KL samples after training: a prompt token and the responses must fit
+        cfg = fit_default_length(cfg, "kl_response_length", cfg.model, reserve=cfg.max_length // 2)
+        check_positions(model, cfg.kl_response_length + 1, "the KL samples (--kl-response-length)",
+                        "lower --kl-response-length, or set --kl-samples 0", cfg.model)
     model.to(accelerator.device)
     fill_reference_logps(model, train + held, tokenizer.pad_token_id, cfg.batch_size * 2)
     if cfg.lora_r > 0:

@@ -26,7 +26,8 @@ from tether.data.preference import (Group, collate_groups, read_preference_rows,
                                     read_prompt_responses, tokenize_groups)
 from tether.errors import DataError
 from tether.losses.reward import kwise_loss, pairwise_loss
-from tether.models.load import apply_lora, check_positions, count_parameters, load_tokenizer, prepare_for_training
+from tether.models.load import (apply_lora, check_positions, count_parameters, fit_default_length,
+                               load_tokenizer, prepare_for_training)
 from tether.models.reward import (BIAS_KEY, STD_KEY, init_reward_model, scalar_head_name,
                                   score_texts, sequence_scores)
 from tether.training.fsdp import is_sharded
@@ -236,6 +237,7 @@ def run(cfg: RMConfig) -> dict:
     """Train, evaluate, calibrate and save the reward model into cfg.output_dir."""
     # 1. runtime and run directory
     accelerator, out = start_run(cfg)
+    cfg = fit_default_length(cfg, "max_length", cfg.model)  # a short learned position table
     # 2. tokenizer and preference groups (pairs are groups of 2)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train, held, train_rows, skipped = load_rm_data(cfg, tokenizer)

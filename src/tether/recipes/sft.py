@@ -8,7 +8,8 @@ from typing import Any
 from tether.config import SFTConfig
 from tether.data.io import load_rows, split_holdout
 from tether.data.sft import IGNORE, collate, collate_packed, pack, tokenize_sft
-from tether.models.load import apply_lora, check_positions, count_parameters, load_causal_lm, load_tokenizer
+from tether.models.load import (apply_lora, check_positions, count_parameters, fit_default_length,
+                               load_causal_lm, load_tokenizer)
 from tether.training.loop import LoopSpec, train_supervised
 from tether.training.runtime import finish_run, resolve_dtype, start_run
 
@@ -45,6 +46,7 @@ def run(cfg: SFTConfig) -> dict:
     """Train, evaluate and save the SFT model into cfg.output_dir; returns the summary."""
     # 1. runtime and run directory
     accelerator, out = start_run(cfg)
+    cfg = fit_default_length(cfg, "max_length", cfg.model)  # a short learned position table
     # 2. tokenizer and data
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train, held = load_sft_examples(cfg, tokenizer)

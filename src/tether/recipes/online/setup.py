@@ -14,7 +14,7 @@ from tether.config import OnlineConfig
 from tether.errors import ConfigError
 from tether.models.critic import Actor, Critic, new_value_head
 from tether.models.load import (apply_lora, check_positions, count_parameters, disable_dropout, eos_token_ids,
-                                load_causal_lm, load_tokenizer)
+                                fit_default_length, load_causal_lm, load_tokenizer)
 from tether.models.reward import load_reward_model
 from tether.ops.advantages import kl_penalised_rewards
 from tether.ops.kl import AdaptiveKLController, FixedKLController
@@ -227,6 +227,7 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     device, dtype = accelerator.device, resolve_dtype(cfg.dtype)
     # 1. tokenizer and prompts
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, padding_side="left")
+    cfg = fit_default_length(cfg, "max_prompt_length", cfg.policy, reserve=cfg.response_length)
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation)
     eval_prompts = (load_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation)
                     if cfg.eval_prompts else None)
