@@ -184,7 +184,8 @@ def position_limit(model: Any) -> Optional[tuple[int, str]]:
     for name, module in inner.named_modules():
         leaf = name.rsplit(".", 1)[-1].lower()
         # OPT's table has 2 extra rows (its positions start at 2)
-        if (isinstance(module, torch.nn.Embedding) and module is not tokens and ("pos" in leaf or leaf == "wpe")
+        named_for_positions = "pos" in leaf or leaf == "wpe"
+        if (isinstance(module, torch.nn.Embedding) and module is not tokens and named_for_positions
                 and limit <= module.num_embeddings <= limit + 2):
             return limit, key
     return None
@@ -218,11 +219,12 @@ def declared_position_limit(name: str, trust_remote_code: bool = False) -> Optio
     return position_limit(model)
 
 
-def fit_default_length(cfg: Any, field_name: str, model_name: str, reserve: int = 0) -> Any:
+def fit_default_length(cfg: Any, field_name: str, model_name: str, reserve: int = 0,
+                       reserved_for: str = "") -> Any:
     """`cfg` with `field_name` (a length option left at its default) lowered so that it plus
-    `reserve` tokens fits the learned position table of the model at `model_name`; a warning
-    says so. A value the user chose is left as it is: `check_positions` refuses it later if the
-    data actually reach past the table."""
+    `reserve` tokens (`reserved_for`, as the warning says it) fits the learned position table of
+    the model at `model_name`; a warning says so. A value the user chose is left as it is:
+    `check_positions` refuses it later if the data actually reach past the table."""
     import dataclasses
 
     default = {f.name: f.default for f in dataclasses.fields(cfg)}[field_name]
@@ -237,5 +239,6 @@ def fit_default_length(cfg: Any, field_name: str, model_name: str, reserve: int 
     flag = "--" + field_name.replace("_", "-")
     log.warning("%s %d (the default)%s is more than %s's learned position table holds (%d positions, "
                 "%s in its config): using %s %d", flag, value,
-                f" plus --response-length {reserve}" if reserve else "", model_name, limit, key, flag, fitted)
+                f" plus {reserve} tokens for {reserved_for}" if reserve else "", model_name, limit, key,
+                flag, fitted)
     return dataclasses.replace(cfg, **{field_name: fitted})

@@ -23,7 +23,7 @@ from tether.data.preference import load_preference_groups, read_preference_rows
 from tether.data.sft import IGNORE
 from tether.losses.dpo import dpo_loss
 from tether.models.load import (apply_lora, check_positions, count_parameters, disable_dropout,
-                               fit_default_length, load_causal_lm, load_tokenizer)
+                               fit_default_length, load_causal_lm, load_tokenizer, position_limit)
 from tether.ops.logprobs import sequence_logprobs
 from tether.training.fsdp import place
 from tether.training.loop import LoopSpec, train_supervised
@@ -156,10 +156,11 @@ def run(cfg: DPOConfig) -> dict:
     check_positions(model, max((len(u.prompt_ids) + max(len(u.chosen_ids), len(u.rejected_ids))
                                 for u in train + held), default=0),
                     "the preference pairs", f"lower --max-length (now {cfg.max_length})", cfg.model)
-    if cfg.kl_samples > 0:  # the KL samples after training: a prompt token and the responses must fit
-        cfg = fit_default_length(cfg, "kl_response_length", cfg.model, reserve=cfg.max_length // 2)
-        check_positions(model, cfg.kl_response_length + 1, "the KL samples (--kl-response-length)",
-                        "lower --kl-response-length, or set --kl-samples 0", cfg.model)
+    table = position_limit(model)
+    if cfg.kl_samples > 0 and table is not None:  # the KL samples after training must fit it too
+        cfg = fit_default_length(cfg, "kl_response_length", cfg.model, table[0] // 2, "the prompts")
+        check_positions(model, cfg.kl_response_length + 1, "the KL samples (--kl-response-length, and a "
+                        "prompt token)", "lower --kl-response-length, or set --kl-samples 0", cfg.model)
     model.to(accelerator.device)
     fill_reference_logps(model, train + held, tokenizer.pad_token_id, cfg.batch_size * 2)
     if cfg.lora_r > 0:

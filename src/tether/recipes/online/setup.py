@@ -227,7 +227,7 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     device, dtype = accelerator.device, resolve_dtype(cfg.dtype)
     # 1. tokenizer and prompts
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, padding_side="left")
-    cfg = fit_default_length(cfg, "max_prompt_length", cfg.policy, reserve=cfg.response_length)
+    cfg = fit_default_length(cfg, "max_prompt_length", cfg.policy, cfg.response_length, "--response-length")
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation)
     eval_prompts = (load_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation)
                     if cfg.eval_prompts else None)
