@@ -11,7 +11,7 @@ from tether.models.load import position_limit
 from conftest import write_jsonl
 
 
-def _model(family: str, positions: int, **extra):
+def _model(family: str, positions: int):
     key = "n_positions" if family in ("gpt2", "gpt_bigcode") else "max_position_embeddings"
     sizes = {"gpt2": dict(n_embd=32, n_layer=1, n_head=4), "gpt_bigcode": dict(n_embd=32, n_layer=1, n_head=4),
              "opt": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=4,
@@ -19,7 +19,7 @@ def _model(family: str, positions: int, **extra):
              "gpt_neo": dict(hidden_size=32, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]]),
              "llama": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
              "gpt_neox": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)}
-    config = AutoConfig.for_model(family, vocab_size=64, **{key: positions}, **sizes[family], **extra)
+    config = AutoConfig.for_model(family, vocab_size=64, **{key: positions}, **sizes[family])
     return AutoModelForCausalLM.from_config(config)
 
 
@@ -39,11 +39,6 @@ def test_computed_positions_have_no_limit(family):
     model = _model(family, 48)
     assert position_limit(model) is None
     model(input_ids=torch.zeros((1, 60), dtype=torch.long))  # longer than stated, and it runs
-
-
-def test_a_vocabulary_as_large_as_the_positions_is_not_taken_for_them():
-    model = _model("llama", 64)  # vocab 64 = positions 64, and no position table
-    assert position_limit(model) is None
 
 
 @pytest.fixture
