@@ -120,6 +120,15 @@ def test_preference_stages_refuse_pairs_longer_than_the_position_table(stage, sh
     assert "24 positions" in err and "--max-length" in err, err
     assert not (tmp_path / "a" / "model.safetensors").exists()
     assert main(args + ["--output-dir", str(tmp_path / "b")]) == 0  # the default fits itself
+    if stage == "rm":  # scoring with it cuts rows to its table, as its training data were cut
+        scores = tmp_path / "scores.jsonl"
+        assert main(["score", "--reward-model", str(tmp_path / "b"), "--data", str(data),
+                     "--output", str(scores)]) == 0
+        assert len(scores.read_text().splitlines()) == len(rows)
+        prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": rows[0]["prompt"] + long_tail}] * 2)
+        assert main(["bon", "--policy", str(path), "--reward-model", str(tmp_path / "b"), "--prompts",
+                     str(prompts), "--n", "2", "--response-length", "8", "--output-dir", str(tmp_path / "bon"),
+                     "--no-progress"]) == 0
 
 
 def test_sampling_cuts_prompts_to_the_table_and_refuses_responses_that_cannot_fit(short_gpt2):

@@ -25,7 +25,8 @@ from tether.data.io import load_rows, without_location
 from tether.data.preference import (encode_for_scoring, read_preference_rows,
                                     read_prompt_responses)
 from tether.models.load import load_tokenizer, pad_id
-from tether.models.reward import load_reward_model, reward_bias, score_sequences, score_texts
+from tether.models.reward import (load_reward_model, reward_bias, score_sequences, score_texts,
+                                  scoring_length)
 from tether.models.save import mark_complete
 from tether.training.files import write_jsonl
 from tether.training.runtime import resolve_dtype, setup_logging
@@ -83,7 +84,11 @@ def run(cfg: ScoreConfig) -> dict:
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     # 2. score
     ds = load_rows(cfg.data)
-    rows = score_rows(model, tokenizer, ds, cfg.data, cfg.batch_size, cfg.max_length)
+    max_length = scoring_length(model, cfg.max_length)
+    if max_length != cfg.max_length:
+        log.warning("--max-length %d is more than the reward model's learned position table holds: rows "
+                    "are cut to %d tokens", cfg.max_length, max_length)
+    rows = score_rows(model, tokenizer, ds, cfg.data, cfg.batch_size, max_length)
     # 3. write, and summarise
     output = Path(cfg.output or Path(cfg.output_dir) / "scores.jsonl")
     write_jsonl(output, rows)
