@@ -15,6 +15,8 @@ from torch.autograd.function import once_differentiable
 # 2**26 float32 elements = 256 MiB per chunk: small next to the logits themselves, big enough
 # that a batch of short sequences is still done in a single chunk.
 DEFAULT_CHUNK_ELEMENTS = 2**26
+
+
 def _chunks(B: int, T: int, V: int, max_elements: int):
     """Yield (batch slice, time slice) pairs that tile a (B, T) grid, each covering at most
     `max_elements` logits (but at least one position). Whole rows where they fit, since
