@@ -144,3 +144,18 @@ def test_sampling_cuts_prompts_to_the_table_and_refuses_responses_that_cannot_fi
     assert len(samples.responses) == 2
     with pytest.raises(ConfigError, match="24 positions"):
         sample_responses(model, tokenizer, [prompt], max_new_tokens=24)
+
+
+def test_ppo_refuses_ptx_rows_longer_than_the_position_table(short_gpt2, tmp_path, capsys):
+    path, _ = short_gpt2
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "the cat sat on the mat"}] * 8)
+    long_text = "the dog sat on the rug and the bird sat on the tree and the fish sat in the pond " * 2
+    ptx = write_jsonl(tmp_path / "ptx.jsonl", [{"text": long_text}] * 4)
+    reward = tmp_path / "r.py"
+    reward.write_text("def score(prompts, completions, **_):\n    return [len(c) / 10 for c in completions]\n")
+    assert main(["ppo", "--policy", str(path), "--prompts", str(prompts), "--reward-fn", f"{reward}:score",
+                 "--batch-size", "2", "--max-steps", "1", "--no-progress", "--response-length", "8",
+                 "--max-prompt-length", "100", "--ptx-data", str(ptx), "--critic", "head",
+                 "--output-dir", str(tmp_path / "a")]) != 0
+    err = capsys.readouterr().err
+    assert "--ptx-data" in err and "24 positions" in err, err

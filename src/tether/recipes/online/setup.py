@@ -292,6 +292,9 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     ptx = (PtxData(cfg.ptx_data, tokenizer, cfg.max_prompt_length + cfg.response_length,
                    cfg.minibatch, cfg.seed, accelerator.num_processes, accelerator.process_index)
            if getattr(cfg, "ptx_data", None) else None)
+    if ptx is not None:
+        check_positions(lm, max((len(r) for r in ptx.rows), default=0), "the --ptx-data rows (cut to "
+                        "--max-prompt-length plus --response-length)", "lower --max-prompt-length", cfg.policy)
     order = GlobalBatches(len(prompts.ids), cfg.batch_size, 1, accelerator.num_processes, cfg.seed)
     return PPOParts(cfg, accelerator, tokenizer, actor, critic, optimizers, schedulers, reference,
                     reward, generator, kl_ctl, prompts, order, eos_ids, probe, eval_prompts=eval_prompts,
