@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from tether.cli import main
 from tether.training.checkpoint import list_checkpoints
@@ -45,7 +46,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_run(stories, tmp_pat
     data = write_jsonl(tmp_path / "d.jsonl", story_rows(40))
     out, ref = tmp_path / "run", tmp_path / "ref"
     args = _sft_args(stories, data, out, "--max-steps", "150", "--save-every", "1000", "--batch-size", "2")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # the same number of threads as the runs in this process below, which the losses are held
+    # to: another count sums in another order, and 150 steps carry that rounding past 1e-6
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen([sys.executable, "-m", "tether", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = out / "metrics.jsonl"

@@ -92,12 +92,11 @@ def _ppo(policy, prompts, out, *extra):
             "--missing-eos-penalty", "none", "--no-progress", "--no-tensorboard", *extra]
 
 
-def test_ppo_learns_from_a_reward_function_alone(tiny_models, fns, tmp_path):
+def test_ppo_learns_from_a_reward_function_alone(tiny_models, fns, tmp_path, one_torch_thread):
     """No reward model: the function's reward rises in the run and, from outside, on samples of
     the saved policy drawn with plain transformers and scored by the same function."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.set_num_threads(1)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"Once upon a time, {n} saw a", "answer": n}
                                                   for n in ["Lily", "Tom", "Sue", "Ben"] * 4])
     out = tmp_path / "run"
