@@ -89,17 +89,20 @@ def _match_stage(argv: list[str]) -> tuple[Optional[str], list[str]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    grouped = _process_group_up()
+    grouped, closed = _process_group_up(), False
     try:
         code = _main(list(sys.argv[1:] if argv is None else argv))
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
-        return code
     except BrokenPipeError:  # `tether ppo --help | head`: the reader left, which is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 0
+        code = 0
     finally:
         if not grouped and _process_group_up():
             _close_process_group()
+            closed = True
+    if closed and argv is None:  # the program itself, one process of a launch
+        _exit_now(code)
+    return code
 
 
 def _process_group_up() -> bool:
@@ -121,6 +124,24 @@ def _close_process_group() -> None:
         dist.barrier()  # every process has finished (the main one writes last) before any tears down
     finally:
         dist.destroy_process_group()
+
+
+def _exit_now(code: int) -> None:
+    """End a launched process once its work is written and its process group destroyed, without
+    the interpreter's teardown. Even after the barrier and the group's destruction, a process
+    sometimes still aborted in that teardown ('terminate called without an active exception':
+    a C++ thread of the distributed backend destroyed while joinable), and the launcher called
+    the finished run failed (1 of the 2-process launches of a full CI run, 2026-12-03). Output
+    streams and log handlers are flushed first; every file the run writes is closed by then."""
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def _main(argv: list[str]) -> int:
