@@ -129,10 +129,11 @@ def _close_process_group() -> None:
 def _exit_now(code: int) -> None:
     """End a launched process once its work is written and its process group destroyed, without
     the interpreter's teardown. Even after the barrier and the group's destruction, a process
-    sometimes still aborted in that teardown ('terminate called without an active exception':
-    a C++ thread of the distributed backend destroyed while joinable), and the launcher called
-    the finished run failed (1 of the 2-process launches of a full CI run, 2026-12-03). Output
-    streams and log handlers are flushed first; every file the run writes is closed by then."""
+    sometimes still aborted in that teardown ('terminate called without an active exception',
+    C++'s std::terminate at exit, as when a joinable thread is destroyed), and the launcher
+    called the finished run failed (1 of the 2-process launches of a full CI run, 2026-12-03).
+    Output streams and log handlers are flushed first; every file the run writes is closed by
+    then."""
     import logging
 
     for stream in (sys.stdout, sys.stderr):
