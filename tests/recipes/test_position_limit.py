@@ -159,3 +159,25 @@ def test_ppo_refuses_ptx_rows_longer_than_the_position_table(short_gpt2, tmp_pat
                  "--output-dir", str(tmp_path / "a")]) != 0
     err = capsys.readouterr().err
     assert "--ptx-data" in err and "24 positions" in err, err
+
+
+def test_the_table_is_read_from_the_config_and_a_meta_build_only_when_it_may_be_too_short(
+        short_gpt2, tiny_models, monkeypatch):
+    from transformers import AutoModelForCausalLM as Auto
+
+    from tether.models.load import declared_position_limit
+
+    path, _ = short_gpt2
+    builds = []
+    real = Auto.from_config.__func__
+
+    def counted(cls, config, **kwargs):
+        builds.append(config.model_type)
+        return real(cls, config, **kwargs)
+
+    monkeypatch.setattr(Auto, "from_config", classmethod(counted))
+    assert declared_position_limit(str(path)) == (24, "n_positions")  # no length given: built
+    assert declared_position_limit(str(path), longest=24) is None  # 24 fit the 24 stated
+    assert declared_position_limit(str(path), longest=25) == (24, "n_positions")
+    assert declared_position_limit(tiny_models["llama"], longest=10**6) is None  # rotary: no table
+    assert builds == ["gpt2", "gpt2", "llama"]

@@ -39,6 +39,7 @@ import torch
 
 from tether.errors import ConfigError, TetherError
 from tether.feedback.items import Item
+from tether.models.load import stated_positions
 
 TIE_TOLERANCE = 1e-9
 
@@ -207,12 +208,9 @@ def answer_token_ids(tokenizer: Any, answers: Sequence[str] = ("A", "B")) -> tup
 
 def model_max_length(model: Any) -> int:
     """The longest input the model's config states (0 when it states none)."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 0
+    keys = ("max_position_embeddings", "n_positions", "seq_length")
+    stated = stated_positions(getattr(model, "config", None), keys)
+    return stated[0] if stated is not None else 0
 
 
 def _takes(model: Any, keyword: str) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -168,18 +168,25 @@ def count_parameters(model: torch.nn.Module) -> int:
 POSITION_KEYS = ("n_positions", "max_position_embeddings")
 
 
+def stated_positions(config: Any, keys: Sequence[str] = POSITION_KEYS) -> Optional[tuple[int, str]]:
+    """(positions, key) from the first of `keys` that `config` sets to a positive int, else None."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value, key
+    return None
+
+
 def position_limit(model: Any) -> Optional[tuple[int, str]]:
     """(positions, config key) when the model's positions come from a learned embedding table
     (GPT-2, GPT-BigCode, GPT-Neo, OPT, BioGPT): no input may be longer, or its forward fails
     with an index error. None when positions are computed (rotary, ALiBi): a longer input runs,
     if less well than within the length the model was trained on."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(inner, "config", None)
-    found = [(getattr(config, key), key) for key in POSITION_KEYS
-             if isinstance(getattr(config, key, None), int) and getattr(config, key) > 0]
-    if not found:
+    found = stated_positions(getattr(inner, "config", None))
+    if found is None:
         return None
-    limit, key = found[0]
+    limit, key = found
     tokens = inner.get_input_embeddings() if hasattr(inner, "get_input_embeddings") else None
     for name, module in inner.named_modules():
         leaf = name.rsplit(".", 1)[-1].lower()
@@ -205,13 +212,28 @@ def check_positions(model: Any, longest: int, what: str, fix: str, name: str = "
                       f"input: {fix} so that no input is longer than {limit} tokens")
 
 
-def declared_position_limit(name: str, trust_remote_code: bool = False) -> Optional[tuple[int, str]]:
+def within_positions(model: Any, length: Optional[int]) -> Optional[int]:
+    """The length to cut inputs to: `length` (None: no cut), lowered to the model's learned
+    position table (`position_limit`), past which its forward cannot run."""
+    found = position_limit(model)
+    if found is None or (length is not None and length <= found[0]):
+        return length
+    return found[0]
+
+
+def declared_position_limit(name: str, trust_remote_code: bool = False,
+                            longest: Optional[int] = None) -> Optional[tuple[int, str]]:
     """`position_limit` of the model at `name`, from its config alone: the model is built on the
-    meta device, so no weight is read or allocated. None when it cannot be told."""
+    meta device, so no weight is read or allocated. None when it cannot be told. With `longest`,
+    only a table shorter than `longest` tokens is looked for: when the config states no position
+    count below it, the answer is None without building anything."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        stated = stated_positions(config)
+        if longest is not None and (stated is None or stated[0] >= longest):
+            return None
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - an unknown layout: the check after loading still applies
@@ -220,18 +242,20 @@ def declared_position_limit(name: str, trust_remote_code: bool = False) -> Optio
 
 
 def fit_default_length(cfg: Any, field_name: str, model_name: str, reserve: int = 0,
-                       reserved_for: str = "") -> Any:
+                       reserved_for: str = "", table: Optional[tuple[int, str]] = None) -> Any:
     """`cfg` with `field_name` (a length option left at its default) lowered so that it plus
     `reserve` tokens (`reserved_for`, as the warning says it) fits the learned position table of
-    the model at `model_name`; a warning says so. A value the user chose is left as it is:
-    `check_positions` refuses it later if the data actually reach past the table."""
+    the model at `model_name` (`table`, when the loaded model's is known already: nothing is
+    built then); a warning says so. A value the user chose is left as it is: `check_positions`
+    refuses it later if the data actually reach past the table."""
     import dataclasses
 
     default = {f.name: f.default for f in dataclasses.fields(cfg)}[field_name]
     value = getattr(cfg, field_name)
     if value != default:
         return cfg
-    found = declared_position_limit(model_name, getattr(cfg, "trust_remote_code", False))
+    found = table if table is not None else declared_position_limit(
+        model_name, getattr(cfg, "trust_remote_code", False), longest=value + reserve)
     if found is None or value + reserve <= found[0] or found[0] - reserve < 1:
         return cfg
     limit, key = found

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from tether.errors import TetherError
-from tether.models.load import pad_id
+from tether.models.load import pad_id, within_positions
 from tether.models.tail import reading_last
 
 BIAS_KEY = "tether_reward_bias"
@@ -174,28 +174,17 @@ def score_texts(model: Any, tokenizer: Any, prompts: Sequence[str], responses: S
     Tokenised the way the reward model was trained (`encode_prompt` + `encode_response`, no
     EOS; with `chat`, the prompts are rendered chat templates and get no added special tokens).
     Sequences longer than `max_length` (at most the model's learned position table, when it has
-    one: `scoring_length`) are cut like training data (prompt from the left, response from the
+    one: `models.load.within_positions`) are cut like training data (prompt from the left, response from the
     right). Calibrated scores (bias added) unless `calibrated=False`.
     """
     from tether.data.preference import encode_for_scoring
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-    max_length = scoring_length(model, max_length)
+    max_length = within_positions(model, max_length)
     seqs = [encode_for_scoring(tokenizer, p, [r], max_length, chat)[0] for p, r in zip(prompts, responses)]
     pad = pad_id(tokenizer)
     return score_sequences(model, seqs, pad, batch_size, calibrated)
-
-
-def scoring_length(model: Any, max_length: Optional[int]) -> Optional[int]:
-    """The length to cut scored sequences to: `max_length` (None: no cut), lowered to the
-    model's learned position table (GPT-2, OPT, ...), past which its forward cannot run."""
-    from tether.models.load import position_limit
-
-    table = position_limit(model)
-    if table is None or (max_length is not None and max_length <= table[0]):
-        return max_length
-    return table[0]
 
 
 def score_sequences(model: Any, seqs: Sequence[list[int]], pad_id: int, batch_size: int = 16,

@@ -158,7 +158,8 @@ def run(cfg: DPOConfig) -> dict:
                     "the preference pairs", f"lower --max-length (now {cfg.max_length})", cfg.model)
     table = position_limit(model)
     if cfg.kl_samples > 0 and table is not None:  # the KL samples after training must fit it too
-        cfg = fit_default_length(cfg, "kl_response_length", cfg.model, table[0] // 2, "the prompts")
+        cfg = fit_default_length(cfg, "kl_response_length", cfg.model, table[0] // 2, "the prompts",
+                                 table)
         check_positions(model, cfg.kl_response_length + 1, "the KL samples (--kl-response-length, and a "
                         "prompt token)", "lower --kl-response-length, or set --kl-samples 0", cfg.model)
     model.to(accelerator.device)

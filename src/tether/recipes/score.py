@@ -24,9 +24,8 @@ from tether.config import ScoreConfig
 from tether.data.io import load_rows, without_location
 from tether.data.preference import (encode_for_scoring, read_preference_rows,
                                     read_prompt_responses)
-from tether.models.load import load_tokenizer, pad_id
-from tether.models.reward import (load_reward_model, reward_bias, score_sequences, score_texts,
-                                  scoring_length)
+from tether.models.load import load_tokenizer, pad_id, within_positions
+from tether.models.reward import load_reward_model, reward_bias, score_sequences, score_texts
 from tether.models.save import mark_complete
 from tether.training.files import write_jsonl
 from tether.training.runtime import resolve_dtype, setup_logging
@@ -84,7 +83,7 @@ def run(cfg: ScoreConfig) -> dict:
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     # 2. score
     ds = load_rows(cfg.data)
-    max_length = scoring_length(model, cfg.max_length)
+    max_length = within_positions(model, cfg.max_length)
     if max_length != cfg.max_length:
         log.warning("--max-length %d is more than the reward model's learned position table holds: rows "
                     "are cut to %d tokens", cfg.max_length, max_length)

@@ -162,7 +162,6 @@ def finish_iteration(parts: PPOParts, step: int, exp: Experience, stats: dict, i
     """Steps 6-7 of every method: the iteration's metrics (over every process's rollouts), KL
     control and the health checks (a non-finite loss or gradient already stopped the run before
     its optimizer step, in `update.minibatch_step`). `drop`: metrics that do not apply."""
-    cfg = parts.cfg
     beta, all_reduce = parts.kl_ctl.value, parts.all_reduce_sum()
     mask = exp.mask
     # 6. KL control: adaptive beta follows this batch's mean KL per sequence. The statistics
