@@ -573,7 +573,7 @@ class OnlineConfig(RunConfig):
     --response-length tokens (they all count as having no EOS)."""
     generation_backend: Literal["torch", "hf"] = "torch"
     """torch: tether's own sampling loop with a KV cache (no per-token Python work beyond one
-    decode step, fused for Llama, Mistral and Qwen2 on CPU; faster for small models). hf:
+    decode step, fused for Llama, Mistral, Qwen2 and Qwen3 on CPU; faster for small models). hf:
     transformers' generate()."""
     lr: float = 1e-6
     """Policy learning rate (AdamW). 1e-6 suits large models; tiny ones need 1e-4 or more."""

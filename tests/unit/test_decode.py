@@ -13,7 +13,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]  # left-padded to 6:
 
 def _model(arch: str, dtype=torch.float32, **overrides):
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -25,6 +25,7 @@ def _model(arch: str, dtype=torch.float32, **overrides):
                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
         "mistral": (MistralConfig, MistralForCausalLM, dict(head_dim=24)),  # head_dim != d / heads
         "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),  # q/k/v biases
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=24, attention_bias=True)),  # q/k head norms
     }
     config_cls, model_cls, extra = configs[arch]
     torch.manual_seed(0)
@@ -33,6 +34,8 @@ def _model(arch: str, dtype=torch.float32, **overrides):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):  # ones would test less
+                p.normal_(1, 0.5)
     return model
 
 
@@ -64,7 +67,7 @@ def _step_by_step(model, steps: int = 5, tamper=None):
     return torch.stack(ours, 1), torch.stack(theirs, 1)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_fused_step_equals_the_models_cached_forward(arch):
     ours, theirs = _step_by_step(_model(arch))
     assert ours.shape == theirs.shape == (3, 5, 64)

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor
-from transformers.models.llama.modeling_llama import rotate_half  # Mistral's and Qwen2's too
+from transformers.models.llama.modeling_llama import rotate_half  # Mistral's, Qwen2's and Qwen3's too
 
 from tether.models.guard import FastPath, mismatch
 from tether.models.load import weights_not_in_place
@@ -43,8 +43,10 @@ from tether.rollout.types import position_ids_from_mask
 
 # The CausalLM classes whose decoder layers are exactly: x + attn(input_layernorm(x)), then
 # x + down(act(gate(.)) * up(.)) on post_attention_layernorm(x), with rotary q/k and a plain
-# softmax attention (optional q/k/v/o/mlp biases).
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# softmax attention (optional q/k/v/o/mlp biases; Qwen3 normalises each q and k head with its
+# own RMSNorm, q_norm and k_norm, before the rotary).
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+HEAD_NORMS = {"Qwen3ForCausalLM"}  # the classes whose attention has q_norm and k_norm
 GUARD = FastPath("tether.rollout.decode (the fused decode step)", verified=("5.23", "5.24"))
 
 
@@ -66,6 +68,8 @@ def unsupported_reason(model: Any) -> Optional[str]:
             a, m = layer.self_attn, layer.mlp
             parts += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
             _ = (layer.input_layernorm, layer.post_attention_layernorm, a.head_dim, a.scaling, m.act_fn)
+            if name in HEAD_NORMS:
+                _ = (a.q_norm, a.k_norm)
         _ = (body.embed_tokens, body.norm, body.rotary_emb)
     except AttributeError as err:
         return f"unexpected module layout ({err})"
@@ -174,7 +178,8 @@ class FusedDecoder:
                 _cat_bias(a.q_proj, a.k_proj, a.v_proj),
                 a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm,
                 torch.cat([m.gate_proj.weight, m.up_proj.weight]), _cat_bias(m.gate_proj, m.up_proj),
-                m.down_proj.weight, m.down_proj.bias, m.act_fn, a.head_dim, a.scaling))
+                m.down_proj.weight, m.down_proj.bias, m.act_fn, a.head_dim, a.scaling,
+                (a.q_norm, a.k_norm) if type(self.model).__name__ in HEAD_NORMS else None))
         dtype = self.keys[0].dtype
         # Additive mask over the cache: -inf on the prompts' left padding, 0 on everything written.
         self.mask = torch.full((B, 1, 1, max_len), float("-inf"), dtype=dtype, device=attention_mask.device)
@@ -183,7 +188,7 @@ class FusedDecoder:
 
     def finish(self) -> None:
         """Drop the rollout's KV buffers and concatenated weights."""
-        self.layers: list[tuple] = []  # per layer: norms, fused weights and biases, act, sizes
+        self.layers: list[tuple] = []  # per layer: norms, fused weights and biases, act, sizes, q/k norms
         self.keys: list[Tensor] = []  # per layer (B, H_kv, max_len, head_dim)
         self.values: list[Tensor] = []
         self.mask: Optional[Tensor] = None  # (B, 1, 1, max_len) additive
@@ -200,11 +205,13 @@ class FusedDecoder:
         h = body.embed_tokens(token)  # (B, d)
         cos, sin = body.rotary_emb(h, position[:, None])  # (B, 1, head_dim) each
         H, Hk = self.heads, self.kv_heads
-        for i, (norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gu, b_gu, w_down, b_down, act, hd, scale
+        for i, (norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gu, b_gu, w_down, b_down, act, hd, scale, head_norms
                 ) in enumerate(self.layers):
             # (B, (H + 2 Hk) hd), made contiguous: flash attention needs stride 1 along hd
             qkv = linear(norm1(h), w_qkv, b_qkv).contiguous()
             qk = qkv[:, :(H + Hk) * hd].reshape(B, H + Hk, hd)  # q and k heads, rotated together
+            if head_norms is not None:
+                qk = torch.cat([head_norms[0](qk[:, :H]), head_norms[1](qk[:, H:])], dim=1)
             qk = qk * cos + rotate_half(qk) * sin
             q = qk[:, :H]
             self.keys[i][:, :, n] = qk[:, H:]

@@ -5,8 +5,9 @@ Two backends ship here:
 - `KVCacheSampler` (default): a lean loop with a KV cache. One decode step per generated token
   and no other per-token Python work (no logits processors, no stopping-criteria objects, no
   per-step output bookkeeping); it stops as soon as every row has ended. For small models that
-  overhead is most of HF generate's time. On CPU, for Llama, Mistral and Qwen2, the step is the
-  fused one of `tether.rollout.decode`; other models run their own forward with their own cache.
+  overhead is most of HF generate's time. On CPU, for Llama, Mistral, Qwen2 and Qwen3, the step
+  is the fused one of `tether.rollout.decode`; other models run their own forward with their own
+  cache.
 - `HFGenerator`: transformers' `generate()`, for models whose cache or forward the lean loop
   does not support.
 Both return a `Rollout` whose responses are cut at their first EOS (any of the EOS ids).
