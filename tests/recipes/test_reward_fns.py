@@ -29,6 +29,9 @@ def vowels(prompts, completions, **columns):
 def answer_match(prompts, completions, answer, **_):
     return [1.0 if a in c else 0.0 for c, a in zip(completions, answer)]
 
+def answer_where_given(prompts, completions, answer, **_):
+    return [(1.0 if a in c else 0.0) if a else None for c, a in zip(completions, answer)]
+
 def only_first(prompts, completions, **_):
     return [1.0] + [None] * (len(completions) - 1)
 
@@ -74,6 +77,14 @@ def test_a_function_that_misbehaves_is_named_with_the_row(fns, name, needle):
     with pytest.raises(TrainingError, match=re.escape(needle)) as err:
         rf(["p1", "p2"], ["a", "b"], {}, ["f:1", "f:2"])
     assert name in str(err.value) or "no reward function" in str(err.value)
+
+
+def test_a_row_no_function_applies_to_keeps_the_reward_models_score_alone(fns):
+    rf = RewardFunctions.from_config([f"{fns}:only_first"], [])
+    total, per_fn = rf(["p1", "p2"], ["a", "b"], {}, ["f:1", "f:2"], scored_elsewhere=True)
+    assert total == [1.0, 0.0] and per_fn == {"only_first": [1.0, None]}
+    with pytest.raises(TrainingError, match=re.escape("no reward function applies to f:2")):
+        rf(["p1", "p2"], ["a", "b"], {}, ["f:1", "f:2"])  # no reward model: nothing scores f:2
 
 
 @pytest.mark.parametrize("spec,needle", [
@@ -134,19 +145,24 @@ def test_functions_see_the_prompt_columns_and_add_to_the_rm(tiny_models, fns, tm
     rm = tmp_path / "rm"
     init_reward_model(str(tiny_models["llama"]), pad_token_id=0, seed=1).save_pretrained(rm)
     load_tokenizer(str(tiny_models["llama"])).save_pretrained(rm)
-    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"{n} saw a", "answer": n, "level": k}
-                                                  for k, n in enumerate(["Lily", "Tom"] * 4)])
+    # half the prompts have no answer: no function applies to their responses, which then get
+    # the RM's score alone
+    rows = [{"prompt": f"{n} saw a", "answer": n if k % 2 else "", "level": k}
+            for k, n in enumerate(["Lily", "Tom"] * 4)]
+    prompts = write_jsonl(tmp_path / "p.jsonl", rows)
     out = tmp_path / "run"
     args = _ppo(tiny_models["llama"], prompts, out, "--reward-model", rm, "--reward-fn",
-                f"{fns}:answer_match,{fns}:vowels", "--reward-weights", "2,0.5", "--max-steps", "2",
-                "--samples-per-iteration", "8", "--batch-size", "8")
+                f"{fns}:answer_where_given,{fns}:nothing", "--reward-weights", "2,0.5",
+                "--max-steps", "2", "--samples-per-iteration", "8", "--batch-size", "8")
     assert main([str(a) for a in args]) == 0
     row = read_metrics(out / "metrics.jsonl")[0]
-    assert {"reward_fn/answer_match/mean", "reward_fn/vowels/mean"} <= set(row)
+    assert {"reward_fn/answer_where_given/mean", "reward_fn/nothing/mean"} <= set(row)
+    assert row["reward_fn/answer_where_given/applied"] == 0.5
+    assert row["reward_fn/nothing/applied"] == 0.0
     import yaml
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["reward_fn"] == [f"{fns}:answer_match", f"{fns}:vowels"]
+    assert saved["reward_fn"] == [f"{fns}:answer_where_given", f"{fns}:nothing"]
     assert saved["reward_weights"] == [2.0, 0.5]
 
 

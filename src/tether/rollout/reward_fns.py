@@ -7,8 +7,9 @@ A function is named `path/to/file.py:name` (or `package.module:name`) and has TR
 `columns` holds every other column of the prompts file, one list per column, aligned with the
 prompts (for example `answer`). None means "not applicable to this row". With several
 functions, a row's reward is the weighted sum of the values that apply (`--reward-weights`,
-1.0 each by default); a row to which none applies is an error. A learned reward model's score,
-when there is one, is added to that sum.
+1.0 each by default). A learned reward model's score, when there is one, is added to that sum;
+a row to which no function applies then gets the reward model's score alone. Without a reward
+model, such a row has no reward at all, which is an error.
 
 A function that raises, returns the wrong number of values, or returns something that is not
 a finite number (or None) stops the run with an error naming the function and the row; the last
@@ -113,10 +114,12 @@ class RewardFunctions:
             out.append(name)
         return out
 
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str],
-                 columns: dict[str, list], rows: Sequence[str]) -> tuple[list[float], dict[str, list]]:
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], columns: dict[str, list],
+                 rows: Sequence[str], scored_elsewhere: bool = False) -> tuple[list[float], dict[str, list]]:
         """(the weighted total per row, each function's raw values by name). `rows` names each
-        row for error messages (e.g. prompts.jsonl:12)."""
+        row for error messages (e.g. prompts.jsonl:12). scored_elsewhere: every row also has a
+        reward model's score, so a row no function applies to adds 0 to it rather than being an
+        error."""
         n, per_fn = len(prompts), {}
         total = [0.0] * n
         applies = [False] * n
@@ -134,7 +137,7 @@ class RewardFunctions:
                     applies[i] = True
             per_fn[name] = values
         missing = [rows[i] for i in range(n) if not applies[i]]
-        if missing:
+        if missing and not scored_elsewhere:
             raise TrainingError(f"no reward function applies to {missing[0]} (each returned None)"
                                 + (f" and {len(missing) - 1} other row(s)" if len(missing) > 1 else ""))
         return total, per_fn
