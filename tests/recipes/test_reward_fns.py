@@ -38,6 +38,15 @@ def only_first(prompts, completions, **_):
 def nothing(prompts, completions, **_):
     return [None] * len(completions)
 
+def trl_chat(prompts, completions, **_):
+    """Written for TRL's conversational form: messages in, one assistant message out."""
+    assert all(isinstance(p, list) and p[-1]["role"] == "user" for p in prompts), prompts[0]
+    assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str) for c in completions)
+    out = [float(p[-1]["content"].split()[-1] in c[0]["content"]) for p, c in zip(prompts, completions)]
+    prompts[0].clear()  # a function that changes its arguments
+    completions[0][0]["content"] = "changed"
+    return out
+
 def broken(prompts, completions, **_):
     raise KeyError("no such field")
 
@@ -85,6 +94,32 @@ def test_a_row_no_function_applies_to_keeps_the_reward_models_score_alone(fns):
     assert total == [1.0, 0.0] and per_fn == {"only_first": [1.0, None]}
     with pytest.raises(TrainingError, match=re.escape("no reward function applies to f:2")):
         rf(["p1", "p2"], ["a", "b"], {}, ["f:1", "f:2"])  # no reward model: nothing scores f:2
+
+
+def test_conversational_prompts_reach_functions_in_trls_form_each_function_its_own_copy(fns):
+    rf = RewardFunctions.from_config([f"{fns}:trl_chat", f"{fns}:trl_chat"], [])
+    chats = [[{"role": "user", "content": "say cat"}], [{"role": "user", "content": "say dog"}]]
+    total, per_fn = rf(["<rendered 1>", "<rendered 2>"], ["a cat", "a cow"], {}, ["f:1", "f:2"],
+                       chats=chats)
+    assert per_fn["trl_chat"] == per_fn["trl_chat_2"] == [1.0, 0.0]  # the second saw no change
+    assert total == [2.0, 0.0]
+    assert chats[0] == [{"role": "user", "content": "say cat"}]  # the caller's lists untouched
+    # a batch that is not all messages gets the texts
+    _, plain = RewardFunctions.from_config([f"{fns}:vowels"], [])(
+        ["p1", "p2"], ["a cat", "a cow"], {}, ["f:1", "f:2"], chats=[chats[0], None])
+    assert plain["vowels"] == [0.5, 0.5]
+
+
+def test_grpo_on_chat_prompts_calls_a_trl_conversational_reward_function(tiny_models, fns, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"name a {w}"}]} for w in ("cat", "dog")] * 4
+    prompts = write_jsonl(tmp_path / "chat.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(["grpo", "--policy", str(tiny_models["qwen2"]), "--prompts", str(prompts),
+                 "--output-dir", str(out), "--reward-fn", f"{fns}:trl_chat", "--batch-size", "2",
+                 "--num-generations", "4", "--response-length", "4", "--max-steps", "1",
+                 "--no-progress", "--no-tensorboard"]) == 0
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert row["reward_fn/trl_chat/applied"] == 1.0
 
 
 @pytest.mark.parametrize("spec,needle", [

@@ -11,6 +11,11 @@ functions, a row's reward is the weighted sum of the values that apply (`--rewar
 a row to which no function applies then gets the reward model's score alone. Without a reward
 model, such a row has no reward at all, which is an error.
 
+Plain prompts and completions are strings. As in TRL, a batch of conversational prompts
+(`messages` rows) comes as the messages themselves, each a list of {"role", "content"} dicts,
+and each completion as a one-message list, [{"role": "assistant", "content": text}]. Each
+function gets its own copy of both.
+
 A function that raises, returns the wrong number of values, or returns something that is not
 a finite number (or None) stops the run with an error naming the function and the row; the last
 checkpoint is untouched, since this happens before the iteration's update.
@@ -18,6 +23,7 @@ checkpoint is untouched, since this happens before the iteration's update.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import importlib.util
 import math
@@ -115,17 +121,20 @@ class RewardFunctions:
         return out
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], columns: dict[str, list],
-                 rows: Sequence[str], scored_elsewhere: bool = False) -> tuple[list[float], dict[str, list]]:
+                 rows: Sequence[str], scored_elsewhere: bool = False,
+                 chats: Optional[Sequence[Optional[list[dict]]]] = None) -> tuple[list[float], dict[str, list]]:
         """(the weighted total per row, each function's raw values by name). `rows` names each
         row for error messages (e.g. prompts.jsonl:12). scored_elsewhere: every row also has a
         reward model's score, so a row no function applies to adds 0 to it rather than being an
-        error."""
+        error. chats: each prompt's messages (None for a plain prompt); when every prompt has
+        them, the functions get the conversational form (see the module docstring)."""
         n, per_fn = len(prompts), {}
         total = [0.0] * n
         applies = [False] * n
+        given = conversational(prompts, completions, chats)
         for spec, name, fn, weight in zip(self.specs, self.names, self.functions, self.weights):
-            try:
-                values = fn(list(prompts), list(completions), **{k: list(v) for k, v in columns.items()})
+            try:  # copies: a function that changes its arguments cannot change the next one's
+                values = fn(*copy.deepcopy(given), **{k: list(v) for k, v in columns.items()})
             except Exception as err:
                 raise TrainingError(f"reward function {spec} raised {type(err).__name__}: {err} "
                                     f"(on the batch of rows {rows[0]} ... {rows[-1]})") from None
@@ -141,6 +150,15 @@ class RewardFunctions:
             raise TrainingError(f"no reward function applies to {missing[0]} (each returned None)"
                                 + (f" and {len(missing) - 1} other row(s)" if len(missing) > 1 else ""))
         return total, per_fn
+
+
+def conversational(prompts: Sequence[str], completions: Sequence[str],
+                   chats: Optional[Sequence[Optional[list[dict]]]]) -> tuple[list, list]:
+    """(prompts, completions) as the functions get them: the texts, or TRL's conversational form
+    when every prompt has its messages."""
+    if not chats or any(c is None for c in chats):
+        return list(prompts), list(completions)
+    return [list(c) for c in chats], [[{"role": "assistant", "content": t}] for t in completions]
 
 
 def function_metrics(per_fn: dict[str, list]) -> dict[str, float]:

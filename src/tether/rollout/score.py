@@ -221,7 +221,7 @@ class RewardSources:
             return out
         rows = list(rows) if rows is not None else [f"row {i + 1}" for i in range(len(out.texts))]
         total, per_fn = self.functions(prompt_texts, out.texts, columns or {}, rows,
-                                       scored_elsewhere=self.scorer is not None)
+                                       scored_elsewhere=self.scorer is not None, chats=prompt_chats)
         from tether.rollout.reward_fns import function_metrics
 
         scores = out.scores + torch.tensor(total, dtype=out.scores.dtype, device=out.scores.device)
