@@ -47,6 +47,19 @@ def trl_chat(prompts, completions, **_):
     completions[0][0]["content"] = "changed"
     return out
 
+def step_and_ids(prompts, completions, completion_ids, trainer_state, answer):
+    """TRL's extra keywords, taken by name: the reward is the number of updates done so far."""
+    assert len(completion_ids) == len(completions) and all(ids for ids in completion_ids)
+    assert all(isinstance(t, int) for ids in completion_ids for t in ids)
+    return [float(trainer_state.global_step)] * len(completions)
+
+def plain_signature(prompts, completions, answer):
+    return [1.0] * len(completions)
+
+async def awaited_vowels(prompts, completions, **kwargs):
+    assert "completion_ids" in kwargs and "trainer_state" in kwargs
+    return vowels(prompts, completions)
+
 def broken(prompts, completions, **_):
     raise KeyError("no such field")
 
@@ -120,6 +133,46 @@ def test_grpo_on_chat_prompts_calls_a_trl_conversational_reward_function(tiny_mo
                  "--no-progress", "--no-tensorboard"]) == 0
     row = read_metrics(out / "metrics.jsonl")[0]
     assert row["reward_fn/trl_chat/applied"] == 1.0
+
+
+def test_trls_extra_keywords_reach_only_the_functions_that_take_them(fns):
+    from tether.rollout.reward_fns import taken_by, trl_trainer_state
+
+    extras = {"completion_ids": [[5, 2], [7]], "trainer_state": trl_trainer_state(3, 10)}
+    rf = RewardFunctions.from_config([f"{fns}:step_and_ids", f"{fns}:plain_signature"], [])
+    total, per_fn = rf(["p1", "p2"], ["a", "b"], {"answer": ["x", "y"]}, ["f:1", "f:2"], extras=extras)
+    assert per_fn == {"step_and_ids": [2.0, 2.0], "plain_signature": [1.0, 1.0]}
+    assert extras["completion_ids"] == [[5, 2], [7]]  # each function got its own copy
+    assert taken_by(rf.functions[1], extras) == {}
+    assert set(taken_by(load_reward_fn(f"{fns}:vowels"), extras)) == {"completion_ids", "trainer_state"}
+    assert taken_by(load_reward_fn(f"{fns}:vowels"), extras, exclude={"completion_ids": []}) == {
+        "trainer_state": extras["trainer_state"]}  # a data column of that name wins
+
+
+def test_an_async_reward_function_is_awaited_also_under_a_running_event_loop(fns):
+    import asyncio
+
+    rf = RewardFunctions.from_config([f"{fns}:awaited_vowels"], [])
+    extras = {"completion_ids": [[1], [2]], "trainer_state": None}
+    expected = {"awaited_vowels": [0.5, 0.5]}
+    assert rf(["p", "p"], ["a cat", "a cow"], {}, ["f:1", "f:2"], extras=extras)[1] == expected
+
+    async def inside_a_loop():
+        return rf(["p", "p"], ["a cat", "a cow"], {}, ["f:1", "f:2"], extras=extras)[1]
+
+    assert asyncio.run(inside_a_loop()) == expected
+
+
+def test_grpo_gives_functions_the_updates_done_so_far_as_trainer_state(tiny_models, fns, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Tom saw a", "answer": "Tom"}] * 4)
+    out = tmp_path / "run"
+    assert main(["grpo", "--policy", str(tiny_models["llama"]), "--prompts", str(prompts),
+                 "--output-dir", str(out), "--reward-fn", f"{fns}:step_and_ids,{fns}:awaited_vowels",
+                 "--batch-size", "2", "--num-generations", "2", "--response-length", "3",
+                 "--max-steps", "3", "--no-progress", "--no-tensorboard"]) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["reward_fn/step_and_ids/mean"] for r in rows] == [0.0, 1.0, 2.0]
+    assert all(0.0 <= r["reward_fn/awaited_vowels/mean"] <= 1.0 for r in rows)
 
 
 @pytest.mark.parametrize("spec,needle", [

@@ -14,7 +14,10 @@ model, such a row has no reward at all, which is an error.
 Plain prompts and completions are strings. As in TRL, a batch of conversational prompts
 (`messages` rows) comes as the messages themselves, each a list of {"role", "content"} dicts,
 and each completion as a one-message list, [{"role": "assistant", "content": text}]. Each
-function gets its own copy of both.
+function gets its own copy of both. Also as in TRL, a function that takes them (by name, or
+through **kwargs) gets `completion_ids`, each completion's token ids (its EOS included when it
+has one), and `trainer_state`, a transformers TrainerState whose `global_step` counts the
+updates done before this iteration; and an `async def` function is awaited.
 
 A function that raises, returns the wrong number of values, or returns something that is not
 a finite number (or None) stops the run with an error naming the function and the row; the last
@@ -26,6 +29,7 @@ from __future__ import annotations
 import copy
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 from dataclasses import dataclass
@@ -122,19 +126,24 @@ class RewardFunctions:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], columns: dict[str, list],
                  rows: Sequence[str], scored_elsewhere: bool = False,
-                 chats: Optional[Sequence[Optional[list[dict]]]] = None) -> tuple[list[float], dict[str, list]]:
+                 chats: Optional[Sequence[Optional[list[dict]]]] = None,
+                 extras: Optional[dict[str, Any]] = None) -> tuple[list[float], dict[str, list]]:
         """(the weighted total per row, each function's raw values by name). `rows` names each
         row for error messages (e.g. prompts.jsonl:12). scored_elsewhere: every row also has a
         reward model's score, so a row no function applies to adds 0 to it rather than being an
         error. chats: each prompt's messages (None for a plain prompt); when every prompt has
-        them, the functions get the conversational form (see the module docstring)."""
+        them, the functions get the conversational form (see the module docstring). extras:
+        keywords (completion_ids, trainer_state) for the functions that take them."""
         n, per_fn = len(prompts), {}
         total = [0.0] * n
         applies = [False] * n
         given = conversational(prompts, completions, chats)
         for spec, name, fn, weight in zip(self.specs, self.names, self.functions, self.weights):
             try:  # copies: a function that changes its arguments cannot change the next one's
-                values = fn(*copy.deepcopy(given), **{k: list(v) for k, v in columns.items()})
+                values = fn(*copy.deepcopy(given), **{k: list(v) for k, v in columns.items()},
+                            **copy.deepcopy(taken_by(fn, extras or {}, exclude=columns)))
+                if inspect.isawaitable(values):
+                    values = awaited(values)
             except Exception as err:
                 raise TrainingError(f"reward function {spec} raised {type(err).__name__}: {err} "
                                     f"(on the batch of rows {rows[0]} ... {rows[-1]})") from None
@@ -159,6 +168,43 @@ def conversational(prompts: Sequence[str], completions: Sequence[str],
     if not chats or any(c is None for c in chats):
         return list(prompts), list(completions)
     return [list(c) for c in chats], [[{"role": "assistant", "content": t}] for t in completions]
+
+
+def taken_by(fn: Callable[..., Any], keywords: dict[str, Any], exclude: Any = ()) -> dict[str, Any]:
+    """The `keywords` that `fn` takes (all of them when it has **kwargs), leaving out those
+    named in `exclude` (a data column of the same name wins)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a callable without a signature: only what it surely takes
+        return {}
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return {k: v for k, v in keywords.items() if (open_ended or k in params) and k not in exclude}
+
+
+def awaited(awaitable: Any) -> Any:
+    """The result of an `async def` reward function's coroutine, also when an event loop is
+    already running in this thread (a notebook): then it runs on a thread of its own."""
+    import asyncio
+
+    async def wait() -> Any:
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(wait())
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, wait()).result()
+
+
+def trl_trainer_state(iteration: int, max_steps: int) -> Any:
+    """What TRL passes a reward function as `trainer_state` at iteration `iteration` (1-based):
+    a transformers TrainerState, global_step being the updates done before its rollouts."""
+    from transformers import TrainerState
+
+    return TrainerState(global_step=iteration - 1, max_steps=max_steps)
 
 
 def function_metrics(per_fn: dict[str, list]) -> dict[str, float]:

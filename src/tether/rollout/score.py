@@ -206,10 +206,11 @@ class RewardSources:
     def score(self, seqs: Sequences, prompt_texts: Sequence[str],
               prompt_chats: Optional[Sequence[Optional[list[dict]]]] = None,
               columns: Optional[dict[str, list]] = None,
-              rows: Optional[Sequence[str]] = None) -> RewardScores:
+              rows: Optional[Sequence[str]] = None, state: Any = None) -> RewardScores:
         """The score of each rollout: the RM's calibrated score plus the weighted function
         rewards. columns: the prompts' other data columns, aligned with the rows; rows: where
-        each prompt came from (for error messages)."""
+        each prompt came from (for error messages); state: what the functions that take it get
+        as `trainer_state` (`reward_fns.trl_trainer_state`)."""
         if self.scorer is not None:
             out = self.scorer.score(seqs, prompt_texts, prompt_chats)
         else:
@@ -220,8 +221,12 @@ class RewardSources:
         if self.functions is None:
             return out
         rows = list(rows) if rows is not None else [f"row {i + 1}" for i in range(len(out.texts))]
+        # TRL's completion_ids: each response's ids up to and including its EOS
+        ids = [row[m.bool()].tolist() for row, m in zip(seqs.response_ids, seqs.response_mask)]
+        extras = {"completion_ids": ids, **({"trainer_state": state} if state is not None else {})}
         total, per_fn = self.functions(prompt_texts, out.texts, columns or {}, rows,
-                                       scored_elsewhere=self.scorer is not None, chats=prompt_chats)
+                                       scored_elsewhere=self.scorer is not None, chats=prompt_chats,
+                                       extras=extras)
         from tether.rollout.reward_fns import function_metrics
 
         scores = out.scores + torch.tensor(total, dtype=out.scores.dtype, device=out.scores.device)

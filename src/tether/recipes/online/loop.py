@@ -23,6 +23,7 @@ from tether.recipes.online.outputs import evaluate, gold_score, load_judge, samp
 from tether.recipes.online.setup import PPOParts, build, stage_name
 from tether.recipes.online.update import forward_policy, mean_entropy, ppo_update, score_old_policy
 from tether.rollout.health import HealthIssue, check_kl_not_negative, check_reward_layout, enforce
+from tether.rollout.reward_fns import trl_trainer_state
 from tether.rollout.stats import batch_wide_metrics, experience_metrics
 from tether.rollout.types import Experience
 from tether.training.checkpoint import load_checkpoint, save_checkpoint
@@ -95,7 +96,7 @@ def sample_and_score(parts: PPOParts, step: int, clock: PhaseClock, repeat: int 
     copies next to each other), one response per row at temperature T from left-padded prompts,
     the reference's logprobs (same T) and the rewards. round_ > 0: another draw of prompts and
     noise for the same iteration (dynamic sampling's refills)."""
-    cfg = parts.cfg
+    cfg, iteration = parts.cfg, step
     step = step + round_ * ROUND_STRIDE
     indices = parts.order.step_indices(step - 1, parts.accelerator.process_index)[0]
     rows = [i for i in indices for _ in range(repeat)]
@@ -104,8 +105,8 @@ def sample_and_score(parts: PPOParts, step: int, clock: PhaseClock, repeat: int 
     seqs = rollout.sequences()
     clock.lap("rollout")
     ref_logprobs = parts.reference.logprobs(seqs, cfg.temperature)
-    scored = parts.reward.score(seqs, texts, parts.prompts.chats_at(rows),
-                                parts.prompts.columns_at(rows), parts.prompts.rows_at(rows))
+    scored = parts.reward.score(seqs, texts, parts.prompts.chats_at(rows), parts.prompts.columns_at(rows),
+                                parts.prompts.rows_at(rows), trl_trainer_state(iteration, cfg.max_steps))
     return Sampled(rows, texts, rollout, seqs, ref_logprobs, scored)
 
 
