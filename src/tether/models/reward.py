@@ -174,8 +174,8 @@ def score_texts(model: Any, tokenizer: Any, prompts: Sequence[str], responses: S
     Tokenised the way the reward model was trained (`encode_prompt` + `encode_response`, no
     EOS; with `chat`, the prompts are rendered chat templates and get no added special tokens).
     Sequences longer than `max_length` (at most the model's learned position table, when it has
-    one: `models.load.within_positions`) are cut like training data (prompt from the left, response from the
-    right). Calibrated scores (bias added) unless `calibrated=False`.
+    one: `models.load.within_positions`) are cut like training data (prompt from the left,
+    response from the right). Calibrated scores (bias added) unless `calibrated=False`.
     """
     from tether.data.preference import encode_for_scoring
 

@@ -17,7 +17,8 @@ and each completion as a one-message list, [{"role": "assistant", "content": tex
 function gets its own copy of both. Also as in TRL, a function that takes them (by name, or
 through **kwargs) gets `completion_ids`, each completion's token ids (its EOS included when it
 has one), and `trainer_state`, a transformers TrainerState whose `global_step` counts the
-updates done before this iteration; and an `async def` function is awaited.
+iterations (rollouts and their update) done before this one; and an `async def` function is
+awaited.
 
 A function that raises, returns the wrong number of values, or returns something that is not
 a finite number (or None) stops the run with an error naming the function and the row; the last
@@ -201,7 +202,8 @@ def awaited(awaitable: Any) -> Any:
 
 def trl_trainer_state(iteration: int, max_steps: int) -> Any:
     """What TRL passes a reward function as `trainer_state` at iteration `iteration` (1-based):
-    a transformers TrainerState, global_step being the updates done before its rollouts."""
+    a transformers TrainerState whose global_step is the number of iterations done before it
+    (TRL's count of optimizer steps, when each batch gets one, as by default)."""
     from transformers import TrainerState
 
     return TrainerState(global_step=iteration - 1, max_steps=max_steps)
