@@ -33,6 +33,10 @@ def distinct(prompts, completions):
         words = c.split()
         out.append(None if "skip" in words else len(set(words)) / len(words))
     return out
+
+
+async def distinct_async(prompts, completions):
+    return distinct(prompts, completions)
 '''
 
 
@@ -115,6 +119,15 @@ def test_function_labels_follow_the_function_and_train_a_reward_model(tiny_model
                                  "--no-tensorboard"])
     rm.run(cfg)
     assert (tmp_path / "rm" / "config.json").exists()
+
+
+def test_an_async_function_is_awaited_and_labels_as_the_plain_one(reward_fn, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", story_pairs(6) + odd_rows())
+    for name in ("distinct", "distinct_async"):
+        judge("--input", str(data), "--output", str(tmp_path / f"{name}.jsonl"), "--reward-fn",
+              f"{reward_fn}:{name}")
+    plain, awaited = (LabelFile(tmp_path / f"{n}.jsonl").read() for n in ("distinct", "distinct_async"))
+    assert len(plain) == 7 and [r["ranks"] for r in awaited] == [r["ranks"] for r in plain]
 
 
 def test_resume_judges_only_what_is_left(reward_fn, tmp_path):

@@ -28,6 +28,7 @@ rank. A tie (all ranks equal) has confidence 0.
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import re
@@ -40,6 +41,7 @@ import torch
 from tether.errors import ConfigError, TetherError
 from tether.feedback.items import Item
 from tether.models.load import stated_positions
+from tether.rollout.reward_fns import awaited
 
 TIE_TOLERANCE = 1e-9
 
@@ -328,8 +330,9 @@ def check_scores(values: Any, n: int, spec: str, where: Sequence[str]) -> list[O
 
 
 class FunctionJudge:
-    """A Python reward function (tether grpo's signature, called without extra columns): the
-    higher score wins; an item with a None score is left unjudged."""
+    """A Python reward function (tether grpo's signature, called without extra columns; an
+    `async def` one is awaited): the higher score wins; an item with a None score is left
+    unjudged."""
 
     def __init__(self, fn: Callable[..., Any], spec: str, rater: str):
         self.fn, self.spec, self.rater = fn, spec, rater
@@ -340,6 +343,8 @@ class FunctionJudge:
         where = [it.where for it in items for _ in it.responses]
         try:
             values = self.fn(prompts, responses)
+            if inspect.isawaitable(values):  # an `async def` function, as online training takes
+                values = awaited(values)
         except Exception as err:
             raise TetherError(f"--reward-fn {self.spec} raised {type(err).__name__}: {err} (on the "
                               f"items {items[0].where} ... {items[-1].where})") from None
