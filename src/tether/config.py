@@ -529,8 +529,9 @@ class OnlineConfig(RunConfig):
     reward_weights: Optional[list[float]] = None
     """One weight per --reward-fn (default 1.0 each)."""
     prompts: str = ""
-    """Prompts to sample from: a file or dataset with a `prompt` column, or `messages` (rendered
-    with the chat template and its generation prompt). Required."""
+    """Prompts to sample from: a file or dataset with a `prompt` column, or `messages` (or, as in
+    TRL, a `prompt` of role/content messages), rendered with the chat template and its
+    generation prompt. Other columns reach --reward-fn functions. Required."""
     eval_prompts: Optional[str] = None
     """Held-out prompts in the same format. When set, their mean RM score and KL are logged
     under eval/ every --eval-every iterations and at the end."""

@@ -123,8 +123,9 @@ def test_conversational_prompts_reach_functions_in_trls_form_each_function_its_o
     assert plain["vowels"] == [0.5, 0.5]
 
 
-def test_grpo_on_chat_prompts_calls_a_trl_conversational_reward_function(tiny_models, fns, tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"name a {w}"}]} for w in ("cat", "dog")] * 4
+@pytest.mark.parametrize("column", ["messages", "prompt"])  # "prompt": TRL's conversational form
+def test_grpo_on_chat_prompts_calls_a_trl_conversational_reward_function(column, tiny_models, fns, tmp_path):
+    rows = [{column: [{"role": "user", "content": f"name a {w}"}]} for w in ("cat", "dog")] * 4
     prompts = write_jsonl(tmp_path / "chat.jsonl", rows)
     out = tmp_path / "run"
     assert main(["grpo", "--policy", str(tiny_models["qwen2"]), "--prompts", str(prompts),

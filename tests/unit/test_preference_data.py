@@ -348,3 +348,26 @@ def test_chat_rows_are_encoded_as_sft_and_ppo_encode_chat_prompts(tmp_path):
     plain = tokenize_groups([{"prompt": "hi", "responses": ["a", "b"], "ranks": [0, 1]}], chat_tok,
                             512, "truncate", "mem")[0]
     assert plain.prompt_ids[0] == chat_tok.bos_token_id
+
+
+def test_online_prompts_take_trls_conversational_prompt_column(tmp_path, chat_tok):
+    """`{"prompt": [messages]}` (TRL's prompt-only conversational rows) reads as `messages` does,
+    and a bad row is still named by its line."""
+    from tether.recipes.online.data import load_prompts
+
+    chat = [_user("name a cat")]
+    a = load_prompts(str(write_jsonl(tmp_path / "a.jsonl", [{"prompt": chat, "answer": "cat"}])),
+                     chat_tok, 64, "truncate")
+    b = load_prompts(str(write_jsonl(tmp_path / "b.jsonl", [{"messages": chat, "answer": "cat"}])),
+                     chat_tok, 64, "truncate")
+    assert a.texts == b.texts and a.ids == b.ids and a.chats == b.chats == [chat]
+    assert a.texts[0] != "name a cat" and a.columns == {"answer": ["cat"]}
+    for rows, needle in (([{"prompt": chat}, {"prompt": 5}], r"mixed\.jsonl:2: column 'prompt' holds a number"),
+                         ([{"prompt": chat}, {"prompt": []}], r"'prompt' is empty .*mixed\.jsonl:2")):
+        with pytest.raises(DataError, match=needle):
+            load_prompts(str(write_jsonl(tmp_path / "mixed.jsonl", rows)), chat_tok, 64, "truncate")
+    from conftest import _bpe_tokenizer
+
+    no_template = _bpe_tokenizer(tmp_path / "plain_tok", chat=False)
+    with pytest.raises(DataError, match=r"a\.jsonl:1: conversational prompts .* chat template"):
+        load_prompts(str(tmp_path / "a.jsonl"), no_template, 64, "truncate")

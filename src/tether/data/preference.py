@@ -126,21 +126,23 @@ def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None
     return rows
 
 
-def _is_messages(value: Any) -> bool:
+def is_messages(value: Any) -> bool:
+    """A non-empty list of {"role", "content"} messages (a conversation, or TRL's
+    conversational prompt)."""
     return isinstance(value, list) and bool(value) and all(
         isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
 def _is_conversational(raw: dict) -> bool:
-    return any(_is_messages(raw.get(k)) for k in ("prompt", "chosen", "rejected")) or (
-        isinstance(raw.get("responses"), list) and any(_is_messages(r) for r in raw["responses"]))
+    return any(is_messages(raw.get(k)) for k in ("prompt", "chosen", "rejected")) or (
+        isinstance(raw.get("responses"), list) and any(is_messages(r) for r in raw["responses"]))
 
 
 def _turns(value: Any, column: str, where: str) -> list[dict]:
     """A response given as a string or as message(s) -> a list of messages."""
     if isinstance(value, str):
         return [{"role": "assistant", "content": value}]
-    if _is_messages(value):
+    if is_messages(value):
         return list(value)
     raise DataError(f"{where}: {column!r} must be a string or a list of {{role, content}} messages")
 
@@ -165,17 +167,17 @@ def _render_conversational(raw: dict, fmt: str, tokenizer: Any, where: str) -> A
                         "tokenizer with a chat template; this one has none. Set "
                         "tokenizer.chat_template, or give prompt/chosen/rejected as plain strings.")
     if fmt == "ranked":
-        if not _is_messages(raw.get("prompt")):
+        if not is_messages(raw.get("prompt")):
             raise DataError(f"{where}: conversational K-wise rows need 'prompt' as a message list")
         if not isinstance(raw.get("responses"), list):
             raise DataError(f"{where}: 'responses' and 'ranks' must be lists")
         prompt = list(raw["prompt"])
         responses = [_turns(r, f"responses[{k}]", where) for k, r in enumerate(raw["responses"])]
-    elif _is_messages(raw.get("prompt")):
+    elif is_messages(raw.get("prompt")):
         prompt = list(raw["prompt"])
         responses = [_turns(raw["chosen"], "chosen", where), _turns(raw["rejected"], "rejected", where)]
     else:
-        if not (_is_messages(raw.get("chosen")) and _is_messages(raw.get("rejected"))):
+        if not (is_messages(raw.get("chosen")) and is_messages(raw.get("rejected"))):
             raise DataError(f"{where}: with no prompt messages, 'chosen' and 'rejected' must both "
                             "be whole conversations (lists of role/content messages)")
         a, b = list(raw["chosen"]), list(raw["rejected"])
