@@ -78,7 +78,7 @@ def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) 
     ds = load_rows(source)
     column = "messages" if "messages" in ds.column_names else "prompt"
     # a `prompt` column of messages (TRL's conversational form) is checked row by row instead
-    plain = column == "prompt" and not any(is_messages(v) for v in ds["prompt"])
+    plain = column == "prompt" and not ("prompt" in ds.column_names and any(map(is_messages, ds["prompt"])))
     require_columns(ds, [column], source, text=["prompt"] if plain else [])
     out = PromptSet([], [])
     extra = [c for c in visible_columns(ds) if c not in ("prompt", "messages")]
