@@ -78,8 +78,8 @@ def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) 
     ds = load_rows(source)
     column = "messages" if "messages" in ds.column_names else "prompt"
     # a `prompt` column of messages (TRL's conversational form) is checked row by row instead
-    plain = column == "prompt" and not ("prompt" in ds.column_names and any(map(is_messages, ds["prompt"])))
-    require_columns(ds, [column], source, text=["prompt"] if plain else [])
+    chat_prompts = column == "prompt" and column in ds.column_names and any(map(is_messages, ds[column]))
+    require_columns(ds, [column], source, text=["prompt"] if column == "prompt" and not chat_prompts else [])
     out = PromptSet([], [])
     extra = [c for c in visible_columns(ds) if c not in ("prompt", "messages")]
     bos = tokenizer.bos_token_id
