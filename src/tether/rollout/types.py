@@ -8,6 +8,7 @@ padded on the right after their first EOS. B is the number of rollouts, T the re
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -22,6 +23,9 @@ class Rollout:
     response_ids: Tensor  # (B, T) long, the pad id after the first EOS
     response_mask: Tensor  # (B, T) long, 1 up to and including the first EOS
     ended: Tensor  # (B,) bool, the response contains an EOS (else it was cut at T tokens)
+    # (B, T) float32: the log-probability the sampler gave each token it drew, from an engine
+    # with its own copy of the weights (vLLM); None when the policy itself sampled
+    sampler_logprobs: Optional[Tensor] = None
 
     @property
     def n_prompt(self) -> int:
@@ -32,8 +36,9 @@ class Rollout:
         return self.response_ids.shape[1]
 
     def rows(self, index: Tensor) -> "Rollout":
+        sampler = self.sampler_logprobs[index] if self.sampler_logprobs is not None else None
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
-                       self.response_mask[index], self.ended[index])
+                       self.response_mask[index], self.ended[index], sampler)
 
     @staticmethod
     def concat(parts: list["Rollout"], pad_token_id: int) -> "Rollout":
@@ -41,8 +46,12 @@ class Rollout:
         P = max(r.n_prompt for r in parts)
         ids = [torch.nn.functional.pad(r.prompt_ids, (P - r.n_prompt, 0), value=pad_token_id) for r in parts]
         mask = [torch.nn.functional.pad(r.prompt_mask, (P - r.n_prompt, 0), value=0) for r in parts]
+        sampler = None
+        if all(r.sampler_logprobs is not None for r in parts):
+            sampler = torch.cat([r.sampler_logprobs for r in parts])
         return Rollout(torch.cat(ids), torch.cat(mask), torch.cat([r.response_ids for r in parts]),
-                       torch.cat([r.response_mask for r in parts]), torch.cat([r.ended for r in parts]))
+                       torch.cat([r.response_mask for r in parts]), torch.cat([r.ended for r in parts]),
+                       sampler)
 
     def sequences(self) -> "Sequences":
         """Prompt and response as one left-padded batch, ready for a forward pass."""

@@ -20,7 +20,7 @@ from tether.ops.group_advantages import (SEQUENCE_ESTIMATORS, baseline_scores, o
                                          reinforce_pp_advantages, sequence_advantages,
                                          zero_std_groups)
 from tether.recipes.online.loop import (IterationResult, PhaseClock, Sampled, finish_iteration,
-                                        sample_and_score)
+                                        sample_and_score, sampler_correction)
 from tether.recipes.online.update import forward_policy, mean_entropy, ppo_update, score_old_policy
 from tether.rollout.health import check_kl_not_negative
 from tether.rollout.score import RewardScores
@@ -126,22 +126,23 @@ def run_critic_free_iteration(parts: Any, step: int) -> IterationResult:
     zeros = torch.zeros_like(logprobs)
     exp = Experience(seqs, logprobs, ref_logprobs, zeros, scored.scores, scores, rollout.ended, kl,
                      rewards, advantages, zeros)
+    mismatch, train = sampler_correction(cfg, rollout, exp)
     clock.lap("score")
     # 5. update: --ppo-epochs passes of the clipped loss; truncated responses left out of it
     #    with --mask-truncated
-    train = exp
     if cfg.mask_truncated:
         kept = seqs.response_mask * rollout.ended[:, None].to(seqs.response_mask.dtype)
-        train = replace(exp, seqs=replace(seqs, response_mask=kept))  # the forward ignores it
+        train = replace(train, seqs=replace(seqs, response_mask=kept))  # the forward ignores it
     update_stats = ppo_update(parts, train, step, first)
-    parts.generator.sync_weights()
     clock.lap("update")
+    parts.generator.sync_weights()
+    clock.lap("weight_sync")
     stats = {
         "objective/entropy": entropy,
         "objective/frac_reward_zero_std": flat_first,  # as sampled, before any refill
         "response/truncated_frac": (~rollout.ended).float().mean(),
         "response/noncanonical_frac": scored.noncanonical.float().mean(),
-        **scored.metrics, **update_stats,
+        **scored.metrics, **mismatch, **update_stats,
     }
     if cfg.dynamic_sampling:
         stats["response/resample_rounds"] = torch.tensor(float(rounds))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,7 +18,8 @@ import torch
 from tether.config import OnlineConfig
 from tether.errors import Interrupted
 from tether.ops.advantages import gae
-from tether.ops.masking import masked_whiten
+from tether.ops.masking import masked_mean, masked_whiten
+from tether.ops.mismatch import mismatch_stats, truncated_is_weights
 from tether.recipes.online.outputs import evaluate, gold_score, load_judge, sample_rows, save_final
 from tether.recipes.online.setup import PPOParts, build, stage_name
 from tether.recipes.online.update import forward_policy, mean_entropy, ppo_update, score_old_policy
@@ -148,14 +149,35 @@ def run_iteration(parts: PPOParts, step: int) -> IterationResult:
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     exp = Experience(seqs, logprobs, ref_logprobs, values, rm_scores, scores, rollout.ended, kl,
                      rewards, masked_whiten(advantages, mask, all_reduce=all_reduce), returns)
+    mismatch, train = sampler_correction(cfg, rollout, exp)
     clock.lap("score")
     # 5. update: ppo_epochs passes of clipped policy + value (+ ptx) losses over minibatches
-    update_stats = ppo_update(parts, exp, step, first)
-    parts.generator.sync_weights()
+    update_stats = ppo_update(parts, train, step, first)
     clock.lap("update")
+    parts.generator.sync_weights()
+    clock.lap("weight_sync")
     stats = {"objective/entropy": entropy, "response/noncanonical_frac": noncanonical.float().mean(),
-             **scored.metrics, **update_stats}
+             **scored.metrics, **mismatch, **update_stats}
     return finish_iteration(parts, step, exp, stats, issues, clock, texts)
+
+
+def sampler_correction(cfg: OnlineConfig, rollout: Any, exp: Experience) -> tuple[dict, Experience]:
+    """When an engine with its own weights sampled the rollouts (vLLM): the sampler-trainer
+    mismatch metrics, and with --rollout-is-cap the experience to train on, whose advantages
+    carry the truncated importance weights (`ops/mismatch.py`). A weight w >= 0 per token
+    scales that token's clipped policy term exactly as it scales its advantage, since
+    w * max(-A r, -A clip(r)) = max(-(wA) r, -(wA) clip(r)); the value loss and the KL term
+    are left as they are. Otherwise ({}, exp)."""
+    if rollout.sampler_logprobs is None:
+        return {}, exp
+    mask = exp.mask
+    stats = mismatch_stats(exp.logprobs, rollout.sampler_logprobs, mask)
+    if cfg.rollout_is_cap is None:
+        return stats, exp
+    weights = truncated_is_weights(exp.logprobs, rollout.sampler_logprobs, mask, cfg.rollout_is_cap)
+    stats["rollout/is_weight_mean"] = masked_mean(weights, mask)
+    stats["rollout/is_capped_frac"] = masked_mean((weights >= cfg.rollout_is_cap).float(), mask)
+    return stats, replace(exp, advantages=exp.advantages * weights)
 
 
 def finish_iteration(parts: PPOParts, step: int, exp: Experience, stats: dict, issues: list,
@@ -222,7 +244,12 @@ def resume(parts: PPOParts, out: Any) -> int:
 
 def run(cfg: OnlineConfig) -> dict:
     """Train the policy with PPO and save it into cfg.output_dir; returns the summary."""
-    # 1. runtime, run directory and components
+    # 1. runtime, run directory and components (a vLLM engine the model cannot run is refused
+    #    before the run directory is claimed)
+    if cfg.generation_backend == "vllm":
+        from tether.rollout.vllm_engine import preflight
+
+        preflight(cfg.policy, cfg.dtype, cfg.trust_remote_code)
     accelerator, out = start_run(cfg)
     parts = build(cfg, accelerator)
     # 2. resume: weights, optimizers, RNG, beta, health trends; the data position is the step

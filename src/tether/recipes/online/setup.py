@@ -277,8 +277,15 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     params = SamplingParams(cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
                             () if cfg.ignore_eos else eos_ids, tokenizer.pad_token_id,
                             noise_shard=(accelerator.process_index, accelerator.num_processes))
+    engine = None
+    if cfg.generation_backend == "vllm":
+        # the engine's context holds the longest prompt (after truncation) and a full response
+        longest = max(len(ids) for ids in prompts.ids + (eval_prompts.ids if eval_prompts is not None else []))
+        engine = dict(source=cfg.policy, dtype=dtype, max_model_len=longest + cfg.response_length,
+                      seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                      sleep=cfg.vllm_sleep, trust_remote_code=cfg.trust_remote_code)
     generator = make_generator(cfg.generation_backend, accelerator.unwrap_model(actor).lm, params,
-                               gather=cfg.fsdp and cfg.fsdp_sampling == "gathered")
+                               gather=cfg.fsdp and cfg.fsdp_sampling == "gathered", engine=engine)
     kl_target = getattr(cfg, "kl_target", None)  # adaptive beta: PPO's option
     kl_ctl = (AdaptiveKLController(cfg.kl_coef, kl_target, cfg.kl_horizon)
               if kl_target is not None else FixedKLController(cfg.kl_coef))

