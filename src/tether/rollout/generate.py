@@ -59,6 +59,9 @@ class Generator(Protocol):
         """Called after every policy update. Backends that share the policy's parameters (both
         here) do nothing; an engine holding its own copy (vLLM) receives them here."""
 
+    def close(self) -> None:
+        """Release what the backend holds beyond the policy (an engine); called once at the end."""
+
 
 def truncate_scores(scores: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """Set to -inf the scores (tempered logits, (..., V)) of tokens that top-k / top-p sampling
@@ -233,6 +236,9 @@ class KVCacheSampler:
     def sync_weights(self) -> None:
         """Nothing to do: the sampler runs the live policy."""
 
+    def close(self) -> None:
+        """Nothing is held beyond the policy."""
+
 
 class HFGenerator:
     """transformers' generate() with the same sampling parameters."""
@@ -277,6 +283,9 @@ class HFGenerator:
 
     def sync_weights(self) -> None:
         """Nothing to do: generate() runs the live policy."""
+
+    def close(self) -> None:
+        """Nothing is held beyond the policy."""
 
 
 def make_generator(backend: str, model: Any, params: SamplingParams, gather: bool = False,

@@ -338,6 +338,12 @@ class VLLMGenerator:
         targets = ids[:, -PROBE_TOKENS:]
         return token_logprobs(read, targets, 1.0).cpu()
 
+    def close(self) -> None:
+        """Shut the engine down, and with it the process group vLLM set up in this process."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()
+
     def _wake(self) -> None:
         if self._asleep:
             self.llm.wake_up()

@@ -289,6 +289,7 @@ def run(cfg: OnlineConfig) -> dict:
     finally:
         bar.close()
         metrics.close()
+        parts.generator.close()
     # 5. the output directory becomes the policy; the critic goes to output_dir/critic
     summary = {"steps": cfg.max_steps, "train_seconds": round(time.perf_counter() - t0, 2),
                **{k: v for k, v in row.items() if k.startswith(("objective/", "eval/"))}}

