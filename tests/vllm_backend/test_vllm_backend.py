@@ -254,3 +254,27 @@ def test_two_processes_each_with_an_engine_sample_what_one_process_samples(fsdp,
     for ra, rb in zip(a, b):
         assert rb["rollout/mismatch_abs"] < 1e-4  # each engine had the updated weights
         assert rb["objective/rm_score"] == pytest.approx(ra["objective/rm_score"], abs=1e-6)
+
+
+def test_best_of_n_samples_with_vllm(task, models, tmp_path):
+    """`tether bon --generation-backend vllm`: the samples come from an engine (started for the
+    sampling and shut down after it) and are scored and selected as with tether's sampler."""
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    rm_dir = tmp_path / "rm"
+    config = LlamaForSequenceClassification.config_class.from_pretrained(models["llama"])
+    config.num_labels, config.pad_token_id = 1, 0
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(rm_dir)
+    AutoTokenizer.from_pretrained(models["llama"]).save_pretrained(rm_dir)
+    out = tmp_path / "bon"
+    assert main(["bon", "--policy", str(models["llama"]), "--reward-model", str(rm_dir), "--prompts",
+                 str(task[1]), "--output-dir", str(out), "--n", "4", "--response-length", "6",
+                 "--max-prompts", "3", "--no-progress", "--generation-backend", "vllm"]) == 0
+    import json
+
+    rows = [json.loads(line) for line in (out / "bon.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert len(row["responses"]) == 4 and len(set(row["responses"])) > 1
+        assert row["score"] == max(row["scores"])

@@ -114,12 +114,15 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
                      max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
                      max_prompt_length: int | None = None, progress: str = "",
-                     chat: bool = False, part: tuple[int, int] = (0, 1)) -> Samples:
+                     chat: bool = False, part: tuple[int, int] = (0, 1), backend: str = "torch",
+                     source: str = "", trust_remote_code: bool = False) -> Samples:
     """`n` samples for every prompt, in prompt order. Deterministic for a given seed.
     progress: a label for a progress bar over the samples (none when empty). chat: the prompts
     are rendered chat templates, encoded without added special tokens. part: (this process,
     number of processes) to sample this process's rows only, as `Spread` lays them out (the
-    same samples as one process draws); `gather_owned` puts the rows of all back together."""
+    same samples as one process draws); `gather_owned` puts the rows of all back together.
+    backend: "torch" (tether's sampler) or "vllm", an engine started from `source` (the
+    directory `model` was loaded from) for this call and shut down after it."""
     from tether.models.load import eos_token_ids
     from tether.rollout.generate import KVCacheSampler, SamplingParams, left_pad
 
@@ -127,7 +130,6 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     pad = pad_id(tokenizer, eos[0])
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, eos_token_ids=tuple(eos), pad_token_id=pad)
-    sampler = KVCacheSampler(model, params, gather=True)  # gather: a sharded model's weights
     device = next(model.parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
     flat = [p for p in prompts for _ in range(n)]
@@ -138,19 +140,31 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     if max_prompt_length:
         encoded = [e[-max_prompt_length:] for e in encoded]
     out = Samples([], [], [], [], chat, temperature, top_k, top_p, list(spread.rows), list(spread.owned))
+    if backend == "vllm":
+        from tether.rollout.vllm_engine import VLLMGenerator
+
+        longest = max((len(e) for e in encoded), default=1)
+        sampler: Any = VLLMGenerator(model, params, source=source, dtype=next(model.parameters()).dtype,
+                                     max_model_len=longest + max_new_tokens, seed=seed,
+                                     trust_remote_code=trust_remote_code)
+    else:
+        sampler = KVCacheSampler(model, params, gather=True)  # gather: a sharded model's weights
     bar = Progress(len(flat), desc=progress, enabled=bool(progress) and len(flat) > batch_size)
-    for first, size, offset, rows in spread.batches:
-        ids, mask = left_pad(encoded[first:first + size], pad, device)
-        rollout = sampler.generate(ids, mask, rng, noise_rows=(offset, rows))
-        for row in range(ids.shape[0]):
-            keep = rollout.response_ids[row][rollout.response_mask[row].bool()].tolist()
-            text_ids = [t for t in keep if t not in eos]
-            out.prompts.append(mine[first + row])
-            out.responses.append(tokenizer.decode(text_ids, skip_special_tokens=True))
-            out.response_ids.append(keep)
-            out.ended.append(bool(rollout.ended[row]))
-        bar.update(rows)
-    bar.close()
+    try:
+        for first, size, offset, rows in spread.batches:
+            ids, mask = left_pad(encoded[first:first + size], pad, device)
+            rollout = sampler.generate(ids, mask, rng, noise_rows=(offset, rows))
+            for row in range(ids.shape[0]):
+                keep = rollout.response_ids[row][rollout.response_mask[row].bool()].tolist()
+                text_ids = [t for t in keep if t not in eos]
+                out.prompts.append(mine[first + row])
+                out.responses.append(tokenizer.decode(text_ids, skip_special_tokens=True))
+                out.response_ids.append(keep)
+                out.ended.append(bool(rollout.ended[row]))
+            bar.update(rows)
+    finally:
+        bar.close()
+        sampler.close()
     return out
 
 

@@ -38,6 +38,10 @@ def run(cfg: BoNConfig) -> dict:
     from tether.eval.sampling import gather_owned, sample_responses
 
     t0 = time.perf_counter()
+    if cfg.generation_backend == "vllm":  # refused before the run directory is claimed
+        from tether.rollout.vllm_engine import preflight
+
+        preflight(cfg.policy, cfg.dtype, cfg.trust_remote_code)
     accelerator, out = start_run(cfg)
     part = (accelerator.process_index, accelerator.num_processes)
     # 1. models (dropout off: sampling and scoring are inference); under --fsdp both sharded
@@ -55,6 +59,8 @@ def run(cfg: BoNConfig) -> dict:
     samples = sample_responses(policy, tokenizer, prompts, n=cfg.n, max_new_tokens=cfg.response_length,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                batch_size=cfg.batch_size, seed=cfg.seed, part=part,
+                               backend=cfg.generation_backend, source=cfg.policy,
+                               trust_remote_code=cfg.trust_remote_code,
                                progress=f"best-of-{cfg.n}" if cfg.progress and accelerator.is_main_process else "")
     local_scores = score_texts(reward_model, rm_tokenizer, samples.prompts, samples.responses, cfg.batch_size)
     every = gather_owned(accelerator, samples.index, samples.owned, responses=samples.responses,

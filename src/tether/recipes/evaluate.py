@@ -91,6 +91,8 @@ def _answers(source: str, prompts: list[str], cfg: EvalConfig, dtype: Any, sprea
     samples = sample_responses(model, tok, prompts, n=1, max_new_tokens=cfg.response_length,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                batch_size=cfg.batch_size, seed=cfg.seed, part=_part(accelerator),
+                               backend=cfg.generation_backend, source=source,
+                               trust_remote_code=cfg.trust_remote_code,
                                progress=f"sampling {Path(source).name}" if show else "")
     assert tuple(samples.index) == spread.rows
     return samples.responses, (model, tok, samples)
@@ -168,6 +170,12 @@ def run(cfg: EvalConfig) -> dict:
     import os
 
     # one process needs no accelerator; a launch of several (or --fsdp) spreads the prompts
+    if cfg.generation_backend == "vllm":  # refused before anything is loaded
+        from tether.rollout.vllm_engine import preflight
+
+        for source in (cfg.policy_a, cfg.policy_b):
+            if _is_model(source):
+                preflight(source, cfg.dtype, cfg.trust_remote_code)
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     accelerator = make_accelerator(cfg.seed) if cfg.fsdp or launched else None
     if accelerator is None:

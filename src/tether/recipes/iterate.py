@@ -77,7 +77,8 @@ def sample_candidates(cfg: IterateConfig, policy: str, prompts: list[str], out: 
     model = load_causal_lm(policy, trust_remote_code=cfg.trust_remote_code).eval()
     disable_dropout(model)
     flat = sample_responses(model, tok, prompts, n=cfg.k, max_new_tokens=cfg.response_length,
-                            temperature=cfg.temperature, seed=seed,
+                            temperature=cfg.temperature, seed=seed, backend=cfg.generation_backend,
+                            source=policy, trust_remote_code=cfg.trust_remote_code,
                             progress="sampling comparisons" if cfg.progress else "").responses
     rows = []
     for i, prompt in enumerate(prompts):
@@ -251,6 +252,7 @@ def run_round_ppo(cfg: IterateConfig, rdir: Path, n: int, policy: str, reference
                       response_length=cfg.response_length, temperature=cfg.temperature,
                       lr=cfg.ppo_lr, kl_coef=cfg.kl_coef, critic=cfg.critic, value_lr=cfg.value_lr,
                       vf_coef=cfg.vf_coef, gold_judge=cfg.gold_judge, seed=cfg.seed + n,
+                      generation_backend=cfg.generation_backend,
                       progress=cfg.progress, tensorboard=cfg.tensorboard,
                       trust_remote_code=cfg.trust_remote_code, resume=latest_checkpoint(out) is not None))
 
@@ -285,6 +287,10 @@ def run(cfg: IterateConfig) -> dict:
     from tether.training.runtime import setup_logging
 
     setup_logging()
+    if cfg.generation_backend == "vllm":  # refused before the run directory is claimed
+        from tether.rollout.vllm_engine import preflight
+
+        preflight(cfg.policy, "auto", cfg.trust_remote_code)
     root = _claim(cfg)
     prompts = read_prompts(cfg.prompts)
     reference = cfg.reference or cfg.policy
