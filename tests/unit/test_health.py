@@ -173,3 +173,18 @@ def test_a_growing_share_of_non_canonical_responses_is_reported():
     steady = HealthMonitor(HealthThresholds(noncanonical_max=0.1, noncanonical_growth=0.05))
     # a tokenizer whose round trip is lossy from the start: reported only when it grows
     assert all(not steady.observe({**good, "response/noncanonical_frac": 0.3}) for _ in range(3))
+
+
+def test_a_growing_sampler_trainer_mismatch_is_reported():
+    good = {"response/length": 10.0, "objective/entropy": 2.0, "response/distinct_2": 0.9,
+            "objective/kl_per_token": 0.05, "objective/rm_score": 0.5, "policy/clipfrac": 0.1,
+            "val/explained_var": 0.5}
+    monitor = HealthMonitor()
+    fired = [[i.check for i in monitor.observe({**good, "rollout/mismatch_kl": kl})]
+             for kl in (0.001, 0.005, 0.02, 0.0015)]
+    assert fired == [[], [], ["sampler_mismatch"], []]
+    # a mismatch that starts high and stays there (a bf16 engine, say) is not a growth
+    steady = HealthMonitor()
+    assert all(not steady.observe({**good, "rollout/mismatch_kl": 0.03}) for _ in range(3))
+    # without an engine there is no such metric and nothing to check
+    assert not HealthMonitor().observe(good)

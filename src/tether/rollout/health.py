@@ -155,6 +155,10 @@ class HealthThresholds:
     # iteration's
     noncanonical_max: float = 0.1
     noncanonical_growth: float = 0.05
+    # an engine with its own weights (vLLM): KL(sampler || trainer) per token above
+    # mismatch_kl_max and at least mismatch_growth times the first iteration's
+    mismatch_kl_max: float = 0.01
+    mismatch_growth: float = 2.0
     # critic-free methods: most groups without reward variance, several iterations in a row
     zero_std_max: float = 0.8
     zero_std_patience: int = 3
@@ -191,6 +195,7 @@ class HealthMonitor:
         issues += self._collapse(metrics)
         issues += self._kl_explosion(metrics)
         issues += self._noncanonical(metrics)
+        issues += self._mismatch(metrics)
         flat = metrics.get("objective/frac_reward_zero_std", 0.0) > th.zero_std_max
         if self._sustained("no_learning_signal", flat, th.zero_std_patience):
             issues.append(HealthIssue("no_learning_signal", (
@@ -214,6 +219,21 @@ class HealthMonitor:
                 "no text gives, such as half of a UTF-8 character. The reward model scores their "
                 "re-encoded text, so this buys no reward; the sampled ids still drift from what "
                 "the tokenizer produces. Raise --kl-coef or lower --lr."))]
+        return []
+
+    def _mismatch(self, metrics: dict[str, float]) -> list[HealthIssue]:
+        key, th = "rollout/mismatch_kl", self.thresholds
+        if key not in metrics:
+            return []
+        now = float(metrics[key])
+        start = self.first.setdefault(key, now)
+        if now > th.mismatch_kl_max and now >= th.mismatch_growth * start:
+            return [HealthIssue("sampler_mismatch", (
+                f"the rollout engine's token logprobs drift from the trainer's: KL(sampler || "
+                f"trainer) is {now:.3g} nats per token (first iteration: {start:.3g}). The samples "
+                "are then off-policy by more than float error: the engine runs another precision "
+                "or kernels that diverge as the weights move, or a weight sync is incomplete. "
+                "Correct for it with --rollout-is-cap 2, or run the engine in the trainer's dtype."))]
         return []
 
     def _sustained(self, name: str, failing: bool, patience: int) -> bool:
