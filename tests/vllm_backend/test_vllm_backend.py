@@ -180,6 +180,16 @@ def test_grpo_with_vllm_raises_the_reward_measured_from_outside(task, models, tm
     assert _outside(task, out) > _outside(task, models["llama"]) + 0.05
 
 
+def test_lora_adapters_reach_the_engine_merged(task, models, tmp_path):
+    out = tmp_path / "lora"
+    assert main(_args(task, models["llama"], "grpo", out, "--num-generations", "4", "--max-steps", "3",
+                      "--lora-r", "4")) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    # after each update the adapters have moved the policy; the engine samples the merged weights
+    assert rows[-1]["objective/kl"] > 1e-3
+    assert all(r["rollout/mismatch_abs"] < 1e-4 for r in rows)
+
+
 def test_ppo_with_vllm_and_truncated_importance_sampling_runs_to_the_end(task, models, tmp_path):
     out = tmp_path / "ppo"
     assert main(_args(task, models["qwen2"], "ppo", out, "--critic", "head", "--max-steps", "3",

@@ -146,7 +146,7 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
         longest = max((len(e) for e in encoded), default=1)
         sampler: Any = VLLMGenerator(model, params, source=source, dtype=next(model.parameters()).dtype,
                                      max_model_len=longest + max_new_tokens, seed=seed,
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, max_rows=batch_size)
     else:
         sampler = KVCacheSampler(model, params, gather=True)  # gather: a sharded model's weights
     bar = Progress(len(flat), desc=progress, enabled=bool(progress) and len(flat) > batch_size)

@@ -37,10 +37,11 @@ from tether.rollout.types import Rollout
 log = logging.getLogger("tether")
 
 USE_TORCH = "Use --generation-backend torch (tether's own sampler) instead."
+OR_TORCH = "or use --generation-backend torch (tether's own sampler)."
 # Mean |log pi_engine - log pi_policy| per probe token above which the engine is not running the
 # policy's weights: float32 kernels differ by ~1e-6 here; bf16/fp16 ones by ~1e-2.
 PROBE_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.05}
-PROBE_ROWS, PROBE_TOKENS = 2, 8
+PROBE_TOKENS = 8  # stand-in response tokens after each of the two probe prompts
 
 
 def import_vllm() -> Any:
@@ -83,7 +84,7 @@ def check_supported(model: Any, dtype: torch.dtype) -> None:
                           f"({', '.join(archs) or 'none named in its config'}). " + USE_TORCH)
     if dtype not in current_platform.supported_dtypes:
         raise ConfigError(f"the installed vLLM's {current_platform.device_name} backend does not run "
-                          f"{dtype}; use --dtype float32, or " + USE_TORCH[0].lower() + USE_TORCH[1:])
+                          f"{dtype}: choose another --dtype, " + OR_TORCH)
     if current_platform.is_cpu():
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
@@ -138,7 +139,11 @@ class VLLMGenerator:
 
     def __init__(self, model: Any, params: SamplingParams, source: str, dtype: torch.dtype,
                  max_model_len: int, seed: int = 0, gpu_memory_utilization: float = 0.3,
-                 sleep: bool = False, trust_remote_code: bool = False):
+                 sleep: bool = False, trust_remote_code: bool = False, max_rows: int = 64):
+        """source: the checkpoint the engine starts from (the policy's directory or hub id; its
+        weights are replaced by the policy's before the first rollout). max_model_len: the
+        longest prompt plus a response. max_rows: the rows one rollout samples (on CPU the KV
+        cache is sized to hold them all at full length)."""
         vllm = import_vllm()
         from vllm.platforms import current_platform
 
@@ -155,8 +160,9 @@ class VLLMGenerator:
             max_model_len=max_model_len, enforce_eager=True, trust_remote_code=trust_remote_code,
             logprobs_mode="processed_logprobs", generation_config="vllm")
         if current_platform.is_cpu():
-            # the KV cache for a full batch of the longest sequences, with room to spare
-            options["kv_cache_memory_bytes"] = max(64 * 2**20, 4 * self._kv_bytes_per_token(model) * max_model_len * 64)
+            # the KV cache for a whole rollout at full length, twice over
+            per_token = self._kv_bytes_per_token(model, dtype)
+            options["kv_cache_memory_bytes"] = max(64 * 2**20, 2 * per_token * max_model_len * max(max_rows, 1))
         else:
             options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
@@ -183,10 +189,11 @@ class VLLMGenerator:
         self.last_probe: dict[str, float] = {}
 
     @staticmethod
-    def _kv_bytes_per_token(model: Any) -> int:
+    def _kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
         config = getattr(model, "config", model)
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return 2 * config.num_hidden_layers * kv_heads * head_size(config) * 4
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * kv_heads * head_size(config) * element
 
     # ------------------------------------------------------------------------------ sampling
 
@@ -268,9 +275,7 @@ class VLLMGenerator:
         """The engine's and the policy's logprobs of the probe's stand-in responses (temperature
         1, untruncated) must agree within the dtype's tolerance; and when the policy's changed
         since the last check, the engine's must have changed too. Raises TrainingError."""
-        assert self._probe is not None
-        engine = self.engine_logprobs(self._probe)
-        policy = self.policy_logprobs(self._probe)
+        engine, policy = self.engine_logprobs(), self.policy_logprobs()
         diff = (engine - policy).abs()
         mean, largest = float(diff.mean()), float(diff.max())
         self.last_probe = {"mean_abs": mean, "max_abs": largest}
@@ -291,16 +296,17 @@ class VLLMGenerator:
 
     def probe_rows(self) -> list[tuple[list[int], list[int]]]:
         """(prompt, stand-in response) of each probe row: the response is the first prompt's
-        tokens, repeated to PROBE_TOKENS."""
-        assert self._probe is not None
+        tokens, repeated to PROBE_TOKENS. The probe is the first rollout's first and last
+        prompts."""
+        if self._probe is None:
+            raise RuntimeError("the probe is taken from the first rollout's prompts: generate first")
         filler = (self._probe[0] * PROBE_TOKENS)[:PROBE_TOKENS]
         return [(row, filler) for row in self._probe]
 
-    def engine_logprobs(self, probe: list[list[int]]) -> Tensor:
-        """(PROBE_ROWS, PROBE_TOKENS): the engine's log-probability of each stand-in token."""
+    def engine_logprobs(self) -> Tensor:
+        """(2, PROBE_TOKENS): the engine's log-probability of each stand-in token."""
         from vllm.inputs import TokensPrompt
 
-        self._probe = probe
         rows = self.probe_rows()
         params = self._vllm.SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=0,
                                            detokenize=False, seed=0)
@@ -313,12 +319,11 @@ class VLLMGenerator:
         return torch.tensor(values, dtype=torch.float32)
 
     @torch.no_grad()
-    def policy_logprobs(self, probe: list[list[int]]) -> Tensor:
+    def policy_logprobs(self) -> Tensor:
         """The same from the policy's own forward (one batch, left-padded)."""
         from tether.ops.logprobs import token_logprobs
         from tether.rollout.generate import left_pad
 
-        self._probe = probe
         rows = self.probe_rows()
         device = next(self.model.parameters()).device
         ids, mask = left_pad([prompt + response for prompt, response in rows], self.params.pad_token_id, device)

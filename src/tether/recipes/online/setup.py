@@ -283,7 +283,8 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
         longest = max(len(ids) for ids in prompts.ids + (eval_prompts.ids if eval_prompts is not None else []))
         engine = dict(source=cfg.policy, dtype=dtype, max_model_len=longest + cfg.response_length,
                       seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                      sleep=cfg.vllm_sleep, trust_remote_code=cfg.trust_remote_code)
+                      sleep=cfg.vllm_sleep, trust_remote_code=cfg.trust_remote_code,
+                      max_rows=cfg.rollouts)
     generator = make_generator(cfg.generation_backend, accelerator.unwrap_model(actor).lm, params,
                                gather=cfg.fsdp and cfg.fsdp_sampling == "gathered", engine=engine)
     kl_target = getattr(cfg, "kl_target", None)  # adaptive beta: PPO's option
