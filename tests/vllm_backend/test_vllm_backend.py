@@ -41,8 +41,9 @@ def _build(path, arch):
     shape = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=1, max_position_embeddings=256, vocab_size=len(tok),
                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    # the Qwen2 ties its LM head to its embedding, as Qwen2-0.5B and Llama 3.2 do
     model = (LlamaForCausalLM(LlamaConfig(**shape)) if arch == "llama"
-             else Qwen2ForCausalLM(Qwen2Config(**shape)))
+             else Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True)))
     model.save_pretrained(path)
     return path
 
@@ -241,6 +242,29 @@ def test_an_architecture_the_engine_lacks_is_refused(models):
     config.architectures = ["NoSuchModelForCausalLM"]
     with pytest.raises(ConfigError, match="architecture"):
         check_supported(config, torch.float32)
+    # served by vLLM's Transformers backend, which would patch transformers' class of the policy
+    config.architectures = ["GPTNeoXForCausalLM"]
+    with pytest.raises(ConfigError, match="Transformers backend"):
+        check_supported(config, torch.float32)
+
+
+def test_an_engine_that_does_not_take_the_weights_is_refused_before_training(models, monkeypatch):
+    """What the installed vLLM cannot reload in place (its CPU MoE experts, for one) is found
+    when the engine starts: it is sent the weights it already has and checked on a probe.
+    Here the weights it is sent are not the policy's."""
+    from transformers import AutoModelForCausalLM
+
+    from tether.rollout import vllm_engine
+    from tether.rollout.generate import SamplingParams
+
+    honest = vllm_engine.policy_weights
+    monkeypatch.setattr(vllm_engine, "policy_weights",
+                        lambda model: ((n, t + 0.05 * torch.randn_like(t)) for n, t in honest(model)))
+    policy = AutoModelForCausalLM.from_pretrained(models["qwen2"]).eval()
+    params = SamplingParams(max_new_tokens=4, eos_token_ids=(), pad_token_id=0)
+    with pytest.raises(ConfigError, match="cannot keep this model's weights in step"):
+        vllm_engine.VLLMGenerator(policy, params, source=str(models["qwen2"]), dtype=torch.float32,
+                                  max_model_len=32)
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])

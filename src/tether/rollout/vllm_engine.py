@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from typing import Any, Iterator, Optional
 
@@ -82,6 +83,13 @@ def check_supported(model: Any, dtype: torch.dtype) -> None:
     if not archs or not any(a in supported for a in archs):
         raise ConfigError(f"the installed vLLM cannot run this model's architecture "
                           f"({', '.join(archs) or 'none named in its config'}). " + USE_TORCH)
+    native = [a for a in archs if a in supported and not _through_transformers(ModelRegistry, a)]
+    if not native:
+        raise ConfigError(
+            f"the installed vLLM runs {archs[0]} through its Transformers backend, which patches "
+            "transformers' own model classes in the process it runs in (the policy's class among "
+            "them, which then fails beside it); tether runs the engine in the trainer's process, so "
+            "it takes natively implemented architectures only. " + USE_TORCH)
     if dtype not in current_platform.supported_dtypes:
         raise ConfigError(f"the installed vLLM's {current_platform.device_name} backend does not run "
                           f"{dtype}: choose another --dtype, " + OR_TORCH)
@@ -93,6 +101,12 @@ def check_supported(model: Any, dtype: torch.dtype) -> None:
         if size not in sizes:
             raise ConfigError(f"vLLM's CPU attention does not support this model's head size "
                               f"({size}; it supports {', '.join(map(str, sizes))}). " + USE_TORCH)
+
+
+def _through_transformers(registry: Any, arch: str) -> bool:
+    """vLLM serves `arch` with its Transformers backend (no model code of its own)."""
+    entry = getattr(registry, "models", {}).get(arch)
+    return "transformers" in str(getattr(entry, "module_name", "")).rsplit(".", 1)[-1]
 
 
 def preflight(policy: str, dtype_name: str, trust_remote_code: bool = False) -> None:
@@ -111,15 +125,28 @@ def preflight(policy: str, dtype_name: str, trust_remote_code: bool = False) -> 
 
 
 def policy_weights(model: Any) -> Iterator[tuple[str, Tensor]]:
-    """The policy's weights under their Hugging Face names, one tensor at a time: a sharded
-    parameter is gathered when it is reached (every process must iterate in step), and a LoRA
-    layer's weight is its base plus the adapter's delta (the model itself is not changed)."""
+    """The policy's weights in its checkpoint's format, one decoder layer at a time: a sharded
+    parameter is gathered when its layer is reached (every process must iterate in step), a
+    LoRA layer's weight is its base plus the adapter's delta (the model itself is not changed),
+    and a model whose in-memory layout transformers converts on loading (fused MoE experts, say)
+    has each layer converted back as `save_pretrained` would write it."""
     from tether.training.fsdp import plain
 
-    base = model
-    lora = hasattr(model, "get_base_model")
-    if lora:
-        base = model.get_base_model()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer: dict[str, Tensor] = {}
+    key = None
+    for name, tensor in _merged_parameters(base, plain):
+        group = _layer_of(name)
+        if layer and group != key:
+            yield from _as_saved(base, layer)
+            layer = {}
+        key = group
+        layer[name] = tensor
+    yield from _as_saved(base, layer)
+
+
+def _merged_parameters(base: Any, plain: Any) -> Iterator[tuple[str, Tensor]]:
+    lora = any(".lora_" in name for name, _ in base.named_parameters())
     for name, param in base.named_parameters():
         if lora and ".lora_" in name:
             continue
@@ -132,6 +159,64 @@ def policy_weights(model: Any) -> Iterator[tuple[str, Tensor]]:
                         tensor = tensor + owner.get_delta_weight(adapter).to(tensor.dtype)
             name = name.replace(".base_layer.", ".")
         yield name, tensor
+
+
+_LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks|layer)\.\d+)\.")
+
+
+def _layer_of(name: str) -> str:
+    """The decoder layer a parameter belongs to ("model.layers.3"), or the name itself."""
+    found = _LAYER.match(name)
+    return found.group(1) if found else name
+
+
+def _as_saved(base: Any, weights: dict[str, Tensor]) -> Iterator[tuple[str, Tensor]]:
+    """`weights` renamed and reshaped as the checkpoint holds them (transformers'
+    revert_weight_conversion, what save_pretrained applies); as they are where that function
+    does not exist. A wrong result would not pass the probe check after the sync."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        yield from weights.items()
+        return
+    yield from revert_weight_conversion(base, weights).items()
+
+
+def _last_line(error: Exception) -> str:
+    """An exception as one line: its type and the last line of its message."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[-1] if text else ''}"
+
+
+def _clean_up_after_failed_start() -> None:
+    """vLLM's process-wide parallel state, left half set up by an engine that failed to start,
+    would make the next engine in this process fail too."""
+    try:
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+    except Exception:  # nothing was set up, or it is already gone
+        pass
+
+
+def reprocess_tied(engine_model: Any) -> int:
+    """Run again the after-loading processing of every engine module whose weight is another
+    module's (a tied LM head: GPT-2's, Qwen2-0.5B's, Llama 3.2's). vLLM's in-place reload
+    reprocesses a shared parameter for its first owner only; on CPU the LM head keeps a packed
+    copy of the weight for its matmul, which would otherwise stay the old one. Returns how many
+    modules were reprocessed."""
+    owners: set[int] = set()
+    redone = 0
+    for module in engine_model.modules():
+        weight = module.__dict__.get("_parameters", {}).get("weight")
+        if weight is None:
+            continue
+        method = getattr(module, "quant_method", None)
+        if id(weight) in owners and method is not None:
+            method.process_weights_after_loading(module)
+            redone += 1
+        owners.add(id(weight))
+    return redone
 
 
 class VLLMGenerator:
@@ -154,11 +239,13 @@ class VLLMGenerator:
                               "has no sleep mode. Drop --vllm-sleep.")
         self.tolerance = PROBE_TOLERANCE.get(dtype, 0.1)
         # the probe's rows are prompts followed by PROBE_TOKENS stand-in tokens
-        max_model_len = max(max_model_len, max_model_len - params.max_new_tokens + PROBE_TOKENS + 1)
+        max_model_len = max(max_model_len, max_model_len - params.max_new_tokens + PROBE_TOKENS + 1,
+                            4 + PROBE_TOKENS + 1)  # and the fixed probe of `_check_in_place_reload`
         options: dict[str, Any] = dict(
             model=source, skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), seed=seed,
             max_model_len=max_model_len, enforce_eager=True, trust_remote_code=trust_remote_code,
-            logprobs_mode="processed_logprobs", generation_config="vllm")
+            logprobs_mode="processed_logprobs", generation_config="vllm",
+            model_impl="vllm")  # never the Transformers backend (see check_supported)
         if current_platform.is_cpu():
             # the KV cache for a whole rollout at full length, twice over
             per_token = self._kv_bytes_per_token(model, dtype)
@@ -170,8 +257,8 @@ class VLLMGenerator:
         try:
             self.llm = vllm.LLM(**options)
         except Exception as e:
-            raise ConfigError(f"vLLM could not start an engine for {source}: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}. "
+            _clean_up_after_failed_start()
+            raise ConfigError(f"vLLM could not start an engine for {source}: {_last_line(e)}. "
                               + USE_TORCH) from None
         finally:
             # vLLM's CPU worker replaces torch.set_num_threads for the whole process and drops the
@@ -187,6 +274,26 @@ class VLLMGenerator:
         self._last: Optional[tuple[Tensor, Tensor]] = None  # (engine, policy) probe logprobs
         self.last_sync_seconds = 0.0
         self.last_probe: dict[str, float] = {}
+        self._check_in_place_reload()
+
+    def _check_in_place_reload(self) -> None:
+        """Before any training: send the engine the weights it already has and check it on a
+        fixed probe. Whatever the installed vLLM cannot reload in place for this model (seen:
+        the CPU backend's MoE experts) is refused here, not after the first update. The run's
+        own probe is then taken from its first rollout."""
+        vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or 64)
+        self._probe = [[(7 * i + 3) % vocab for i in range(4)], [(5 * i + 11) % vocab for i in range(3)]]
+        try:
+            self._send_weights()
+            problem = self._probe_problem()
+        except Exception as e:
+            problem = _last_line(e)
+        if problem is not None:
+            self.close()
+            raise ConfigError(
+                "vLLM cannot keep this model's weights in step with the policy: sent the weights it "
+                f"started from, {problem}. " + USE_TORCH)
+        self._probe, self._last, self._synced = None, None, False
 
     @staticmethod
     def _kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
@@ -251,48 +358,61 @@ class VLLMGenerator:
         stop = list(p.eos_token_ids)
         return self._vllm.SamplingParams(
             n=n, temperature=p.temperature, top_k=p.top_k if p.top_k > 0 else 0, top_p=p.top_p,
-            max_tokens=p.max_new_tokens, min_tokens=0 if stop else p.max_new_tokens,
-            stop_token_ids=stop or None, ignore_eos=True, logprobs=0, seed=seed, detokenize=False,
+            # ignore_eos: the model's own EOS stops nothing unless it is one of `stop`. (No
+            # min_tokens: vLLM would mask the stop tokens out of the distribution for them.)
+            max_tokens=p.max_new_tokens, stop_token_ids=stop or None, ignore_eos=True, logprobs=0,
+            seed=seed, detokenize=False,
             skip_special_tokens=False)
 
     # ------------------------------------------------------------------------------ weights
 
     def sync_weights(self) -> None:
-        """Send the policy's current weights to the engine, then check them on the probe."""
+        """Send the policy's current weights to the engine, then check them on the probe.
+        Raises TrainingError when the engine refuses them or the check fails."""
         started = time.perf_counter()
-        self._wake()
-        # vLLM's in-place reload: each layer takes its checkpoint-format weights and is then
-        # processed again into its kernel format (on CPU the linears are repacked)
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(self.model),
-                                                         "is_checkpoint_format": True})
-        self.llm.reset_prefix_cache()
-        self._synced = True
+        self._send_weights()
         self.last_sync_seconds = time.perf_counter() - started
         if self._probe is not None:
             self.check_probe()
+
+    def _send_weights(self) -> None:
+        self._wake()
+        # vLLM's in-place reload: each layer takes its checkpoint-format weights and is then
+        # processed again into its kernel format (on CPU the linears are repacked)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": policy_weights(self.model),
+                                                             "is_checkpoint_format": True})
+            self.llm.apply_model(reprocess_tied)
+        except Exception as e:
+            raise TrainingError(f"the vLLM engine did not take the policy's weights ({_last_line(e)}). "
+                                + USE_TORCH) from None
+        self.llm.reset_prefix_cache()
+        self._synced = True
 
     def check_probe(self) -> dict[str, float]:
         """The engine's and the policy's logprobs of the probe's stand-in responses (temperature
         1, untruncated) must agree within the dtype's tolerance; and when the policy's changed
         since the last check, the engine's must have changed too. Raises TrainingError."""
+        problem = self._probe_problem()
+        if problem is not None:
+            raise TrainingError(f"{problem}. " + USE_TORCH)
+        return self.last_probe
+
+    def _probe_problem(self) -> Optional[str]:
         engine, policy = self.engine_logprobs(), self.policy_logprobs()
         diff = (engine - policy).abs()
         mean, largest = float(diff.mean()), float(diff.max())
         self.last_probe = {"mean_abs": mean, "max_abs": largest}
-        if self._last is not None:
-            engine_before, policy_before = self._last
-            if torch.equal(engine, engine_before) and not torch.equal(policy, policy_before):
-                raise TrainingError(
-                    "the vLLM engine's logprobs on the probe did not change after a weight sync while "
-                    "the policy's did: the engine is sampling from stale weights. " + USE_TORCH)
-        self._last = (engine, policy)
+        last, self._last = self._last, (engine, policy)
+        if last is not None and torch.equal(engine, last[0]) and not torch.equal(policy, last[1]):
+            return ("the vLLM engine's logprobs on the probe did not change after a weight sync while "
+                    "the policy's did: the engine is sampling from stale weights")
         if not mean <= self.tolerance:
-            raise TrainingError(
-                f"after the weight sync, the vLLM engine's logprobs on the probe differ from the "
-                f"policy's by {mean:.3g} per token on average (max {largest:.3g}; the tolerance for "
-                f"{str(self.dtype).removeprefix('torch.')} is {self.tolerance:g}): the engine is not "
-                "running the policy's weights. " + USE_TORCH)
-        return self.last_probe
+            return (f"the vLLM engine's logprobs on the probe differ from the policy's by {mean:.3g} "
+                    f"per token on average (max {largest:.3g}; the tolerance for "
+                    f"{str(self.dtype).removeprefix('torch.')} is {self.tolerance:g}): the engine is "
+                    "not running the policy's weights")
+        return None
 
     def probe_rows(self) -> list[tuple[list[int], list[int]]]:
         """(prompt, stand-in response) of each probe row: the response is the first prompt's
