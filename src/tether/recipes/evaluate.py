@@ -169,13 +169,13 @@ def print_table(result: dict) -> None:
 def run(cfg: EvalConfig) -> dict:
     import os
 
-    # one process needs no accelerator; a launch of several (or --fsdp) spreads the prompts
     if cfg.generation_backend == "vllm":  # refused before anything is loaded
         from tether.rollout.vllm_engine import preflight
 
         for source in (cfg.policy_a, cfg.policy_b):
             if _is_model(source):
                 preflight(source, cfg.dtype, cfg.trust_remote_code)
+    # one process needs no accelerator; a launch of several (or --fsdp) spreads the prompts
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
     accelerator = make_accelerator(cfg.seed) if cfg.fsdp or launched else None
     if accelerator is None:
