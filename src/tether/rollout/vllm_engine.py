@@ -83,13 +83,6 @@ def check_supported(model: Any, dtype: torch.dtype) -> None:
     if not archs or not any(a in supported for a in archs):
         raise ConfigError(f"the installed vLLM cannot run this model's architecture "
                           f"({', '.join(archs) or 'none named in its config'}). " + USE_TORCH)
-    native = [a for a in archs if a in supported and not _through_transformers(ModelRegistry, a)]
-    if not native:
-        raise ConfigError(
-            f"the installed vLLM runs {archs[0]} through its Transformers backend, which patches "
-            "transformers' own model classes in the process it runs in (the policy's class among "
-            "them, which then fails beside it); tether runs the engine in the trainer's process, so "
-            "it takes natively implemented architectures only. " + USE_TORCH)
     if dtype not in current_platform.supported_dtypes:
         raise ConfigError(f"the installed vLLM's {current_platform.device_name} backend does not run "
                           f"{dtype}: choose another --dtype, " + OR_TORCH)
@@ -103,10 +96,33 @@ def check_supported(model: Any, dtype: torch.dtype) -> None:
                               f"({size}; it supports {', '.join(map(str, sizes))}). " + USE_TORCH)
 
 
-def _through_transformers(registry: Any, arch: str) -> bool:
-    """vLLM serves `arch` with its Transformers backend (no model code of its own)."""
-    entry = getattr(registry, "models", {}).get(arch)
-    return "transformers" in str(getattr(entry, "module_name", "")).rsplit(".", 1)[-1]
+def _class_state(model: Any) -> dict[type, tuple[tuple, dict]]:
+    """The bases and attributes of every transformers class among the policy's modules."""
+    classes = {type(m) for m in model.modules() if type(m).__module__.startswith("transformers.")}
+    return {cls: (cls.__bases__, dict(cls.__dict__)) for cls in classes}
+
+
+def _restore_classes(saved: dict[type, tuple[tuple, dict]]) -> list[str]:
+    """Undo what an engine start did to transformers' classes. vLLM's Transformers backend
+    (GPT-NeoX, OLMo, Phi-1/2, StarCoder2, ...) decorates the model's decoder class itself for
+    torch.compile: a new base, a new __init__ and __call__. The policy, an instance of that
+    class made before, then fails in its forward; the engine's own instance runs eagerly
+    (enforce_eager) and needs none of it. Returns the names of the classes restored."""
+    restored = []
+    for cls, (bases, attrs) in saved.items():
+        changed = cls.__bases__ != bases
+        if changed:
+            cls.__bases__ = bases
+        for name in [n for n in cls.__dict__ if n not in attrs]:
+            delattr(cls, name)
+            changed = True
+        for name, value in attrs.items():
+            if cls.__dict__.get(name) is not value:
+                setattr(cls, name, value)
+                changed = True
+        if changed:
+            restored.append(cls.__name__)
+    return restored
 
 
 def preflight(policy: str, dtype_name: str, trust_remote_code: bool = False) -> None:
@@ -244,8 +260,7 @@ class VLLMGenerator:
         options: dict[str, Any] = dict(
             model=source, skip_tokenizer_init=True, dtype=str(dtype).removeprefix("torch."), seed=seed,
             max_model_len=max_model_len, enforce_eager=True, trust_remote_code=trust_remote_code,
-            logprobs_mode="processed_logprobs", generation_config="vllm",
-            model_impl="vllm")  # never the Transformers backend (see check_supported)
+            logprobs_mode="processed_logprobs", generation_config="vllm")
         if current_platform.is_cpu():
             # the KV cache for a whole rollout at full length, twice over
             per_token = self._kv_bytes_per_token(model, dtype)
@@ -253,6 +268,7 @@ class VLLMGenerator:
         else:
             options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
+        classes = _class_state(model)
         started = time.perf_counter()
         try:
             self.llm = vllm.LLM(**options)
@@ -265,6 +281,10 @@ class VLLMGenerator:
             # process to one thread: the trainer beside it keeps its own
             torch.set_num_threads = set_threads
             set_threads(threads)
+            restored = _restore_classes(classes)
+            if restored:
+                log.info("vLLM's engine start changed transformers' %s; restored for the policy",
+                         ", ".join(sorted(restored)))
         log.info("vLLM engine started in %.1f s (%s, max_model_len %d)", time.perf_counter() - started,
                  options["dtype"], max_model_len)
         self._vllm = vllm
