@@ -7,15 +7,20 @@ in the same process, that holds its own copy of the policy's weights.
   own EOS is ignored unless it is one of them) and reports the log-probability of each token it
   drew after temperature and top-k/top-p (`logprobs_mode="processed_logprobs"`): the sampler's
   side of the sampler-trainer mismatch (`ops/mismatch.py`).
-- Weights: `sync_weights` streams the policy's parameters into the engine, one tensor at a time,
-  without a disk round trip: a sharded (--fsdp) parameter is gathered alone, just before it is
-  sent; LoRA layers are sent merged (base + the adapter's delta, computed per layer, the policy
-  itself untouched). The prefix cache is then emptied, so no KV computed with the old weights
-  is reused.
-- The check after every sync: on a fixed probe (prompt tokens and a stand-in response), the
-  engine's log-probabilities must match the policy's own forward within a float-error
-  tolerance, and must have moved if the policy's moved. Otherwise the run stops: sampling from
-  stale weights is the failure peers have shipped.
+- Weights: `sync_weights` streams the policy's parameters into the engine through vLLM's
+  in-place reload, one decoder layer at a time, without a disk round trip: a sharded (--fsdp)
+  parameter is gathered when its layer is reached; LoRA layers are sent merged (base + the
+  adapter's delta, computed per layer, the policy itself untouched); a tied LM head is
+  reprocessed with its embedding. The prefix cache is then emptied, so no KV computed with the
+  old weights is reused.
+- The check after every sync: on a probe (the first rollout's first and last prompts, each with
+  a stand-in response), the engine's log-probabilities must match the policy's own forward
+  within a float-error tolerance, and must have moved if the policy's moved. Otherwise the run
+  stops: sampling from stale weights is the failure peers have shipped. The same check runs
+  once when the engine starts, on weights it already has, so that a model the installed vLLM
+  cannot reload in place is refused before any training.
+- vLLM's start changes the process: its CPU worker sets torch to one thread, and its
+  Transformers backend decorates transformers' model classes. Both are put back for the policy.
 
 vLLM is imported here only, and only when this backend is used.
 """
