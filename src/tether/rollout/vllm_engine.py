@@ -267,9 +267,12 @@ class VLLMGenerator:
             max_model_len=max_model_len, enforce_eager=True, trust_remote_code=trust_remote_code,
             logprobs_mode="processed_logprobs", generation_config="vllm")
         if current_platform.is_cpu():
-            # the KV cache for a whole rollout at full length, twice over
+            # the KV cache for a whole rollout at full length, twice over, but at most a quarter
+            # of the machine's memory (vLLM then runs fewer rows at a time)
             per_token = self._kv_bytes_per_token(model, dtype)
-            options["kv_cache_memory_bytes"] = max(64 * 2**20, 2 * per_token * max_model_len * max(max_rows, 1))
+            wanted = 2 * per_token * max_model_len * max(max_rows, 1)
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            options["kv_cache_memory_bytes"] = max(64 * 2**20, min(wanted, memory // 4))
         else:
             options.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
         threads, set_threads = torch.get_num_threads(), torch.set_num_threads
