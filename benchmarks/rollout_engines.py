@@ -68,7 +68,7 @@ def trainer_logprobs(model: Any, rollout: Any) -> torch.Tensor:
     from tether.ops.logprobs import token_logprobs
 
     seqs = rollout.sequences()
-    P, T = seqs.n_prompt, seqs.response_ids.shape[1]
+    T = seqs.response_ids.shape[1]
     out = []
     with torch.no_grad():
         for rows in torch.arange(seqs.input_ids.shape[0]).split(8):

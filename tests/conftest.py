@@ -205,3 +205,36 @@ def story_rows(n: int, seed: int = 0) -> list[dict]:
 @pytest.fixture
 def story_data(tmp_path) -> Path:
     return write_jsonl(tmp_path / "sft.jsonl", story_rows(64))
+
+
+# A reward function file's source: the share of vowels in a completion, which a tiny model can
+# learn to raise within a few iterations (the online tests' task).
+VOWELS_REWARD = '''
+def vowels(prompts, completions, **_):
+    """The share of vowels among a completion's letters: a reward a tiny model can learn."""
+    out = []
+    for c in completions:
+        letters = [ch for ch in c.lower() if ch.isalpha()]
+        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
+    return out
+'''
+
+
+def vowel_reward_outside(rewards_py: Path, model_dir: Path, n: int = 64) -> float:
+    """The mean `vowels` reward (defined in rewards_py) of n samples of a saved policy, drawn
+    with plain transformers from one fixed prompt: a policy's gain measured outside tether."""
+    import importlib.util
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.spec_from_file_location("rewards_outside", rewards_py)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = tok("Once upon a time, Tom saw a", return_tensors="pt").input_ids
+    torch.manual_seed(0)
+    sampled = model.generate(ids.repeat(n, 1), do_sample=True, top_k=0, top_p=1.0, max_new_tokens=6,
+                             pad_token_id=0)
+    return sum(module.vowels([], tok.batch_decode(sampled[:, ids.shape[1]:], skip_special_tokens=True))) / n

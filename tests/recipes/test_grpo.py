@@ -2,26 +2,14 @@
 the reward in the run and from outside, every option runs, a resumed run repeats the
 uninterrupted one, and a group without reward variance is reported."""
 
-import importlib.util
-import shutil
-
 import pytest
-import torch
 
 from tether.cli import main
 from tether.training.metrics import read_metrics
 
-from conftest import write_jsonl
+from conftest import VOWELS_REWARD, vowel_reward_outside, write_jsonl
 
-REWARDS = '''
-def vowels(prompts, completions, **_):
-    """The share of vowels among a completion's letters: a reward a tiny model can learn."""
-    out = []
-    for c in completions:
-        letters = [ch for ch in c.lower() if ch.isalpha()]
-        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
-    return out
-
+REWARDS = VOWELS_REWARD + '''
 def constant(prompts, completions, **_):
     return [1.0] * len(completions)
 '''
@@ -51,18 +39,7 @@ def _args(task, stage, out, *extra, reward="vowels"):
 
 def _outside(task, model_dir, n=64):
     """The reward of samples of a saved policy, drawn with plain transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.spec_from_file_location("rewards_outside", task[0] / "rewards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tok("Once upon a time, Tom saw a", return_tensors="pt").input_ids
-    torch.manual_seed(0)
-    sampled = model.generate(ids.repeat(n, 1), do_sample=True, top_k=0, top_p=1.0, max_new_tokens=6,
-                             pad_token_id=0)
-    return sum(module.vowels([], tok.batch_decode(sampled[:, ids.shape[1]:], skip_special_tokens=True))) / n
+    return vowel_reward_outside(task[0] / "rewards.py", model_dir, n)
 
 
 @pytest.mark.parametrize("stage", ["grpo", "rloo"])

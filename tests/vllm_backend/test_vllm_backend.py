@@ -20,17 +20,10 @@ from tether.cli import main  # noqa: E402
 from tether.errors import ConfigError, TrainingError  # noqa: E402
 from tether.training.metrics import read_metrics  # noqa: E402
 
-from conftest import _bpe_tokenizer, _llama_tokenizer, write_jsonl  # noqa: E402
+from conftest import (VOWELS_REWARD, _bpe_tokenizer, _llama_tokenizer, vowel_reward_outside,  # noqa: E402
+                      write_jsonl)
 
-REWARDS = '''
-def vowels(prompts, completions, **_):
-    """The share of vowels among a completion's letters: a reward a tiny model can learn."""
-    out = []
-    for c in completions:
-        letters = [ch for ch in c.lower() if ch.isalpha()]
-        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
-    return out
-'''
+REWARDS = VOWELS_REWARD
 
 
 def _build(path, arch):
@@ -154,18 +147,7 @@ def test_a_skipped_sync_is_caught(engine):
 
 def _outside(task, model_dir, n=64):
     """The reward of samples of a saved policy, drawn with plain transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.spec_from_file_location("rewards_outside", task[0] / "rewards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tok("Once upon a time, Tom saw a", return_tensors="pt").input_ids
-    torch.manual_seed(0)
-    sampled = model.generate(ids.repeat(n, 1), do_sample=True, top_k=0, top_p=1.0, max_new_tokens=6,
-                             pad_token_id=0)
-    return sum(module.vowels([], tok.batch_decode(sampled[:, ids.shape[1]:], skip_special_tokens=True))) / n
+    return vowel_reward_outside(task[0] / "rewards.py", model_dir, n)
 
 
 def _args(task, policy, stage, out, *extra):
