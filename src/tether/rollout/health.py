@@ -206,12 +206,19 @@ class HealthMonitor:
                 "or use a reward with partial credit.")))
         return issues
 
-    def _noncanonical(self, metrics: dict[str, float]) -> list[HealthIssue]:
-        key, th = "response/noncanonical_frac", self.thresholds
+    def _against_first(self, key: str, metrics: dict[str, float]) -> Optional[tuple[float, float]]:
+        """(this iteration's value, the first iteration's) of a metric that is logged only by
+        some runs; None when this run does not log it."""
         if key not in metrics:
-            return []
+            return None
         now = float(metrics[key])
-        start = self.first.setdefault(key, now)
+        return now, self.first.setdefault(key, now)
+
+    def _noncanonical(self, metrics: dict[str, float]) -> list[HealthIssue]:
+        th, values = self.thresholds, self._against_first("response/noncanonical_frac", metrics)
+        if values is None:
+            return []
+        now, start = values
         if now > th.noncanonical_max and now >= start + th.noncanonical_growth:
             return [HealthIssue("noncanonical_tokens", (
                 f"{now:.0%} of the responses are token sequences that their own text does not "
@@ -222,11 +229,10 @@ class HealthMonitor:
         return []
 
     def _mismatch(self, metrics: dict[str, float]) -> list[HealthIssue]:
-        key, th = "rollout/mismatch_kl", self.thresholds
-        if key not in metrics:
+        th, values = self.thresholds, self._against_first("rollout/mismatch_kl", metrics)
+        if values is None:
             return []
-        now = float(metrics[key])
-        start = self.first.setdefault(key, now)
+        now, start = values
         if now > th.mismatch_kl_max and now >= th.mismatch_growth * start:
             return [HealthIssue("sampler_mismatch", (
                 f"the rollout engine's token logprobs drift from the trainer's: KL(sampler || "

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from tether.errors import ConfigError, TrainingError
 from tether.rollout.generate import SamplingParams, finish_responses, noise_window
-from tether.rollout.types import Rollout
+from tether.rollout.types import Rollout, position_ids_from_mask
 
 log = logging.getLogger("tether")
 
@@ -475,7 +475,7 @@ class VLLMGenerator:
         rows = self.probe_rows()
         device = next(self.model.parameters()).device
         ids, mask = left_pad([prompt + response for prompt, response in rows], self.params.pad_token_id, device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = position_ids_from_mask(mask)
         was_training = self.model.training
         self.model.eval()
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
