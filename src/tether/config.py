@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from tether.errors import ConfigError
 
@@ -507,8 +507,11 @@ class ScoreConfig(RunConfig):
 
 @dataclass(frozen=True)
 class OnlineConfig(RunConfig):
-    """What every online RL stage shares (PPO, GRPO, RLOO): prompts, rewards, sampling, the
-    policy's optimizer, the KL to the reference, checkpoints and logging."""
+    """What every online RL stage shares (PPO, GRPO, RLOO, online DPO): prompts, rewards,
+    sampling, the policy's optimizer, the KL to the reference, checkpoints and logging."""
+
+    stage: ClassVar[str]  # the stage's name (tether.stages), in logs and completion markers
+    algorithm: ClassVar[str]  # module:Class of the method's Algorithm (recipes/online/algorithm.py)
 
     policy: str = ""
     """The SFT model to start from (a causal-LM directory or hub id). It is also the frozen
@@ -572,6 +575,9 @@ class OnlineConfig(RunConfig):
     ignore_eos: bool = False
     """Benchmarking only: keep generating after EOS so every response has exactly
     --response-length tokens (they all count as having no EOS)."""
+    mask_truncated: bool = False
+    """Leave responses that reached --response-length without EOS out of the loss (DAPO's
+    overlong filtering)."""
     generation_backend: Literal["torch", "hf", "vllm"] = "torch"
     """torch: tether's own sampling loop with a KV cache (no per-token Python work beyond one
     decode step, fused for Llama, Mistral, Qwen2 and Qwen3 on CPU; faster for small models). hf:
@@ -729,6 +735,9 @@ class PPOConfig(OnlineConfig):
     samples --batch-size responses, scores them with the reward model, and takes
     --ppo-epochs passes of clipped policy and value updates over them."""
 
+    stage = "ppo"
+    algorithm = "tether.recipes.online.ppo:PPO"
+
     value_lr: float = 1e-5
     """Critic learning rate: 10x the policy's, as the critic starts far from its targets."""
     kl_target: Optional[float] = None
@@ -797,6 +806,9 @@ class GRPOConfig(OnlineConfig):
     GRPO as in DeepSeekMath (group-normalised advantages, k3 KL in the loss with beta 0.04,
     each response's token-mean loss averaged over responses)."""
 
+    stage = "grpo"
+    algorithm = "tether.recipes.online.group:GroupAlgorithm"
+
     batch_size: int = 16
     """Prompts per iteration and per process; each gets --num-generations responses."""
     ppo_epochs: int = 1
@@ -830,9 +842,6 @@ class GRPOConfig(OnlineConfig):
     importance_sampling: Literal["token", "sequence"] = "token"
     """token: the per-token ratio pi / pi_old. sequence: GSPO's length-normalised sequence ratio
     exp(mean_t log(pi / pi_old)), the same for every token of a response."""
-    mask_truncated: bool = False
-    """Leave responses that reached --response-length without EOS out of the loss (DAPO's
-    overlong filtering)."""
     overlong_buffer: int = 0
     """DAPO's soft overlong punishment: responses longer than --response-length minus this many
     tokens lose up to --overlong-penalty from their reward, linearly. 0 turns it off."""
@@ -864,17 +873,14 @@ class GRPOConfig(OnlineConfig):
     def rollouts(self) -> int:
         return self.batch_size * self.num_generations
 
-    @property
-    def critic(self) -> str:
-        """No critic: the advantages come from the groups."""
-        return "none"
-
 
 @dataclass(frozen=True)
 class RLOOConfig(GRPOConfig):
     """RLOO (Ahmadian et al. 2024, "Back to Basics"): --num-generations responses per prompt,
     each response's baseline the mean reward of the others, the KL to the reference in the
     reward (k1), no reward scaling. The rest is tether grpo's (docs/online.md)."""
+
+    stage = "rloo"
 
     num_generations: int = 4
     """k, the responses sampled per prompt (the paper's best setting)."""

@@ -45,28 +45,31 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
                        torch.zeros_like(var_returns))
 
 
-def batch_wide_metrics(response_ids: Tensor, mask: Tensor, values: Tensor, returns: Tensor,
-                       rm_scores: Tensor) -> dict[str, Tensor]:
+def batch_wide_metrics(response_ids: Tensor, mask: Tensor, rm_scores: Tensor,
+                       values: Optional[Tensor] = None, returns: Optional[Tensor] = None) -> dict[str, Tensor]:
     """The metrics that are not means over rollouts or tokens, so that several processes must
-    compute them on the gathered global batch: the RM score spread, distinct-2 and explained
-    variance. (B, T) tensors and rm_scores (B,)."""
-    return {
+    compute them on the gathered global batch: the RM score spread, distinct-2 and, with a
+    critic, explained variance. (B, T) tensors and rm_scores (B,)."""
+    out = {
         "objective/rm_score_std": rm_scores.std() if rm_scores.numel() > 1 else torch.zeros(()),
         "response/distinct_2": distinct_ngrams(response_ids, mask, 2),
-        "val/explained_var": explained_variance(values, returns, mask),
     }
+    if values is not None:
+        out["val/explained_var"] = explained_variance(values, returns, mask)
+    return out
 
 
 def experience_metrics(exp: Experience, kl_coef: float,
                        wide: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
-    """objective/, response/ and val/explained_var metrics of one iteration's buffer. wide: the
+    """objective/, response/ and (with a critic) val/explained_var metrics of one iteration's
+    buffer. wide: the
     `batch_wide_metrics` to report, when they were taken over more than this buffer (the
     gathered batch of several processes); by default they are this buffer's."""
     mask = exp.mask
     kl_per_seq = exp.kl.sum(-1)
     if wide is None:
-        wide = batch_wide_metrics(exp.seqs.response_ids, mask, exp.values, exp.returns, exp.rm_scores)
-    return {
+        wide = batch_wide_metrics(exp.seqs.response_ids, mask, exp.rm_scores, exp.values, exp.returns)
+    out = {
         "objective/kl": kl_per_seq.mean(),
         "objective/kl_per_token": masked_mean(exp.kl, mask),
         "objective/rm_score": exp.rm_scores.mean(),
@@ -76,5 +79,7 @@ def experience_metrics(exp: Experience, kl_coef: float,
         "response/length": mask.sum(-1).float().mean(),
         "response/eos_rate": exp.ended.float().mean(),
         "response/distinct_2": wide["response/distinct_2"],
-        "val/explained_var": wide["val/explained_var"],
     }
+    if "val/explained_var" in wide:
+        out["val/explained_var"] = wide["val/explained_var"]
+    return out

@@ -80,28 +80,38 @@ class Sequences:
 
 @dataclass
 class Experience:
-    """The PPO buffer of one iteration: sequences plus everything scored on them."""
+    """One iteration's training batch: the sequences plus everything scored on them. The fields
+    after `kl` are what the method trains on, and a method leaves out what it has no use for
+    (built with keywords, so a missing one is None rather than a stand-in)."""
 
     seqs: Sequences  # the forward-pass inputs, (B, P+T)
     logprobs: Tensor  # (B, T) float32, log pi_old(y_t) at the sampling temperature
     ref_logprobs: Tensor  # (B, T) float32, log pi_ref(y_t) at the same temperature
-    values: Tensor  # (B, T) float32, V_old(x, y_<t) at rollout time
-    rm_scores: Tensor  # (B,) float32, calibrated RM score of each response (as judged)
-    scores: Tensor  # (B,) float32, the score paid: rm_scores, or the missing-EOS penalty
+    rm_scores: Tensor  # (B,) float32, the reward model's (and functions') score, as judged
+    scores: Tensor  # (B,) float32, the score paid: rm_scores after the method's shaping
     ended: Tensor  # (B,) bool, the response contains an EOS
     kl: Tensor  # (B, T) float32, k1 = logprobs - ref_logprobs, 0 off the response
-    rewards: Tensor  # (B, T) float32, -beta * kl, plus the score at the last response token
-    advantages: Tensor  # (B, T) float32, GAE advantages, whitened over the batch
-    returns: Tensor  # (B, T) float32, unwhitened advantages + values: the critic's target
+    rewards: Optional[Tensor] = None  # (B, T) float32, -beta * kl, plus the score at the end
+    advantages: Optional[Tensor] = None  # (B, T) float32, per-token advantages
+    values: Optional[Tensor] = None  # (B, T) float32, V_old(x, y_<t): with a critic only
+    returns: Optional[Tensor] = None  # (B, T) float32, the critic's targets: with a critic only
+    preference: Optional[Tensor] = None  # (B,) float32, +1 chosen, -1 rejected, 0 unlabelled
+    #                                      (a preference pair's two rows are next to each other)
 
     @property
     def mask(self) -> Tensor:
         return self.seqs.response_mask
 
+    @property
+    def size(self) -> int:
+        """Rollouts in the batch."""
+        return self.kl.shape[0]
+
     def rows(self, index: Tensor) -> "Experience":
         """The minibatch of the given rows (every tensor field is indexed along dim 0)."""
-        out = {f.name: getattr(self, f.name)[index] for f in fields(self) if f.name != "seqs"}
-        return Experience(seqs=self.seqs.rows(index), **out)
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "seqs"}
+        return Experience(seqs=self.seqs.rows(index),
+                          **{k: v[index] if v is not None else None for k, v in out.items()})
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:

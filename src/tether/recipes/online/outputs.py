@@ -134,5 +134,5 @@ def save_final(parts: Any, out: Path, summary: dict) -> None:
             save_value_head(actor.value_head, critic_dir, state=part(actor_sd, "value_head."))
         save_model(actor.lm, parts.tokenizer, out, merge_lora=parts.cfg.merge_lora,
                    state_dict=part(actor_sd, "lm."))
-        mark_complete(out, stage_name(parts.cfg), {**summary, "critic": parts.cfg.critic})
+        mark_complete(out, stage_name(parts.cfg), {**summary, "critic": parts.critic_kind})
     acc.wait_for_everyone()

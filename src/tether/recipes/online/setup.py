@@ -1,6 +1,6 @@
-"""Build everything one online iteration needs (`PPOParts`: PPO's, or the critic-free methods',
-which have no critic), so the loop and a benchmark can both run iterations over the same
-components."""
+"""Build everything one online iteration needs (`OnlineParts`), for any method: the method's
+`Algorithm` says which critic, KL controller and PPO-ptx data it wants. The loop and a
+benchmark can both run iterations over the same components."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tether.models.load import (apply_lora, check_positions, count_parameters, d
                                 fit_default_length, load_causal_lm, load_tokenizer)
 from tether.models.reward import load_reward_model
 from tether.ops.advantages import kl_penalised_rewards
-from tether.ops.kl import AdaptiveKLController, FixedKLController
+from tether.recipes.online.algorithm import Algorithm, CriticKind, KLController, load_algorithm
 from tether.recipes.online.data import PromptSet, PtxData, load_prompts
 from tether.rollout.generate import Generator, SamplingParams, left_pad, make_generator
 from tether.rollout.health import HealthMonitor, ReferenceProbe, check_reference_detached
@@ -32,22 +32,24 @@ PROBE_ROWS, PROBE_TOKENS = 2, 8  # the reference probe: 2 prompts x 8 tokens, a 
 
 
 @dataclass
-class PPOParts:
-    """The components of a PPO run. `actor`, `critic` and the optimizers are the trainable,
+class OnlineParts:
+    """The components of an online run. `actor`, `critic` and the optimizers are the trainable,
     checkpointed ones; the reference and the reward model are frozen and rebuilt from their
     sources on resume."""
 
     cfg: OnlineConfig
+    algorithm: Algorithm  # the method's own steps
     accelerator: Any
     tokenizer: Any
     actor: Actor  # the policy (and with --critic head its value head), as prepared by accelerate
     critic: Optional[Critic]  # the separate critic; None with --critic head and without a critic
+    critic_kind: CriticKind
     optimizers: list  # [policy] or [policy, critic]
     schedulers: list  # one per optimizer, or empty for constant learning rates without warmup
     reference: Reference
     reward: RewardSources
     generator: Generator
-    kl_ctl: Any  # FixedKLController or AdaptiveKLController
+    kl_ctl: KLController
     prompts: PromptSet
     order: GlobalBatches  # which prompts iteration i uses
     eos_token_ids: tuple[int, ...]
@@ -113,8 +115,9 @@ class PPOParts:
 
 
 def stage_name(cfg: OnlineConfig) -> str:
-    """ppo, grpo or rloo: the stage a config belongs to, for logs and completion markers."""
-    return type(cfg).__name__.removesuffix("Config").lower()
+    """ppo, grpo, rloo, online-dpo: the stage a config belongs to, for logs and completion
+    markers."""
+    return cfg.stage
 
 
 def freeze(model: Any) -> Any:
@@ -150,7 +153,8 @@ def load_policy_and_reference(cfg: OnlineConfig, dtype: torch.dtype,
 
 
 def load_reward_side(cfg: OnlineConfig, tokenizer: Any, dtype: torch.dtype, eos_ids: tuple[int, ...],
-                     place: Callable[[Any], Any] = unchanged) -> tuple[RewardSources, Optional[Critic]]:
+                     critic: CriticKind, place: Callable[[Any], Any] = unchanged
+                     ) -> tuple[RewardSources, Optional[Critic]]:
     """The rewards (the frozen RM, its calibration bias included in its scores, and/or the
     --reward-fn functions) and, with --critic separate, a trainable critic initialised from
     the RM. place: as in `load_policy_and_reference`."""
@@ -167,13 +171,13 @@ def load_reward_side(cfg: OnlineConfig, tokenizer: Any, dtype: torch.dtype, eos_
         rm_tokenizer = None
     if rm_tokenizer is not None:
         log.info("reward model has its own tokenizer: responses are re-tokenised for it")
-        if cfg.critic == "separate":
+        if critic == "separate":
             raise ConfigError("--critic separate initialises the critic from the reward model, which "
                               "needs the policy's tokenizer; this RM has another. Use --critic head.")
     scorer = RewardSources(RewardScorer(rm, eos_ids, tokenizer.pad_token_id, tokenizer, rm_tokenizer,
                                         max_length=cfg.max_prompt_length + cfg.response_length),
                            functions, tokenizer, eos_ids)
-    if cfg.critic != "separate":  # a value head on the policy, or no critic at all
+    if critic != "separate":  # a value head on the policy, or no critic at all
         return scorer, None
     critic_model = load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code, tokenizer.pad_token_id)
     disable_dropout(critic_model)
@@ -220,9 +224,11 @@ def probe_rollout(prompts: PromptSet, pad_token_id: int, device: Any) -> Rollout
     return Rollout(ids, mask, response, ones, torch.zeros(len(rows), dtype=torch.bool, device=device))
 
 
-def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
-    """Load and prepare every component of a PPO run (nothing is trained or written here)."""
+def build(cfg: OnlineConfig, accelerator: Any = None) -> OnlineParts:
+    """Load and prepare every component of an online run (nothing is trained or written here)."""
     cfg.validate()  # also when the config was built in Python rather than by the CLI
+    algorithm = load_algorithm(cfg)
+    critic_kind = algorithm.critic()
     accelerator = accelerator or make_accelerator(cfg.seed)
     device, dtype = accelerator.device, resolve_dtype(cfg.dtype)
     # 1. tokenizer and prompts
@@ -241,17 +247,17 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
         place = lambda model: place_on(model, accelerator, True)  # noqa: E731
     lm, reference = load_policy_and_reference(cfg, dtype, place)
     eos_ids = tuple(eos_token_ids(tokenizer, lm))
-    reward, critic = load_reward_side(cfg, tokenizer, dtype, eos_ids, place)
+    reward, critic = load_reward_side(cfg, tokenizer, dtype, eos_ids, critic_kind, place)
     check_lengths(cfg, prompts, eval_prompts, [(f"the policy {cfg.policy}", lm),
                                                ("the reference", reference.model),
                                                ("the reward model", reward.model),
                                                ("the critic", critic.model if critic is not None else None)])
     # Train mode only switches on gradient checkpointing: every dropout is already 0.
-    actor = Actor(lm, new_value_head(lm) if cfg.critic == "head" else None).train()
+    actor = Actor(lm, new_value_head(lm) if critic_kind == "head" else None).train()
     if critic is not None:
         critic.train()
     log.info("%s: policy %s (%.2fM parameters), critic %s, %d prompts", stage_name(cfg), cfg.policy,
-             count_parameters(lm) / 1e6, cfg.critic, len(prompts.ids))
+             count_parameters(lm) / 1e6, critic_kind, len(prompts.ids))
     for frozen in {id(m): m for m in (reference.model, reward.model) if m is not None}.values():
         frozen.to(device)
     # 3. optimizers; accelerate prepares (and checkpoints) only the trainable side. Under --fsdp
@@ -267,12 +273,11 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     if cfg.lr_scheduler != "constant" or cfg.warmup_ratio > 0:
         schedulers = [make_scheduler(o, cfg.lr_scheduler, cfg.warmup_ratio, cfg.optimizer_steps)
                       for o in optimizers]
-    if cfg.fsdp:
-        pass
-    elif critic is None:
-        actor, optimizers[0] = accelerator.prepare(actor, optimizers[0])
-    else:
-        actor, critic, optimizers[0], optimizers[1] = accelerator.prepare(actor, critic, *optimizers)
+    if not cfg.fsdp:  # (under --fsdp every model was sharded as it was loaded)
+        if critic is None:
+            actor, optimizers[0] = accelerator.prepare(actor, optimizers[0])
+        else:
+            actor, critic, optimizers[0], optimizers[1] = accelerator.prepare(actor, critic, *optimizers)
     # 4. generation, KL control, health probe, PPO-ptx
     params = SamplingParams(cfg.response_length, cfg.temperature, cfg.top_k, cfg.top_p,
                             () if cfg.ignore_eos else eos_ids, tokenizer.pad_token_id,
@@ -287,9 +292,7 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
                       max_rows=cfg.rollouts)
     generator = make_generator(cfg.generation_backend, accelerator.unwrap_model(actor).lm, params,
                                gather=cfg.fsdp and cfg.fsdp_sampling == "gathered", engine=engine)
-    kl_target = getattr(cfg, "kl_target", None)  # adaptive beta: PPO's option
-    kl_ctl = (AdaptiveKLController(cfg.kl_coef, kl_target, cfg.kl_horizon)
-              if kl_target is not None else FixedKLController(cfg.kl_coef))
+    kl_ctl = algorithm.kl_controller()
     probe = ReferenceProbe(probe_rollout(prompts, tokenizer.pad_token_id, device).sequences(),
                            cfg.temperature)
     probe.check(reference)  # records the baseline before any update
@@ -297,13 +300,16 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> PPOParts:
     issue = check_reference_detached(reference, trainable)
     if issue is not None:
         raise ConfigError(issue.message)
-    ptx = (PtxData(cfg.ptx_data, tokenizer, cfg.max_prompt_length + cfg.response_length,
+    ptx_source = algorithm.ptx_source()
+    ptx = (PtxData(ptx_source, tokenizer, cfg.max_prompt_length + cfg.response_length,
                    cfg.minibatch, cfg.seed, accelerator.num_processes, accelerator.process_index)
-           if getattr(cfg, "ptx_data", None) else None)
+           if ptx_source else None)
     if ptx is not None:
         check_positions(lm, max((len(r) for r in ptx.rows), default=0), "the --ptx-data rows (cut to "
                         "--max-prompt-length plus --response-length)", "lower --max-prompt-length", cfg.policy)
     order = GlobalBatches(len(prompts.ids), cfg.batch_size, 1, accelerator.num_processes, cfg.seed)
-    return PPOParts(cfg, accelerator, tokenizer, actor, critic, optimizers, schedulers, reference,
-                    reward, generator, kl_ctl, prompts, order, eos_ids, probe, eval_prompts=eval_prompts,
-                    ptx=ptx)
+    parts = OnlineParts(cfg, algorithm, accelerator, tokenizer, actor, critic, critic_kind, optimizers,
+                        schedulers, reference, reward, generator, kl_ctl, prompts, order, eos_ids, probe,
+                        eval_prompts=eval_prompts, ptx=ptx)
+    algorithm.setup(parts)
+    return parts

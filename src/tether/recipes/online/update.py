@@ -1,6 +1,5 @@
-"""The online loop's policy-side passes: old logprobs (and PPO's values), and the clipped update
-over minibatches, with PPO's policy and value losses or the critic-free loss
-(`losses/policy_gradient.py`) as the config says.
+"""The online loop's policy-side passes: old logprobs (and PPO's values), and the update over
+minibatches and micro-batches, with the running method's loss (its `Algorithm.loss`).
 
 With one minibatch (the default), the first epoch's forward pass runs BEFORE the advantages
 are computed: its detached logprobs and values are pi_old and V_old (the weights have not moved
@@ -15,13 +14,11 @@ import math
 from collections import defaultdict
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import Tensor
 
-from tether.losses.policy_gradient import clipped_policy_loss
-from tether.losses.ppo import policy_loss, value_loss
 from tether.losses.sft import sft_loss
 from tether.ops.logprobs import token_logprobs_and_entropy
 from tether.ops.masking import masked_mean
@@ -30,17 +27,20 @@ from tether.rollout.types import Experience, Sequences
 from tether.training.fsdp import plain
 from tether.training.runtime import any_process, check_step_finite
 
+if TYPE_CHECKING:
+    from tether.recipes.online.setup import OnlineParts
+
 
 @dataclass
 class PolicyOutput:
     """One forward of the policy (and critic) over a batch of sequences."""
 
     logprobs: Tensor  # (B, T) float32, log pi_theta(y_t) at the sampling temperature
-    values: Tensor  # (B, T) float32, V(x, y_<t)
+    values: Optional[Tensor]  # (B, T) float32, V(x, y_<t); None without a critic
     entropy: Optional[Tensor] = None  # (B, T) float32 without gradient, when asked for
 
 
-def forward_policy(parts: Any, seqs: Sequences, entropy: bool = False) -> PolicyOutput:
+def forward_policy(parts: "OnlineParts", seqs: Sequences, entropy: bool = False) -> PolicyOutput:
     """Policy logprobs (response positions only) and values: with --critic head one trunk pass
     gives both; with a separate critic, the critic runs its own pass. entropy: also the
     policy's entropy at each response position, from the same log_softmax pass."""
@@ -60,43 +60,49 @@ def mean_entropy(out: PolicyOutput, mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def score_old_policy(parts: Any, seqs: Sequences, chunk: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """(logprobs (B, T), values (B, T), mean entropy 0-dim) under the current weights, without
+def score_old_policy(parts: "OnlineParts", seqs: Sequences,
+                     chunk: int = 0) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """(logprobs (B, T), values (B, T) or None without a critic, mean entropy 0-dim) under the current weights, without
     gradients: the scoring pass needed when the update has several minibatches."""
     logprobs, values, entropy_sum, tokens = [], [], 0.0, 0.0
     for rows in row_chunks(seqs.input_ids.shape[0], chunk):
         part = seqs.rows(torch.arange(seqs.input_ids.shape[0])[rows])
         out = forward_policy(parts, part, entropy=True)
         logprobs.append(out.logprobs)
-        values.append(out.values if out.values is not None else torch.zeros_like(out.logprobs))
+        values.append(out.values)
         n = part.response_mask.sum()
         entropy_sum = entropy_sum + mean_entropy(out, part.response_mask) * n
         tokens = tokens + n
-    return torch.cat(logprobs), torch.cat(values), entropy_sum / max(float(tokens), 1.0)
+    values = torch.cat(values) if values[0] is not None else None
+    return torch.cat(logprobs), values, entropy_sum / max(float(tokens), 1.0)
 
 
-def minibatch_order(batch_size: int, minibatch: int, seed: int, step: int, epoch: int) -> list[Tensor]:
-    """Row indices of each minibatch of one epoch: a fresh permutation decided by the seed alone."""
+def minibatch_order(batch_size: int, minibatch: int, seed: int, step: int, epoch: int,
+                    unit: int = 1) -> list[Tensor]:
+    """Row indices of each minibatch of one epoch: a fresh permutation decided by the seed alone.
+    unit > 1: blocks of `unit` neighbouring rows (a preference pair) are permuted as wholes."""
     if minibatch >= batch_size:
         return [torch.arange(batch_size)]
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 1_009 + epoch)
-    order = torch.randperm(batch_size, generator=gen)
+    order = torch.randperm(batch_size // unit, generator=gen)
+    if unit > 1:
+        order = (order[:, None] * unit + torch.arange(unit)).flatten()
     return list(order.split(minibatch))
 
 
-def ppo_update(parts: Any, exp: Experience, step: int,
-               first: Optional[PolicyOutput] = None) -> dict[str, Tensor]:
+def update(parts: "OnlineParts", exp: Experience, step: int,
+           first: Optional[PolicyOutput] = None) -> dict[str, Tensor]:
     """--ppo-epochs passes over the buffer, one optimizer step per minibatch.
 
     first: the forward already run on the whole batch (one minibatch only); it serves as the
     first epoch's forward. Returns the mean of each statistic over all minibatch steps.
     """
-    cfg = parts.cfg
-    B = exp.rewards.shape[0]
+    cfg, unit = parts.cfg, parts.algorithm.unit
+    B = exp.size
     stats: dict[str, list[Tensor]] = defaultdict(list)
     per_epoch = max(1, B // cfg.minibatch)
     for epoch in range(cfg.ppo_epochs):
-        for k, rows in enumerate(minibatch_order(B, cfg.minibatch, cfg.seed, step, epoch)):
+        for k, rows in enumerate(minibatch_order(B, cfg.minibatch, cfg.seed, step, epoch, unit)):
             whole = rows.numel() == B
             reuse = first if (epoch == 0 and whole) else None
             ptx_index = ((step - 1) * cfg.ppo_epochs + epoch) * per_epoch + k  # never repeats
@@ -107,9 +113,9 @@ def ppo_update(parts: Any, exp: Experience, step: int,
     return {key: torch.stack(values).mean() for key, values in stats.items()}
 
 
-def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
+def minibatch_step(parts: "OnlineParts", mb: Experience, out: Optional[PolicyOutput],
                    ptx_index: int, where: str = "this minibatch") -> dict[str, Tensor]:
-    """One optimizer step on a minibatch: the clipped policy + value (+ ptx) loss, backward over
+    """One optimizer step on a minibatch: the method's loss (+ PPO-ptx's), backward over
     micro-batches of --micro-batch-size rollouts, gradient clipping, optimizer step.
 
     Each micro-batch's loss (a mean over its response tokens) is weighted by its share of the
@@ -119,29 +125,28 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
     responses weighs more, as it would in one process. Under DDP, gradients are synchronised on
     the last backward only.
     """
-    cfg = parts.cfg
-    B, world, all_reduce = mb.rewards.shape[0], parts.accelerator.num_processes, parts.all_reduce_sum()
+    cfg, algorithm = parts.cfg, parts.algorithm
+    B, world, all_reduce = mb.size, parts.accelerator.num_processes, parts.all_reduce_sum()
     micro = B if out is not None else min(cfg.micro, B)
     tokens = mb.mask.sum().clamp(min=1)
     if all_reduce is not None:  # the mean token count per process, over all processes
         tokens = all_reduce(mb.mask.sum().float()).clamp(min=1) / world
     row: dict[str, Tensor] = {}
-    by_rows = getattr(cfg, "loss_aggregation", "token_mean") != "token_mean"
-    loss_fn = _critic_free_loss if cfg.critic == "none" else _ppo_loss
+    by_rows = algorithm.mean_over == "rows"
     for start in range(0, B, micro):
         whole, last = micro >= B, start + micro >= B
         part = mb if whole else mb.rows(torch.arange(start, min(start + micro, B)))
         if whole and world == 1:
             weight = 1.0
         elif by_rows:  # a mean over responses: each micro-batch weighs by its share of them
-            weight = part.rewards.shape[0] / B
+            weight = part.size / B
         else:  # a mean over tokens: by its share of the response tokens
             weight = part.mask.sum() / tokens
         with ExitStack() as stack:
             if not last:  # accumulate locally; DDP all-reduces on the last backward
                 for _, model, _ in parts.trainables():
                     stack.enter_context(parts.accelerator.no_sync(model))
-            loss, stats = loss_fn(parts, part, out if whole else None)
+            loss, stats = algorithm.loss(parts, part, out if whole else None)
             loss = loss * weight
             if last and parts.ptx is not None:  # once per minibatch, with its last micro-batch
                 ptx_loss = _ptx_loss(parts, ptx_index)
@@ -179,29 +184,7 @@ def minibatch_step(parts: Any, mb: Experience, out: Optional[PolicyOutput],
     return row
 
 
-def _ppo_loss(parts: Any, mb: Experience, out: Optional[PolicyOutput]) -> tuple[Tensor, dict[str, Tensor]]:
-    """The clipped policy loss plus vf_coef times the clipped value loss, on `mb`'s rows."""
-    cfg = parts.cfg
-    out = out if out is not None else forward_policy(parts, mb.seqs)
-    p_loss, p_stats = policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.cliprange)
-    v_loss, v_stats = value_loss(out.values, mb.values, mb.returns, mb.mask, cfg.cliprange_value)
-    stats = {"policy/loss": p_loss.detach(), "val/loss": v_loss.detach(), **p_stats, **v_stats}
-    return p_loss + cfg.vf_coef * v_loss, stats
-
-
-def _critic_free_loss(parts: Any, mb: Experience, out: Optional[PolicyOutput]) -> tuple[Tensor, dict[str, Tensor]]:
-    """The critic-free clipped loss on `mb`'s rows (losses/policy_gradient.py), with the KL in
-    it when --kl-in loss."""
-    cfg = parts.cfg
-    out = out if out is not None else forward_policy(parts, mb.seqs)
-    beta = parts.kl_ctl.value if cfg.kl_in == "loss" else 0.0
-    loss, stats = clipped_policy_loss(out.logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.epsilon,
-                                      cfg.epsilon_high, cfg.importance_sampling, cfg.loss_aggregation,
-                                      cfg.response_length, beta, mb.ref_logprobs, cfg.kl_estimator)
-    return loss, {"policy/loss": loss.detach(), **stats}
-
-
-def _ptx_loss(parts: Any, ptx_index: int) -> Tensor:
+def _ptx_loss(parts: "OnlineParts", ptx_index: int) -> Tensor:
     """PPO-ptx: the pretraining (SFT-style) loss on the ptx batch `ptx_index`, a mean over its
     tokens. With several processes each holds its share of the batch, and its summed NLL is
     divided by the mean token count per process: DDP's average of the gradients is then that
