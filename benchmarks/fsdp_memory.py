@@ -177,7 +177,7 @@ def worker(out: Path, fsdp: bool, policy: str, rm: str, prompts: str, steps: int
     from tether.config import PPOConfig
     from tether.recipes.online.loop import run_iteration
     from tether.recipes.online.setup import build
-    from tether.training.runtime import release_freed_memory
+    from tether.training.memory import release_freed_memory
 
     cfg = PPOConfig(policy=policy, reward_model=rm, prompts=prompts, output_dir=str(out / "unused"),
                     batch_size=4, response_length=16, ppo_epochs=1, fsdp=fsdp, progress=False,

@@ -1,72 +1,18 @@
 """`tether <stage> [--config FILE.yaml] [--option value ...]`.
 
-The CLI is thin: it maps a stage name to its config dataclass and its recipe, builds and
-validates the config (YAML, then flags), and calls `run(cfg)`. Recipes are imported lazily, so
-`tether --help` stays fast.
+The CLI is thin: it looks the stage name up in the stage registry (`tether.stages`) for its
+config dataclass and its recipe, builds and validates the config (YAML, then flags), and calls
+the recipe on it. Recipes are imported lazily, so `tether --help` stays fast.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
-from dataclasses import dataclass
 from typing import Optional
 
 from tether.errors import Interrupted, TetherError
-
-
-@dataclass(frozen=True)
-class Stage:
-    config: str  # "module:Class"
-    recipe: str  # "module:function" taking the config
-    summary: str
-    positional: Optional[str] = None  # field filled by a bare first argument (`tether run FILE`)
-
-
-STAGES: dict[str, Stage] = {
-    "demo": Stage("tether.recipes.demo:DemoConfig", "tether.recipes.demo:run",
-                  "The whole pipeline in the built-in synthetic world (CPU, no downloads, ~10 min)."),
-    "sft": Stage("tether.config:SFTConfig", "tether.recipes.sft:run",
-                 "Supervised fine-tuning on demonstrations (loss on responses only)."),
-    "rm": Stage("tether.config:RMConfig", "tether.recipes.rm:run",
-                "Reward model: pairwise / K-wise ranking loss on the SFT model, then calibration."),
-    "score": Stage("tether.config:ScoreConfig", "tether.recipes.score:run",
-                   "Score responses (or preference pairs/rankings) with a reward model -> JSONL."),
-    "ppo": Stage("tether.config:PPOConfig", "tether.recipes.online.loop:run",
-                 "PPO against a reward model, with a per-token KL penalty to the SFT model."),
-    "grpo": Stage("tether.config:GRPOConfig", "tether.recipes.online.loop:run",
-                  "GRPO and variants: G responses per prompt, group advantages, no critic."),
-    "rloo": Stage("tether.config:RLOOConfig", "tether.recipes.online.loop:run",
-                  "RLOO: k responses per prompt, each against the mean of the others."),
-    "pretrain": Stage("tether.recipes.world:PretrainConfig", "tether.recipes.world:run_pretrain",
-                      "Pretrain the built-in world's tiny Llama from scratch (no downloads)."),
-    "world export": Stage("tether.recipes.world:WorldExportConfig", "tether.recipes.world:run_export",
-                          "Write the built-in world's data sets as JSONL in the stages' formats."),
-    "dpo": Stage("tether.config:DPOConfig", "tether.recipes.dpo:run",
-                 "Direct preference optimisation on pairs or rankings against the SFT reference."),
-    "bon": Stage("tether.config:BoNConfig", "tether.recipes.bon:run",
-                 "Best-of-N: sample N responses per prompt, keep the one the reward model likes best."),
-    "eval": Stage("tether.config:EvalConfig", "tether.recipes.evaluate:run",
-                  "Win rate of policy A vs B (gold judge or RM, 95% CI), KL to a reference, length, distinct-n."),
-    "label": Stage("tether.config:LabelConfig", "tether.recipes.label:run",
-                   "A local web page to rank responses (preference labels) or compare two policies."),
-    "judge": Stage("tether.config:JudgeConfig", "tether.recipes.judge:run",
-                   "Label comparisons with an LM judge, a reward model or a function (RLAIF)."),
-    "iterate": Stage("tether.config:IterateConfig", "tether.recipes.iterate:run",
-                     "Iterated RLHF: rounds of sampling, labelling, RM retraining and PPO."),
-    "report": Stage("tether.report.html:ReportConfig", "tether.report.html:run",
-                    "Write PNG plots and a self-contained report.html for a run directory.",
-                    positional="run_dir"),
-    "run": Stage("tether.recipes.pipeline:PipelineConfig", "tether.recipes.pipeline:run",
-                 "Run a pipeline YAML (e.g. sft -> rm -> ppo); reruns skip finished stages.",
-                 positional="pipeline"),
-}
-
-
-def _resolve(ref: str):
-    module, _, name = ref.partition(":")
-    return getattr(importlib.import_module(module), name)
+from tether.stages import STAGES, config_class, recipe
 
 
 def _usage() -> str:
@@ -161,7 +107,7 @@ def _main(argv: list[str]) -> int:
     stage = STAGES[name]
     if stage.positional and rest and not rest[0].startswith("-"):
         rest = ["--" + stage.positional, rest[0], *rest[1:]]
-    config_cls = _resolve(stage.config)
+    config_cls = config_class(name)
     if any(a in {"-h", "--help"} for a in rest):
         from tether.config import config_help
 
@@ -171,7 +117,7 @@ def _main(argv: list[str]) -> int:
         from tether.config import load_config
 
         cfg = load_config(config_cls, rest)
-        _resolve(stage.recipe)(cfg)
+        recipe(name)(cfg)
     except TetherError as err:
         from tether.training.rundir import abandon_failed_starts
 

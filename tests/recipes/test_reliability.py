@@ -437,10 +437,10 @@ def test_a_launch_tether_would_not_run_as_asked_is_refused(env, says, gpu, world
     """accelerate's FSDP plugin and DeepSpeed are refused before anything is written, saying
     what to launch instead: on CPUs `accelerate launch --use_fsdp --num_processes 2` starts
     processes that each think they are alone; on GPUs tether shards with FSDP2 itself."""
-    from tether.training import runtime
+    from tether.training import launch
 
     monkeypatch.setenv(env, "true")
-    monkeypatch.setattr(runtime, "_has_accelerator_device", lambda: gpu)
+    monkeypatch.setattr(launch, "_has_accelerator_device", lambda: gpu)
     out = tmp_path / "run"
     err = expect(capsys, world, stage_args(world, "sft", out), 2, "--multi_gpu --num_processes N")
     assert says in err

@@ -2,7 +2,7 @@
 
 import torch
 
-from tether.training.runtime import adamw
+from tether.training.optim import adamw
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from tether.errors import DataError
 
@@ -238,8 +238,3 @@ def split_holdout(ds: Any, fraction: float, seed: int) -> tuple[Any, Any]:
     n_eval = max(1, int(round(len(ds) * fraction)))
     parts = ds.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
     return parts["train"], parts["test"]
-
-
-def iter_rows(ds: Any) -> Iterable[dict]:
-    for i in range(len(ds)):
-        yield ds[i]

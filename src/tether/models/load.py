@@ -156,10 +156,6 @@ def apply_lora(model: Any, r: int, alpha: int, dropout: float, target_modules: s
     return model
 
 
-def is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config")
-
-
 def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from tether.training.checkpoint import require_finite_weights
 from tether.training.files import atomic_write_json, move_files_into
 
 COMPLETE_MARKER = "tether_run.json"
@@ -26,8 +27,6 @@ def save_model(model: Any, tokenizer: Any, output_dir: str | Path, merge_lora: b
     Weights that are not finite are refused before anything is written. `state_dict`: the
     weights to write instead of the model's own (an --fsdp model's, gathered).
     """
-    from tether.training.checkpoint import require_finite_weights
-
     out = Path(output_dir)
     if state_dict is None:
         require_finite_weights(model, f"the model into {out}", out)

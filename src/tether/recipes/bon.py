@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from pathlib import Path
 
 from tether.config import BoNConfig
 from tether.data.io import load_rows, require_columns
@@ -21,7 +20,8 @@ from tether.models.reward import load_reward_model, score_texts
 from tether.models.save import mark_complete
 from tether.training.files import write_jsonl
 from tether.training.fsdp import place
-from tether.training.runtime import resolve_dtype, start_run
+from tether.training.launch import resolve_dtype
+from tether.training.run import start_run
 
 log = logging.getLogger("tether")
 

@@ -12,7 +12,8 @@
 10. summary.json and the report
 
 Every stage goes through the same data path and code a user's run does (JSONL files, the stage
-configs, the recipes). A rerun skips finished stages and resumes an unfinished one.
+configs, the recipes looked up in the stage registry). A rerun skips finished stages and resumes
+an unfinished one (`tether.training.rundir.skip_or_resume`, as `tether run` does).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import Any, Callable
 
 from tether.config import (BoNConfig, DPOConfig, EvalConfig, GRPOConfig, PPOConfig, RLOOConfig,
                            RMConfig, RunConfig, SFTConfig)
-from tether.models.save import is_complete
+from tether.stages import run_stage
 from tether.training.files import atomic_write_json
+from tether.training.rundir import prepare_rerun, skip_or_resume
 
 log = logging.getLogger("tether")
 
@@ -103,8 +105,8 @@ class Timer:
         self.seconds: dict[str, float] = {}
 
     def run(self, name: str, out: Path, fn: Callable[[], Any], note: str = "") -> None:
-        """Run a stage unless its output is complete; `note` is logged when it does run."""
-        if is_complete(out):
+        """Run a step unless its output is complete; `note` is logged when it does run."""
+        if skip_or_resume(out) == "skip":
             log.info("demo: %s already complete in %s, skipping", name, out)
             return
         t0 = time.perf_counter()
@@ -113,6 +115,12 @@ class Timer:
             log.info("demo: %s", note)
         fn()
         self.seconds[name] = round(time.perf_counter() - t0, 1)
+
+    def stage(self, name: str, stage: str, cfg: Any, note: str = "") -> None:
+        """Run tether stage `stage` on `cfg` as the demo's step `name`, under the rerun rule:
+        skipped when its output is complete, resumed when it holds checkpoints."""
+        _, cfg = prepare_rerun(cfg)
+        self.run(name, Path(cfg.output_dir), lambda: run_stage(stage, cfg), note)
 
 
 # The RM's data are samples as the SFT model writes them at the demo's temperature (the policy
@@ -182,10 +190,8 @@ def make_preferences(sft_dir: Path, out: Path, sizes: Sizes, seed: int, temperat
 
 def run(cfg: DemoConfig) -> dict:
     """Run every stage (skipping finished ones), then write summary.json and the report."""
-    from tether.recipes import bon, dpo, rm, sft, world
-    from tether.recipes.online import loop as ppo
-    from tether.training.checkpoint import latest_checkpoint
-    from tether.training.runtime import setup_logging
+    from tether.recipes.world import PretrainConfig
+    from tether.training.launch import setup_logging
 
     setup_logging()
     t_start = time.perf_counter()
@@ -195,60 +201,58 @@ def run(cfg: DemoConfig) -> dict:
                                         "dpo", "bon", "quiz", "sft_quiz", "grpo", "rloo", "eval")}
     timer = Timer()
     common = dict(seed=seed, progress=True, tensorboard=True)
-    resume = lambda name: latest_checkpoint(d[name]) is not None  # noqa: E731  (an unfinished stage)
     # 1. the world's data
     timer.run("world", d["world"], lambda: _export(d["world"], sizes, seed))
     # 2. base model
-    timer.run("pretrain", d["base"], lambda: world.run_pretrain(world.PretrainConfig(
+    timer.stage("pretrain", "pretrain", PretrainConfig(
         output_dir=str(d["base"]), corpus_docs=sizes.corpus, steps=sizes.pretrain_steps, seed=seed,
-        batch_size=sizes.batch, resume=resume("base"))))
+        batch_size=sizes.batch))
     # 3. SFT
-    timer.run("sft", d["sft"], lambda: sft.run(SFTConfig(
+    timer.stage("sft", "sft", SFTConfig(
         model=str(d["base"]), data=str(d["world"] / "sft.jsonl"), eval_data=str(d["world"] / "sft_eval.jsonl"),
         output_dir=str(d["sft"]), max_steps=sizes.sft_steps, lr=1e-3, batch_size=sizes.batch, max_length=128,
-        resume=resume("sft"), **common)))
+        **common))
     # 4. preference rankings of SFT samples
     timer.run("pairs", d["pairs"], lambda: make_preferences(d["sft"], d["pairs"], sizes, seed, cfg.temperature))
     # 5. reward model
-    timer.run("rm", d["rm"], lambda: rm.run(RMConfig(
+    timer.stage("rm", "rm", RMConfig(
         model=str(d["sft"]), data=str(d["pairs"] / "rankings.jsonl"), eval_data=str(d["pairs"] / "pairs_eval.jsonl"),
         output_dir=str(d["rm"]), max_steps=sizes.rm_steps, lr=1e-3, batch_size=max(1, sizes.batch // 2), max_length=128,
-        calibration_data=str(d["world"] / "sft.jsonl"), resume=resume("rm"), **common)))
+        calibration_data=str(d["world"] / "sft.jsonl"), **common))
     # 6. PPO at the default beta and at beta = 0
     for name, beta, lr, steps in (("ppo", cfg.kl_coef, PPO_LR, sizes.ppo_steps),
                                   ("ppo_beta0", 0.0, cfg.beta0_lr, sizes.ppo_beta0_steps)):
-        timer.run(name, d[name], lambda name=name, beta=beta, lr=lr, steps=steps: ppo.run(PPOConfig(
+        timer.stage(name, "ppo", PPOConfig(
             policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
             output_dir=str(d[name]), max_steps=steps, batch_size=sizes.ppo_batch,
             response_length=sizes.response_length, temperature=cfg.temperature, lr=lr, kl_coef=beta,
-            value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, critic="head", gold_judge="world",
-            resume=resume(name), **common)),
+            value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, critic="head", gold_judge="world", **common),
             note=BETA0_NOTE if beta == 0.0 else "")
     # 7. DPO on the same rankings
-    timer.run("dpo", d["dpo"], lambda: dpo.run(DPOConfig(
+    timer.stage("dpo", "dpo", DPOConfig(
         model=str(d["sft"]), data=str(d["pairs"] / "rankings.jsonl"), output_dir=str(d["dpo"]),
         max_steps=sizes.dpo_steps, lr=2e-4, batch_size=sizes.batch, max_length=128, beta=0.1, kl_samples=0,
-        eval_fraction=0.0, resume=resume("dpo"), **common)))
+        eval_fraction=0.0, **common))
     # 8. best-of-N from the SFT model
-    timer.run("bon", d["bon"], lambda: bon.run(BoNConfig(
+    timer.stage("bon", "bon", BoNConfig(
         policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts_eval.jsonl"),
         output_dir=str(d["bon"]), n=sizes.bon_n, max_prompts=sizes.eval_prompts, response_length=sizes.response_length,
-        temperature=cfg.temperature, seed=seed)))
+        temperature=cfg.temperature, seed=seed))
     # 9. the verifiable quiz: SFT on demonstrations that are right 60% of the time, then GRPO and
     #    RLOO against the exact-match reward function (no reward model, no judge)
     timer.run("quiz", d["quiz"], lambda: _export_quiz(d["quiz"], sizes, seed))
-    timer.run("sft_quiz", d["sft_quiz"], lambda: sft.run(SFTConfig(
+    timer.stage("sft_quiz", "sft", SFTConfig(
         model=str(d["sft"]), data=str(d["quiz"] / "quiz_sft.jsonl"), output_dir=str(d["sft_quiz"]),
         max_steps=sizes.quiz_sft_steps, lr=5e-4, batch_size=sizes.batch, max_length=64, eval_fraction=0.0,
-        resume=resume("sft_quiz"), **common)))
+        **common))
     for name, config in (("grpo", GRPOConfig), ("rloo", RLOOConfig)):
-        timer.run(name, d[name], lambda name=name, config=config: ppo.run(config(
+        timer.stage(name, name, config(
             policy=str(d["sft_quiz"]), prompts=str(d["quiz"] / "quiz_prompts.jsonl"),
             reward_fn=["tether.world.quiz_reward:exact_match"], output_dir=str(d[name]),
             num_generations=8, batch_size=16, response_length=12, temperature=cfg.temperature,
-            lr=5e-4, max_steps=sizes.grpo_steps, resume=resume(name), **common)))
+            lr=5e-4, max_steps=sizes.grpo_steps, **common))
     # 9b. more rounds: the RM retrained on the last policy's samples, PPO from that policy
-    last_round = _more_rounds(cfg, d, root, sizes, timer, resume, common) if cfg.rounds > 1 else None
+    last_round = _more_rounds(cfg, d, root, sizes, timer, common) if cfg.rounds > 1 else None
     # 10. gold-judged evaluation of every policy against SFT
     t0 = time.perf_counter()
     results = {}
@@ -277,17 +281,15 @@ def run(cfg: DemoConfig) -> dict:
     return summary
 
 
-def _more_rounds(cfg: DemoConfig, d: dict, root: Path, sizes: Sizes, timer: Timer,
-                 resume: Callable[[str], bool], common: dict) -> Path:
+def _more_rounds(cfg: DemoConfig, d: dict, root: Path, sizes: Sizes, timer: Timer, common: dict) -> Path:
     """Rounds 2.. of iterated RLHF (tether iterate, starting from the default-beta PPO policy,
     the RM retrained from SFT on the rankings plus each round's new labels), then the beta = 0
     stress test against the last round's RM. Returns the last round's directory."""
     from tether.config import IterateConfig
-    from tether.recipes import iterate
-    from tether.recipes.online import loop as ppo
 
     d["iterate"], d["ppo_beta0_last"] = root / "iterate", root / f"ppo_beta0_round{cfg.rounds}"
-    timer.run("iterate", d["iterate"], lambda: iterate.run(IterateConfig(
+    # the directory holds rounds, not checkpoints: once it exists, iterate continues them (--resume)
+    timer.stage("iterate", "iterate", IterateConfig(
         output_dir=str(d["iterate"]), policy=str(d["ppo"]), reference=str(d["sft"]),
         prompts=str(d["world"] / "prompts.jsonl"), labels=[str(d["pairs"] / "rankings.jsonl")],
         reward_model=str(d["rm"]), rounds=cfg.rounds - 1, prompts_per_round=sizes.iterate_prompts,
@@ -296,15 +298,15 @@ def _more_rounds(cfg: DemoConfig, d: dict, root: Path, sizes: Sizes, timer: Time
         ppo_batch_size=sizes.ppo_batch, ppo_lr=PPO_LR, kl_coef=cfg.kl_coef, critic="head",
         value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, response_length=sizes.response_length,
         temperature=cfg.temperature, seed=cfg.seed, resume=d["iterate"].exists(), progress=True,
-        tensorboard=True)))
+        tensorboard=True))
     last = d["iterate"] / f"round-{cfg.rounds - 1}"
     name = "ppo_beta0_last"
-    timer.run(f"ppo_beta0_round{cfg.rounds}", d[name], lambda: ppo.run(PPOConfig(
+    timer.stage(f"ppo_beta0_round{cfg.rounds}", "ppo", PPOConfig(
         policy=str(d["sft"]), reward_model=str(last / "rm"), prompts=str(d["world"] / "prompts.jsonl"),
         output_dir=str(d[name]), max_steps=sizes.ppo_beta0_steps, batch_size=sizes.ppo_batch,
         response_length=sizes.response_length, temperature=cfg.temperature, lr=cfg.beta0_lr, kl_coef=0.0,
-        value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, critic="head", gold_judge="world",
-        resume=resume(name), **common)), note=BETA0_NOTE)
+        value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, critic="head", gold_judge="world", **common),
+        note=BETA0_NOTE)
     return last
 
 

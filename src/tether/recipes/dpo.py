@@ -1,19 +1,22 @@
-"""`tether dpo`: direct preference optimisation (SPEC, "Alternatives").
+"""`tether dpo`: direct preference optimisation (SPEC, "Alternatives") and its family.
 
-L = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))]), with
-sequence log-probabilities summed over response tokens (plus the EOS, as in SFT). It reads the
-same preference formats as `tether rm`; a K-wise group contributes each of its ranked pairs.
+--loss sigmoid (DPO): L = -log sigmoid(beta * [(log pi(y_w) - log ref(y_w)) - (log pi(y_l) -
+log ref(y_l))]), with sequence log-probabilities summed over response tokens (plus the EOS, as
+in SFT); ipo, robust, conservative and hinge change the function of that margin; simpo and orpo
+need no reference (docs/preference.md gives every formula and its paper). It reads the same
+preference formats as `tether rm`; a K-wise group contributes each of its ranked pairs.
 
 The reference is the starting model. Its log-probabilities over the training and eval pairs are
 computed once, before the first update (under LoRA: before the adapters exist, which is the
-adapter-disabled base), so no second model is held in memory while training.
+adapter-disabled base), so no second model is held in memory while training. The
+reference-free losses skip that pass, and load no reference at all.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -21,13 +24,14 @@ from tether.config import DPOConfig
 from tether.data.io import load_rows
 from tether.data.preference import load_preference_groups, read_preference_rows
 from tether.data.sft import IGNORE
-from tether.losses.dpo import dpo_loss
+from tether.losses.dpo import REFERENCE_FREE, orpo_loss, preference_loss, simpo_loss
 from tether.models.load import (apply_lora, check_positions, count_parameters, disable_dropout,
                                fit_default_length, load_causal_lm, load_tokenizer, position_limit)
 from tether.ops.logprobs import sequence_logprobs
 from tether.training.fsdp import place
+from tether.training.launch import resolve_dtype
 from tether.training.loop import LoopSpec, train_supervised
-from tether.training.runtime import finish_run, resolve_dtype, start_run
+from tether.training.run import finish_run, start_run
 
 log = logging.getLogger("tether")
 
@@ -65,9 +69,10 @@ def collate_pairs(units: Sequence[PairUnit], pad_id: int) -> dict[str, torch.Ten
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "ref_logps": ref}
 
 
-def _policy_logps(model: Any, batch: dict) -> torch.Tensor:
+def _policy_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probabilities of each row's response, its token count)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return sequence_logprobs(logits, batch["labels"])[0]
+    return sequence_logprobs(logits, batch["labels"])
 
 
 @torch.no_grad()
@@ -77,24 +82,37 @@ def fill_reference_logps(model: Any, units: Sequence[PairUnit], pad_id: int, bat
     for at in range(0, len(units), batch_size):
         chunk = units[at:at + batch_size]
         batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
-        logps = _policy_logps(model, batch).tolist()
+        logps = _policy_logps(model, batch)[0].tolist()
         for i, u in enumerate(chunk):
             u.ref_chosen, u.ref_rejected = logps[i], logps[len(chunk) + i]
     model.train()
 
 
-def make_loss_fn(beta: float):
+# the loss functions' statistics, by the names the stage logs them under
+STAT_NAMES = {"rewards/accuracy": "accuracy", "rewards/margin": "margin", "rewards/chosen": "reward_chosen",
+              "rewards/rejected": "reward_rejected", "orpo/nll": "nll", "orpo/odds_ratio_loss": "odds_ratio_loss",
+              "orpo/log_odds_ratio": "log_odds_ratio"}
+
+
+def make_loss_fn(cfg: DPOConfig):
+    """The batch's loss and statistics as sums over its pairs (what the shared loop wants; the
+    loss functions give means)."""
     def loss_fn(model: Any, batch: dict) -> tuple[torch.Tensor, dict]:
-        logps = _policy_logps(model, batch)
+        logps, counts = _policy_logps(model, batch)
         n = logps.shape[0] // 2
-        ref = batch["ref_logps"]
-        loss, stats = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta)
-        # the loop wants sums over pairs; dpo_loss gives means
-        sums = {"accuracy": stats["rewards/accuracy"] * n, "margin": stats["rewards/margin"] * n,
-                "reward_chosen": stats["rewards/chosen"] * n,
-                "reward_rejected": stats["rewards/rejected"] * n,
-                "logratio_chosen": (logps[:n] - ref[:n]).detach().sum()}
-        return loss * n, sums
+        mean = logps / counts.clamp(min=1)  # per-token: SimPO's and ORPO's length normalisation
+        extra = {}
+        if cfg.loss == "simpo":
+            loss, stats = simpo_loss(mean[:n], mean[n:], cfg.loss_beta, cfg.simpo_gamma)
+        elif cfg.loss == "orpo":
+            loss, stats = orpo_loss(-mean[:n].mean(), mean[:n], mean[n:], cfg.orpo_lambda)
+        else:
+            ref = batch["ref_logps"]
+            loss, stats = preference_loss(cfg.loss, logps[:n], logps[n:], ref[:n], ref[n:], cfg.loss_beta,
+                                          cfg.label_smoothing)
+            extra["logratio_chosen"] = (logps[:n] - ref[:n]).detach().sum()
+        sums = {STAT_NAMES.get(key, key.replace("/", "_")): value * n for key, value in stats.items()}
+        return loss * n, {**sums, **extra}
     return loss_fn
 
 
@@ -110,11 +128,13 @@ def _eval_prompts(cfg: DPOConfig, tokenizer: Any) -> tuple[list[str], bool]:
     return prompts[:cfg.kl_samples], any(r.get("chat", False) for r in rows)
 
 
-def make_kl_hook(cfg: DPOConfig, tokenizer: Any, accelerator: Any):
-    """After training: KL(policy || reference) on responses sampled from the policy (under
-    --fsdp from the sharded policy, and the reference sharded too)."""
+def make_kl_hook(cfg: Any, tokenizer: Any, accelerator: Any,
+                 eval_prompts: Callable[[], tuple[list[str], bool]], reference_free: bool = False):
+    """After training: KL(policy || reference) on responses sampled from the policy to
+    `eval_prompts()` (prompts, whether they are rendered chat templates), under --fsdp from the
+    sharded policy, and the reference sharded too. Shared by DPO and KTO."""
     def hook(model: Any) -> dict:
-        if cfg.kl_samples <= 0:
+        if cfg.kl_samples <= 0 or reference_free:  # no reference is ever loaded
             return {}
         from tether.eval.sampling import kl_to_reference, sample_responses
 
@@ -124,13 +144,25 @@ def make_kl_hook(cfg: DPOConfig, tokenizer: Any, accelerator: Any):
         place(reference, accelerator, cfg.fsdp)
         was_training = model.training
         model.eval()
-        prompts, chat = _eval_prompts(cfg, tokenizer)
+        prompts, chat = eval_prompts()
         samples = sample_responses(model, tokenizer, prompts, n=1, chat=chat,
                                    max_new_tokens=cfg.kl_response_length, seed=cfg.seed)
         kl = kl_to_reference(model, reference, tokenizer, samples)
         model.train(was_training)
         return {"eval/kl_ref": kl}
     return hook
+
+
+def fit_kl_samples(cfg: Any, model: Any) -> Any:
+    """The KL samples after training must fit a learned position table too: a default
+    --kl-response-length shrinks to half of it, a given one that does not fit is refused."""
+    table = position_limit(model)
+    if cfg.kl_samples <= 0 or table is None:
+        return cfg
+    cfg = fit_default_length(cfg, "kl_response_length", cfg.model, table[0] // 2, "the prompts", table)
+    check_positions(model, cfg.kl_response_length + 1, "the KL samples (--kl-response-length, and a "
+                    "prompt token)", "lower --kl-response-length, or set --kl-samples 0", cfg.model)
+    return cfg
 
 
 def run(cfg: DPOConfig) -> dict:
@@ -146,7 +178,8 @@ def run(cfg: DPOConfig) -> dict:
         n_eval = max(1, int(len(train) * cfg.eval_fraction))
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         held, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
-    log.info("dpo: %d train / %d eval pairs, beta %.3g", len(train), len(held), cfg.beta)
+    log.info("dpo: %d train / %d eval pairs, --loss %s, beta %.3g", len(train), len(held), cfg.loss,
+             cfg.loss_beta)
     # 3. model; the reference log-probs come from it before any update (and before LoRA)
     model = load_causal_lm(cfg.model, resolve_dtype(cfg.dtype), cfg.trust_remote_code,
                            cfg.gradient_checkpointing)
@@ -156,22 +189,21 @@ def run(cfg: DPOConfig) -> dict:
     check_positions(model, max((len(u.prompt_ids) + max(len(u.chosen_ids), len(u.rejected_ids))
                                 for u in train + held), default=0),
                     "the preference pairs", f"lower --max-length (now {cfg.max_length})", cfg.model)
-    table = position_limit(model)
-    if cfg.kl_samples > 0 and table is not None:  # the KL samples after training must fit it too
-        cfg = fit_default_length(cfg, "kl_response_length", cfg.model, table[0] // 2, "the prompts",
-                                 table)
-        check_positions(model, cfg.kl_response_length + 1, "the KL samples (--kl-response-length, and a "
-                        "prompt token)", "lower --kl-response-length, or set --kl-samples 0", cfg.model)
+    if cfg.loss not in REFERENCE_FREE:
+        cfg = fit_kl_samples(cfg, model)
     model.to(accelerator.device)
-    fill_reference_logps(model, train + held, tokenizer.pad_token_id, cfg.batch_size * 2)
+    if cfg.loss not in REFERENCE_FREE:
+        fill_reference_logps(model, train + held, tokenizer.pad_token_id, cfg.batch_size * 2)
     if cfg.lora_r > 0:
         model = apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     log.info("model: %s, %.2fM parameters", cfg.model, count_parameters(model) / 1e6)
     # 4. the shared loop
     pad = tokenizer.pad_token_id
     spec = LoopSpec("dpo", model, train, held or None, lambda units: collate_pairs(units, pad),
-                    make_loss_fn(cfg.beta), lambda batch: batch["input_ids"].shape[0] / 2,
-                    eval_hook=make_kl_hook(cfg, tokenizer, accelerator), bar_keys=("loss", "accuracy"))
+                    make_loss_fn(cfg), lambda batch: batch["input_ids"].shape[0] / 2,
+                    eval_hook=make_kl_hook(cfg, tokenizer, accelerator, lambda: _eval_prompts(cfg, tokenizer),
+                                           reference_free=cfg.loss in REFERENCE_FREE),
+                    bar_keys=("loss", "accuracy"))
     result = train_supervised(cfg, accelerator, spec)
     # 5. the output directory becomes the final policy
     summary = {"steps": result.step, "train_seconds": round(result.train_seconds, 2), **result.final_eval}

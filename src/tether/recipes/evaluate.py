@@ -18,7 +18,7 @@ from tether.eval.sampling import Spread
 from tether.eval.stats import distinct_n, win_rate
 from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
 from tether.training.files import atomic_write_json, write_jsonl
-from tether.training.runtime import make_accelerator, resolve_dtype, setup_logging
+from tether.training.launch import make_accelerator, resolve_dtype, setup_logging
 
 log = logging.getLogger("tether")
 

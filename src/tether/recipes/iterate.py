@@ -17,7 +17,8 @@ Each round N, under output_dir/round-N/:
                        --reference (the SFT model) in every round
 
 Every step leaves a completion marker, so a rerun with --resume skips finished steps and resumes
-an unfinished RM or PPO run from its checkpoint. round-N/round.json and output_dir/iterate.json
+an unfinished RM or PPO run from its checkpoint (`tether.training.rundir.skip_or_resume`, the rule
+`tether run` and `tether demo` follow too). round-N/round.json and output_dir/iterate.json
 hold the figures.
 """
 
@@ -34,8 +35,10 @@ from tether.config import IterateConfig, PPOConfig, RMConfig
 from tether.errors import ConfigError
 from tether.feedback.items import Item, read_items
 from tether.feedback.labels import LabelFile, make_record
-from tether.models.save import is_complete, mark_complete
+from tether.models.save import mark_complete
+from tether.stages import run_stage
 from tether.training.files import atomic_write_json, write_jsonl
+from tether.training.rundir import prepare_rerun, skip_or_resume
 
 log = logging.getLogger("tether")
 
@@ -206,8 +209,6 @@ def pair_accuracy(rm_dir: str, rows: Sequence[dict], max_length: int, gold: bool
 
 def train_round_rm(cfg: IterateConfig, root: Path, n: int, reference: str, previous_rm: Optional[str]) -> dict:
     from tether.models.load import load_tokenizer
-    from tether.recipes import rm
-    from tether.training.checkpoint import latest_checkpoint
 
     rdir = root / f"round-{n}"
     tok = load_tokenizer(reference, cfg.trust_remote_code)
@@ -216,16 +217,17 @@ def train_round_rm(cfg: IterateConfig, root: Path, n: int, reference: str, previ
         data += round_labels(root / f"round-{m}", cfg.heldout_fraction)[0]
     held = round_labels(rdir, cfg.heldout_fraction)[1]  # this round's: the policy's newest samples
     out = rdir / "rm"
-    if not is_complete(out):  # (a finished RM keeps the data it was trained on as it is)
+    action, rm_cfg = prepare_rerun(RMConfig(
+        model=reference, data=str(rdir / "rm_data.jsonl"),
+        eval_data=str(rdir / "rm_heldout.jsonl") if held else None, output_dir=str(out),
+        max_steps=cfg.rm_steps, lr=cfg.rm_lr, batch_size=cfg.rm_batch_size, max_length=cfg.max_length,
+        seed=cfg.seed + n, progress=cfg.progress, tensorboard=cfg.tensorboard,
+        trust_remote_code=cfg.trust_remote_code))
+    if action != "skip":  # (a finished RM keeps the data it was trained on as it is)
         write_jsonl(rdir / "rm_data.jsonl", data)
         if held:
             write_jsonl(rdir / "rm_heldout.jsonl", held)
-        rm.run(RMConfig(model=reference, data=str(rdir / "rm_data.jsonl"),
-                        eval_data=str(rdir / "rm_heldout.jsonl") if held else None,
-                        output_dir=str(out), max_steps=cfg.rm_steps, lr=cfg.rm_lr,
-                        batch_size=cfg.rm_batch_size, max_length=cfg.max_length, seed=cfg.seed + n,
-                        progress=cfg.progress, tensorboard=cfg.tensorboard,
-                        trust_remote_code=cfg.trust_remote_code, resume=latest_checkpoint(out) is not None))
+        run_stage("rm", rm_cfg)
     figures = {"rm_train_rows": len(data), "rm_heldout_rows": len(held)}
     gold = cfg.gold_judge == "world"
     for name, rm_dir in (("before", previous_rm), ("after", str(out))):
@@ -240,21 +242,16 @@ def train_round_rm(cfg: IterateConfig, root: Path, n: int, reference: str, previ
 
 
 def run_round_ppo(cfg: IterateConfig, rdir: Path, n: int, policy: str, reference: str) -> None:
-    from tether.recipes.online import loop as ppo
-    from tether.training.checkpoint import latest_checkpoint
-
-    out = rdir / "ppo"
-    if is_complete(out):
-        return
-    ppo.run(PPOConfig(policy=policy, reference=reference if reference != policy else None,
-                      reward_model=str(rdir / "rm"), prompts=cfg.prompts, output_dir=str(out),
-                      max_steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size,
-                      response_length=cfg.response_length, temperature=cfg.temperature,
-                      lr=cfg.ppo_lr, kl_coef=cfg.kl_coef, critic=cfg.critic, value_lr=cfg.value_lr,
-                      vf_coef=cfg.vf_coef, gold_judge=cfg.gold_judge, seed=cfg.seed + n,
-                      generation_backend=cfg.generation_backend,
-                      progress=cfg.progress, tensorboard=cfg.tensorboard,
-                      trust_remote_code=cfg.trust_remote_code, resume=latest_checkpoint(out) is not None))
+    action, ppo_cfg = prepare_rerun(PPOConfig(
+        policy=policy, reference=reference if reference != policy else None,
+        reward_model=str(rdir / "rm"), prompts=cfg.prompts, output_dir=str(rdir / "ppo"),
+        max_steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size, response_length=cfg.response_length,
+        temperature=cfg.temperature, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef, critic=cfg.critic,
+        value_lr=cfg.value_lr, vf_coef=cfg.vf_coef, gold_judge=cfg.gold_judge, seed=cfg.seed + n,
+        generation_backend=cfg.generation_backend, progress=cfg.progress, tensorboard=cfg.tensorboard,
+        trust_remote_code=cfg.trust_remote_code))
+    if action != "skip":
+        run_stage("ppo", ppo_cfg)
 
 
 # ----------------------------------------------------------------------------- the rounds
@@ -284,7 +281,7 @@ def _claim(cfg: IterateConfig) -> Path:
 
 def run(cfg: IterateConfig) -> dict:
     from tether.recipes.bon import read_prompts
-    from tether.training.runtime import setup_logging
+    from tether.training.launch import setup_logging
 
     setup_logging()
     if cfg.generation_backend == "vllm":  # refused before the run directory is claimed
@@ -299,7 +296,7 @@ def run(cfg: IterateConfig) -> dict:
     for n in range(1, cfg.rounds + 1):
         rdir = root / f"round-{n}"
         rdir.mkdir(exist_ok=True)
-        if (rdir / "round.json").exists() and is_complete(rdir / "ppo"):
+        if (rdir / "round.json").exists() and skip_or_resume(rdir / "ppo") == "skip":  # a finished round
             figures.append(json.loads((rdir / "round.json").read_text()))
             policy, previous_rm = str(rdir / "ppo"), str(rdir / "rm")
             continue

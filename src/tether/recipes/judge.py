@@ -24,8 +24,8 @@ from tether.feedback.judge import (DEFAULT_TEMPLATE, FunctionJudge, LMJudge, Out
 from tether.config import JudgeConfig
 from tether.feedback.labels import LabelFile, agreement_with_given, make_record, read_appended
 from tether.training.files import atomic_write_json
+from tether.training.launch import resolve_dtype, setup_logging
 from tether.training.progress import Progress
-from tether.training.runtime import resolve_dtype, setup_logging
 
 log = logging.getLogger("tether")
 

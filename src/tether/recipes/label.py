@@ -11,7 +11,7 @@ from tether.config import LabelConfig
 from tether.errors import ConfigError
 from tether.feedback.items import read_items
 from tether.feedback.labels import LabelFile, summary
-from tether.training.runtime import setup_logging
+from tether.training.launch import setup_logging
 
 log = logging.getLogger("tether")
 

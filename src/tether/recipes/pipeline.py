@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tether.config import from_dict, normalise_key, read_yaml
 from tether.errors import ConfigError
-from tether.models.save import is_complete
-from tether.training.checkpoint import latest_checkpoint
+from tether.stages import STAGES, config_class, run_stage
+from tether.training.rundir import prepare_rerun
 
 log = logging.getLogger("tether")
 _REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\}")
@@ -63,8 +63,6 @@ class PlannedStage:
 
 def plan(path: str) -> list[PlannedStage]:
     """Parse and validate the whole pipeline; raises ConfigError naming the bad stage."""
-    from tether.cli import STAGES, _resolve
-
     spec = read_yaml(path)
     unknown = set(spec) - {"output_dir", "stages"}
     if unknown:
@@ -89,7 +87,7 @@ def plan(path: str) -> list[PlannedStage]:
         values = {k: _substitute(v, outputs, where) for k, v in raw.items()}
         values.setdefault("output_dir", str(root / name))
         try:
-            cfg = from_dict(_resolve(STAGES[stage].config), values)
+            cfg = from_dict(config_class(stage), values)
         except ConfigError as err:
             raise ConfigError(f"{where}: {err}") from None
         outputs[name] = str(values["output_dir"])
@@ -112,28 +110,27 @@ def _substitute(value: Any, outputs: dict[str, str], where: str) -> Any:
 
 
 def run(cfg: PipelineConfig) -> list[dict]:
-    """Run every planned stage in order, skipping finished ones and resuming unfinished ones."""
-    from tether.cli import STAGES, _resolve
-    from tether.training.runtime import setup_logging
+    """Run every planned stage in order, skipping finished ones and resuming unfinished ones
+    (the rerun rule of `tether.training.rundir.skip_or_resume`)."""
+    from tether.training.launch import setup_logging  # torch: not imported for `tether run --help`
 
     setup_logging()
     stages = plan(cfg.pipeline)
     report = []
     for planned in stages:
         out = getattr(planned.config, "output_dir", "")
-        if out and is_complete(out):
+        action, config = prepare_rerun(planned.config)
+        if action == "skip":
             log.info("pipeline: %s is complete in %s, skipping", planned.name, out)
             report.append({"name": planned.name, "status": "skipped", "output_dir": out})
             continue
-        config = planned.config
-        if out and latest_checkpoint(out) is not None and hasattr(config, "resume"):
+        if action == "resume":
             log.info("pipeline: %s has checkpoints in %s, resuming", planned.name, out)
-            config = replace(config, resume=True)
         if cfg.dry_run:
             report.append({"name": planned.name, "status": "planned", "output_dir": out})
             continue
         log.info("pipeline: running %s (%s) -> %s", planned.name, planned.stage, out)
-        _resolve(STAGES[planned.stage].recipe)(config)
+        run_stage(planned.stage, config)
         report.append({"name": planned.name, "status": "ran", "output_dir": out})
     for row in report:
         print(f"{row['name']:>12}  {row['status']:<8}  {row['output_dir']}")

@@ -31,8 +31,9 @@ from tether.models.load import (apply_lora, check_positions, count_parameters, f
 from tether.models.reward import (BIAS_KEY, STD_KEY, init_reward_model, scalar_head_name,
                                   score_texts, sequence_scores)
 from tether.training.fsdp import is_sharded
+from tether.training.launch import resolve_dtype
 from tether.training.loop import LoopSpec, train_supervised
-from tether.training.runtime import finish_run, resolve_dtype, start_run
+from tether.training.run import finish_run, start_run
 
 log = logging.getLogger("tether")
 

@@ -28,7 +28,7 @@ from tether.models.load import load_tokenizer, pad_id, within_positions
 from tether.models.reward import load_reward_model, reward_bias, score_sequences, score_texts
 from tether.models.save import mark_complete
 from tether.training.files import write_jsonl
-from tether.training.runtime import resolve_dtype, setup_logging
+from tether.training.launch import resolve_dtype, setup_logging
 
 log = logging.getLogger("tether")
 

@@ -10,8 +10,9 @@ from tether.data.io import load_rows, split_holdout
 from tether.data.sft import IGNORE, collate, collate_packed, pack, tokenize_sft
 from tether.models.load import (apply_lora, check_positions, count_parameters, fit_default_length,
                                load_causal_lm, load_tokenizer)
+from tether.training.launch import resolve_dtype
 from tether.training.loop import LoopSpec, train_supervised
-from tether.training.runtime import finish_run, resolve_dtype, start_run
+from tether.training.run import finish_run, start_run
 
 log = logging.getLogger("tether")
 

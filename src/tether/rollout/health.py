@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -175,13 +175,13 @@ class HealthMonitor:
     recent: list = field(default_factory=list)  # [kl_per_token, rm_score] of the last iterations
 
     def observe(self, metrics: dict[str, float]) -> list[HealthIssue]:
-        """metrics: this iteration's logged values (policy/clipfrac, val/explained_var,
-        response/length, objective/entropy, response/distinct_2, objective/kl_per_token,
-        objective/rm_score)."""
+        """metrics: this iteration's logged values (policy/clipfrac of the clipped-ratio methods,
+        val/explained_var with a critic, response/length, objective/entropy, response/distinct_2,
+        objective/kl_per_token, objective/rm_score)."""
         th, issues = self.thresholds, []
         self.iterations += 1
-        if self._sustained("high_clipfrac", metrics["policy/clipfrac"] > th.clipfrac_max,
-                           th.clipfrac_patience):
+        clipped = metrics.get("policy/clipfrac", 0.0) > th.clipfrac_max  # the clipped-ratio methods
+        if self._sustained("high_clipfrac", clipped, th.clipfrac_patience):
             issues.append(HealthIssue("high_clipfrac", (
                 f"policy/clipfrac has been above {th.clipfrac_max} for {th.clipfrac_patience} "
                 "iterations: the steps are too large. Lower --lr, or use more or smaller minibatches.")))
@@ -196,14 +196,16 @@ class HealthMonitor:
         issues += self._kl_explosion(metrics)
         issues += self._noncanonical(metrics)
         issues += self._mismatch(metrics)
-        flat = metrics.get("objective/frac_reward_zero_std", 0.0) > th.zero_std_max
+        # groups where every response got the same reward, or (online DPO) pairs left unlabelled
+        flat = max(metrics.get("objective/frac_reward_zero_std", 0.0),
+                   1.0 - metrics.get("dpo/labelled_frac", 1.0)) > th.zero_std_max
         if self._sustained("no_learning_signal", flat, th.zero_std_patience):
             issues.append(HealthIssue("no_learning_signal", (
-                f"in more than {th.zero_std_max:.0%} of the groups every response got the same "
-                f"reward, for {th.zero_std_patience} iterations: those groups have no advantage "
-                "and teach nothing. The task is too hard or too easy for the policy, or the "
-                "reward too coarse: raise --num-generations or --temperature, filter the prompts, "
-                "or use a reward with partial credit.")))
+                f"in more than {th.zero_std_max:.0%} of the groups (or pairs) every response got "
+                f"the same reward, for {th.zero_std_patience} iterations: those groups have no "
+                "advantage (those pairs no label) and teach nothing. The task is too hard or too "
+                "easy for the policy, or the reward too coarse: raise --num-generations or "
+                "--temperature, filter the prompts, or use a reward with partial credit.")))
         return issues
 
     def _against_first(self, key: str, metrics: dict[str, float]) -> Optional[tuple[float, float]]:
@@ -297,7 +299,3 @@ def enforce(issues: list[HealthIssue], mode: str, step: int) -> None:
         names = ", ".join(sorted({i.check for i in issues}))
         raise TrainingError(f"health check(s) {names} failed at iteration {step} (--health abort): "
                             f"{issues[0].message}")
-
-
-def as_dicts(issues: list[HealthIssue]) -> list[dict]:
-    return [asdict(i) for i in issues]

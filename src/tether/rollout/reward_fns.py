@@ -28,47 +28,18 @@ checkpoint is untouched, since this happens before the iteration's update.
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import inspect
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from tether.errors import ConfigError, TrainingError
+from tether.specs import load_object
 
 
 def load_reward_fn(spec: str) -> Callable[..., Any]:
-    """The function named by `file.py:name` or `module:name`."""
-    target, sep, name = spec.rpartition(":")
-    if not sep or not target or not name:
-        raise ConfigError(f"--reward-fn {spec!r}: give it as path/to/file.py:function_name")
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target).expanduser()
-        if not path.is_file():
-            raise ConfigError(f"--reward-fn {spec!r}: {path} is not a file")
-        module_name = f"tether_reward_fn_{abs(hash(str(path.resolve())))}"
-        loader = importlib.util.spec_from_file_location(module_name, path)
-        if loader is None or loader.loader is None:
-            raise ConfigError(f"--reward-fn {spec!r}: {path} cannot be imported as Python")
-        module = importlib.util.module_from_spec(loader)
-        sys.modules[module_name] = module
-        try:
-            loader.loader.exec_module(module)
-        except Exception as err:
-            raise ConfigError(f"--reward-fn {spec!r}: importing {path} raised "
-                              f"{type(err).__name__}: {err}") from None
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as err:
-            raise ConfigError(f"--reward-fn {spec!r}: cannot import {target} ({err})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ConfigError(f"--reward-fn {spec!r}: {target} has no function {name!r}")
-    return fn
+    """The function named by `path/to/file.py:name` or `package.module:name` (tether.specs)."""
+    return load_object(spec, "--reward-fn")
 
 
 def checked_values(values: Any, n: int, what: str, where: Sequence[str],

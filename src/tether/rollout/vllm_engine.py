@@ -135,7 +135,7 @@ def preflight(policy: str, dtype_name: str, trust_remote_code: bool = False) -> 
     claims its run directory, so that a refusal writes nothing."""
     from transformers import AutoConfig
 
-    from tether.training.runtime import resolve_dtype
+    from tether.training.launch import resolve_dtype
 
     import_vllm()
     try:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tether.errors import ConfigError
-from tether.training.runtime import release_freed_memory
+from tether.training.memory import release_freed_memory
 
 log = logging.getLogger("tether")
 

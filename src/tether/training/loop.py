@@ -23,14 +23,15 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from tether.errors import Interrupted
+from tether.training.batches import GlobalBatches, total_steps
 from tether.training.checkpoint import load_checkpoint, save_checkpoint
+from tether.training.collectives import any_process, max_across_processes, sum_across_processes
 from tether.training.fsdp import plain, state_bytes
+from tether.training.memory import resident_mb
 from tether.training.metrics import MetricsWriter
+from tether.training.optim import (apply_peak_lr, check_step_finite, configured_peaks, make_optimizer,
+                                   make_scheduler)
 from tether.training.progress import Progress
-from tether.training.runtime import (GlobalBatches, any_process, apply_peak_lr, check_step_finite,
-                                     configured_peaks, make_optimizer, make_scheduler,
-                                     max_across_processes, resident_mb, sum_across_processes,
-                                     total_steps)
 from tether.training.signals import StopRequest
 
 log = logging.getLogger("tether")

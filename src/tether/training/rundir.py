@@ -19,6 +19,11 @@ The rules, in the order they are checked:
 A stage that fails before it has written anything but its config (bad data, a missing model)
 leaves no directory behind: `abandon_failed_starts` removes the directories this process
 created, when they hold nothing else.
+
+What runs that chain stages (`tether run`, `tether demo`, `tether iterate`) do with a stage's
+directory on a rerun follows one rule, `skip_or_resume`: a finished run is skipped, an
+unfinished one with checkpoints is resumed, anything else starts (`prepare_rerun` applies it to
+a stage's config).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from tether.errors import ConfigError
+from tether.models.save import is_complete
+from tether.training.checkpoint import checkpoint_root, latest_checkpoint, list_checkpoints
 
 log = logging.getLogger("tether")
 
@@ -85,8 +92,6 @@ def _holds_model(out: Path) -> bool:
 def claim(cfg: Any, is_main: bool = True) -> Path:
     """Check `cfg.output_dir` against the rules of the module docstring and create it. Nothing
     is written before every check has passed. Returns the directory."""
-    from tether.training.checkpoint import checkpoint_root, list_checkpoints
-
     out = Path(cfg.output_dir).expanduser()
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if out.exists() and not out.is_dir():
@@ -194,3 +199,27 @@ def abandon_failed_starts() -> None:
             continue
         if all(e.name in keep or (e.is_dir() and not any(e.rglob("*"))) for e in entries):
             shutil.rmtree(out, ignore_errors=True)
+
+
+def skip_or_resume(output_dir: str | Path) -> str:
+    """What a rerun does with a stage's output directory, the one rule of every run that chains
+    stages: "skip" when it holds a finished run (its completion marker), "resume" when it holds
+    checkpoints of an unfinished one, "start" otherwise (nothing there, or no checkpoint yet)."""
+    if is_complete(output_dir):
+        return "skip"
+    if latest_checkpoint(output_dir) is not None:
+        return "resume"
+    return "start"
+
+
+def prepare_rerun(cfg: Any) -> tuple[str, Any]:
+    """`skip_or_resume` applied to a stage's config: (action, the config to run it with). On
+    "resume" the config gets resume=True, so the run continues from its last checkpoint instead
+    of being refused for holding one. A config without an output_dir always starts."""
+    out = getattr(cfg, "output_dir", "")
+    action = skip_or_resume(out) if out else "start"
+    if action == "resume" and not hasattr(cfg, "resume"):
+        action = "start"  # a stage without a resume option runs as it is
+    if action == "resume":
+        cfg = dataclasses.replace(cfg, resume=True)
+    return action, cfg

@@ -45,6 +45,7 @@ class Shaped:
     sampled: "Sampled"
     scores: Tensor  # (B,) float32
     stats: dict[str, Tensor] = field(default_factory=dict)  # metrics of the shaping
+    preference: Optional[Tensor] = None  # (B,) a preference method's labels (Experience.preference)
 
 
 @dataclass
@@ -98,7 +99,6 @@ class Algorithm:
 
 def load_algorithm(cfg: Any) -> Algorithm:
     """The method a config runs: its class variable `algorithm` names it as module:Class."""
-    import importlib
+    from tether.specs import load_object
 
-    module, _, name = cfg.algorithm.partition(":")
-    return getattr(importlib.import_module(module), name)(cfg)
+    return load_object(cfg.algorithm, f"{type(cfg).__name__}.algorithm")(cfg)

@@ -18,7 +18,7 @@ from tether.data.preference import is_messages
 from tether.data.tokenize import encode_chat_or_prompt, encode_prompt
 from tether.errors import DataError
 from tether.rollout.generate import left_pad
-from tether.training.runtime import GlobalBatches
+from tether.training.batches import GlobalBatches
 
 log = logging.getLogger("tether")
 

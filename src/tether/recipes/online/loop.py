@@ -22,9 +22,11 @@ from tether.recipes.online.steps import (IterationResult, PhaseClock, finish_ite
 from tether.recipes.online.update import update
 from tether.rollout.health import enforce
 from tether.training.checkpoint import load_checkpoint, save_checkpoint
+from tether.training.collectives import any_process
 from tether.training.metrics import MetricsWriter
+from tether.training.optim import apply_peak_lr, configured_peaks
 from tether.training.progress import Progress
-from tether.training.runtime import any_process, apply_peak_lr, configured_peaks, start_run
+from tether.training.run import start_run
 from tether.training.signals import StopRequest
 
 log = logging.getLogger("tether")

@@ -11,29 +11,27 @@ import torch
 from tether.models.critic import save_value_head
 from tether.models.save import mark_complete, save_model
 from tether.recipes.online.setup import stage_name
-from tether.training.runtime import sum_across_processes
+from tether.training.collectives import sum_across_processes
 
 EVAL_SEED = 7919  # held-out prompts get the same sampling noise at every evaluation
 
 
 def load_judge(spec: str | None):
-    """None, the built-in world's gold judge ('world'), or any 'module:function' judge."""
+    """None, the built-in world's gold judge ('world'), or a judge function named as
+    'module:function' or 'path/to/file.py:function' (tether.specs)."""
     if not spec:
         return None
     if spec == "world":
         from tether.world import score
 
         return lambda prompts, responses: [score(p, r) for p, r in zip(prompts, responses)]
-    import importlib
-
     from tether.errors import ConfigError
+    from tether.specs import load_object
 
-    module, _, name = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"--gold-judge {spec!r}: cannot import it ({err}); use 'world' or "
-                          "'module:function'") from None
+        return load_object(spec, "--gold-judge")
+    except ConfigError as err:
+        raise ConfigError(f"{err} (or give 'world', the built-in world's gold judge)") from None
 
 
 def gold_score(parts: Any, result: Any, judge: Any) -> float:
@@ -41,7 +39,7 @@ def gold_score(parts: Any, result: Any, judge: Any) -> float:
     every process's rollouts (each process judges its own; they hold as many)."""
     exp = result.experience
     texts = [parts.tokenizer.decode(exp.seqs.response_ids[i][exp.mask[i].bool()].tolist(),
-                                    skip_special_tokens=True) for i in range(exp.rewards.shape[0])]
+                                    skip_special_tokens=True) for i in range(exp.size)]
     scores = judge(result.prompt_texts, texts)
     mean = float(sum(scores) / max(len(scores), 1))
     return sum_across_processes(parts.accelerator, mean) / parts.accelerator.num_processes
@@ -51,7 +49,7 @@ def sample_rows(parts: Any, result: Any, n: int) -> list[dict]:
     """The first n rollouts of the iteration as {prompt, response, rm_score, kl, ended}."""
     exp = result.experience
     rows = []
-    for i in range(min(n, exp.rewards.shape[0])):
+    for i in range(min(n, exp.size)):
         keep = exp.mask[i].bool()
         response = parts.tokenizer.decode(exp.seqs.response_ids[i][keep].tolist(), skip_special_tokens=True)
         rows.append({"prompt": result.prompt_texts[i], "response": response,

@@ -24,7 +24,9 @@ from tether.rollout.health import HealthMonitor, ReferenceProbe, check_reference
 from tether.rollout.reward_fns import RewardFunctions
 from tether.rollout.score import Reference, RewardScorer, RewardSources, same_vocabulary
 from tether.rollout.types import Rollout
-from tether.training.runtime import GlobalBatches, adamw, make_accelerator, make_scheduler, resolve_dtype
+from tether.training.batches import GlobalBatches
+from tether.training.launch import make_accelerator, resolve_dtype
+from tether.training.optim import adamw, make_scheduler
 
 log = logging.getLogger("tether")
 

@@ -20,7 +20,8 @@ from tether.rollout.reward_fns import trl_trainer_state
 from tether.rollout.score import RewardScores
 from tether.rollout.stats import batch_wide_metrics, experience_metrics
 from tether.rollout.types import Experience, Rollout, Sequences
-from tether.training.runtime import any_process, max_across_processes, resident_mb
+from tether.training.collectives import any_process, max_across_processes
+from tether.training.memory import resident_mb
 
 if TYPE_CHECKING:
     from tether.recipes.online.setup import OnlineParts

@@ -24,8 +24,9 @@ from tether.ops.logprobs import token_logprobs_and_entropy
 from tether.ops.masking import masked_mean
 from tether.rollout.score import row_chunks
 from tether.rollout.types import Experience, Sequences
+from tether.training.collectives import any_process
 from tether.training.fsdp import plain
-from tether.training.runtime import any_process, check_step_finite
+from tether.training.optim import check_step_finite
 
 if TYPE_CHECKING:
     from tether.recipes.online.setup import OnlineParts
@@ -62,8 +63,9 @@ def mean_entropy(out: PolicyOutput, mask: Tensor) -> Tensor:
 @torch.no_grad()
 def score_old_policy(parts: "OnlineParts", seqs: Sequences,
                      chunk: int = 0) -> tuple[Tensor, Optional[Tensor], Tensor]:
-    """(logprobs (B, T), values (B, T) or None without a critic, mean entropy 0-dim) under the current weights, without
-    gradients: the scoring pass needed when the update has several minibatches."""
+    """(logprobs (B, T), values (B, T) or None without a critic, mean entropy 0-dim) under the
+    current weights, without gradients: the scoring pass needed when the update has several
+    minibatches."""
     logprobs, values, entropy_sum, tokens = [], [], 0.0, 0.0
     for rows in row_chunks(seqs.input_ids.shape[0], chunk):
         part = seqs.rows(torch.arange(seqs.input_ids.shape[0])[rows])
