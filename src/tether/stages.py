@@ -22,7 +22,7 @@ class Stage:
 
 
 STAGES: dict[str, Stage] = {
-    "demo": Stage("tether.recipes.demo:DemoConfig", "tether.recipes.demo:run",
+    "demo": Stage("tether.config:DemoConfig", "tether.recipes.demo:run",
                   "The whole pipeline in the built-in synthetic world (CPU, no downloads, ~10 min)."),
     "sft": Stage("tether.config:SFTConfig", "tether.recipes.sft:run",
                  "Supervised fine-tuning on demonstrations (loss on responses only)."),
@@ -39,9 +39,9 @@ STAGES: dict[str, Stage] = {
     "online-dpo": Stage("tether.config:OnlineDPOConfig", "tether.recipes.online.loop:run",
                         "Online DPO: pairs sampled from the policy, labelled by an RM, a function or "
                         "an LM judge."),
-    "pretrain": Stage("tether.recipes.world:PretrainConfig", "tether.recipes.world:run_pretrain",
+    "pretrain": Stage("tether.config:PretrainConfig", "tether.recipes.world:run_pretrain",
                       "Pretrain the built-in world's tiny Llama from scratch (no downloads)."),
-    "world export": Stage("tether.recipes.world:WorldExportConfig", "tether.recipes.world:run_export",
+    "world export": Stage("tether.config:WorldExportConfig", "tether.recipes.world:run_export",
                           "Write the built-in world's data sets as JSONL in the stages' formats."),
     "dpo": Stage("tether.config:DPOConfig", "tether.recipes.dpo:run",
                  "DPO and its family (IPO, robust, hinge, SimPO, ORPO) on pairs or rankings."),
@@ -58,10 +58,10 @@ STAGES: dict[str, Stage] = {
                    "Label comparisons with an LM judge, a reward model or a function (RLAIF)."),
     "iterate": Stage("tether.config:IterateConfig", "tether.recipes.iterate:run",
                      "Iterated RLHF: rounds of sampling, labelling, RM retraining and PPO."),
-    "report": Stage("tether.report.html:ReportConfig", "tether.report.html:run",
+    "report": Stage("tether.config:ReportConfig", "tether.report.html:run",
                     "Write PNG plots and a self-contained report.html for a run directory.",
                     positional="run_dir"),
-    "run": Stage("tether.recipes.pipeline:PipelineConfig", "tether.recipes.pipeline:run",
+    "run": Stage("tether.config:PipelineConfig", "tether.recipes.pipeline:run",
                  "Run a pipeline YAML (e.g. sft -> rm -> ppo); reruns skip finished stages.",
                  positional="pipeline"),
 }

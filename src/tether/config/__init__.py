@@ -25,13 +25,16 @@ from tether.config.parse import (coerce, config_help, field_docs, from_dict, loa
                                  normalise_key, parse_flags, positive, read_yaml, required, save_config,
                                  to_dict, unknown_option)
 from tether.config.sampling import BoNConfig, EvalConfig, SamplerFields
+from tether.config.tools import PipelineConfig, ReportConfig
 from tether.config.train import DPOConfig, KTOConfig, RMConfig, ScoreConfig, SFTConfig, TrainConfig
+from tether.config.world import DemoConfig, PretrainConfig, WorldExportConfig
 
 __all__ = [
     "RunConfig", "TrainConfig", "SFTConfig", "RMConfig", "ScoreConfig", "DPOConfig", "KTOConfig",
     "OnlineConfig", "PPOConfig", "GRPOConfig", "RLOOConfig", "OnlineDPOConfig", "BoNConfig", "EvalConfig",
     "LabelConfig", "JudgeConfig", "IterateConfig", "SamplerFields", "SamplingFields", "OptimizerFields",
     "PrecisionFields", "LoRAFields", "LoggingFields", "CheckpointFields", "Dtype",
+    "DemoConfig", "PretrainConfig", "WorldExportConfig", "PipelineConfig", "ReportConfig",
     "coerce", "config_help", "field_docs", "from_dict", "load_config", "normalise_key", "parse_flags",
     "read_yaml", "save_config", "to_dict", "unknown_option", "positive", "non_negative", "required",
 ]

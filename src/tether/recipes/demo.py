@@ -25,40 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tether.config import (BoNConfig, DPOConfig, EvalConfig, GRPOConfig, PPOConfig, RLOOConfig,
-                           RMConfig, RunConfig, SFTConfig)
+from tether.config import (BoNConfig, DemoConfig, DPOConfig, EvalConfig, GRPOConfig, PPOConfig,
+                           PretrainConfig, ReportConfig, RLOOConfig, RMConfig, SFTConfig)
 from tether.stages import run_stage
 from tether.training.files import atomic_write_json
 from tether.training.rundir import prepare_rerun, skip_or_resume
 
 log = logging.getLogger("tether")
-
-
-@dataclass(frozen=True)
-class DemoConfig(RunConfig):
-    """Run the whole RLHF pipeline in the built-in synthetic world (CPU, no network, under
-    10 minutes on 2 cores): pretrain, SFT, ranked SFT samples, RM, PPO (default beta and beta = 0),
-    DPO, best-of-N, a verifiable quiz trained with GRPO and RLOO against an exact-match reward
-    function, gold-judged evaluation and the report."""
-
-    output_dir: str = "tether-demo"
-    """Where every stage's output, summary.json and report.html go."""
-    quick: bool = False
-    """A much smaller run (about a minute) for tests and smoke checks; its numbers mean little."""
-    kl_coef: float = 0.1
-    """The default-beta PPO run's KL coefficient."""
-    temperature: float = 0.7
-    """The sampling temperature of every stage that samples: the RM's rankings and test pairs,
-    both PPO runs, best-of-N and the evaluation (whose KL is read at the same temperature).
-    0.7 is tether's PPO default, as in lm-human-preferences."""
-    beta0_lr: float = 3e-4
-    """The beta = 0 run's policy learning rate. It is 3x the default run's (1e-4), so that the
-    proxy is chased hard enough, within its 25 iterations, to show over-optimisation."""
-    rounds: int = 1
-    """Rounds of iterated RLHF. With 2 (or more), after the pipeline above (round 1) each further
-    round samples the last policy, has the world's rater rank the samples, retrains the RM on
-    every label so far, runs PPO from the last policy (tether iterate), and repeats the beta = 0
-    stress test against the new RM. Adds a few minutes per round."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +163,6 @@ def make_preferences(sft_dir: Path, out: Path, sizes: Sizes, seed: int, temperat
 
 def run(cfg: DemoConfig) -> dict:
     """Run every stage (skipping finished ones), then write summary.json and the report."""
-    from tether.recipes.world import PretrainConfig
     from tether.training.launch import setup_logging
 
     setup_logging()
@@ -274,7 +246,7 @@ def run(cfg: DemoConfig) -> dict:
     if last_round is not None:
         summary["iterated"] = _rounds_summary(d, results, summary)
     atomic_write_json(root / "summary.json", summary)
-    from tether.report.html import ReportConfig, build_report
+    from tether.report.html import build_report
 
     build_report(ReportConfig(run_dir=str(root)))
     _print_summary(summary)

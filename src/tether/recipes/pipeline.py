@@ -31,27 +31,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tether.config import from_dict, normalise_key, read_yaml
+from tether.config import PipelineConfig, from_dict, normalise_key, read_yaml
 from tether.errors import ConfigError
 from tether.stages import STAGES, config_class, run_stage
 from tether.training.rundir import prepare_rerun
 
 log = logging.getLogger("tether")
 _REF = re.compile(r"\$\{([A-Za-z0-9_\-]+)\}")
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """Run the stages of a pipeline YAML in order; a rerun skips finished stages."""
-
-    pipeline: str = ""
-    """The pipeline YAML file (it may also be given as the first argument: tether run FILE)."""
-    dry_run: bool = False
-    """Validate every stage's config and print the plan without running anything."""
-
-    def validate(self) -> None:
-        if not self.pipeline:
-            raise ConfigError("give the pipeline file: tether run PIPELINE.yaml")
 
 
 @dataclass(frozen=True)

@@ -10,34 +10,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from tether.config import RunConfig, SFTConfig
-from tether.errors import ConfigError
+from tether.config import PretrainConfig, SFTConfig, WorldExportConfig
 
 log = logging.getLogger("tether")
-
-
-@dataclass(frozen=True)
-class WorldExportConfig(RunConfig):
-    """Write the built-in world's data sets as JSONL: corpus, SFT rows, preference pairs, K-wise
-    rankings and prompts (train and held-out), in exactly the formats the stages read."""
-
-    n_sft: int = 2000
-    """SFT demonstrations (train split)."""
-    n_pairs: int = 4000
-    """Labelled preference pairs (train split)."""
-    n_rankings: int = 1000
-    """K-wise ranked groups (train split)."""
-    k: int = 4
-    """Responses per ranked group."""
-    n_prompts: int = 2000
-    """Training prompts for PPO and best-of-N."""
-    n_prompts_eval: int = 200
-    """Held-out prompts (never in any training file)."""
-    n_corpus: int = 20000
-    """Pretraining documents."""
 
 
 def run_export(cfg: WorldExportConfig) -> dict:
@@ -49,30 +26,6 @@ def run_export(cfg: WorldExportConfig) -> dict:
     for name, path in paths.items():
         print(f"{name:>14}  {path}")
     return paths
-
-
-@dataclass(frozen=True)
-class PretrainConfig(RunConfig):
-    """Pretrain the built-in world's tiny Llama from scratch on the world corpus (no downloads).
-    The output directory is a standard Hugging Face model with the world tokenizer."""
-
-    corpus_docs: int = 20000
-    """Documents of world text to train on (2% are held out for perplexity)."""
-    steps: int = 500
-    """Optimizer steps. About 2 minutes on 2 CPU cores at the defaults."""
-    batch_size: int = 32
-    """Documents per step."""
-    lr: float = 3e-3
-    """Peak learning rate; a 1M-parameter model trained from scratch takes a large one."""
-    max_length: int = 128
-    """Longest document in tokens (world documents are shorter)."""
-    progress: bool = True
-    """Show a progress bar."""
-
-    def validate(self) -> None:
-        super().validate()
-        if self.steps <= 0 or self.corpus_docs < 10:
-            raise ConfigError("--steps must be > 0 and --corpus-docs >= 10")
 
 
 def run_pretrain(cfg: PretrainConfig) -> dict:

@@ -10,27 +10,11 @@ from __future__ import annotations
 import base64
 import html
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-from tether.errors import ConfigError
+from tether.config import ReportConfig
 from tether.report import plots
 from tether.training.metrics import read_metrics
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """Write plots (PNG) and a self-contained report.html into a run directory."""
-
-    run_dir: str = ""
-    """The run directory (e.g. the demo's output directory, or one stage's output directory);
-    it may also be given as the first argument: tether report RUN_DIR."""
-
-    def validate(self) -> None:
-        if not self.run_dir:
-            raise ConfigError("give the run directory: tether report RUN_DIR")
-        if not Path(self.run_dir).is_dir():
-            raise ConfigError(f"{self.run_dir} is not a directory")
 
 
 def _stage_dirs(root: Path) -> dict[str, Path]:
