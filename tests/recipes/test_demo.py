@@ -9,7 +9,8 @@ import pytest
 from tether.cli import main
 
 SUMMARY_KEYS = ("rm_accuracy_gold", "rm_accuracy_labels", "win_rate_ppo_vs_sft", "win_rate_dpo_vs_sft",
-                "win_rate_bon_vs_sft", "win_rate_ppo_beta0_vs_sft", "kl_ppo", "kl_dpo", "gold_ppo",
+                "win_rate_bon_vs_sft", "win_rate_ppo_beta0_vs_sft", "win_rate_online_dpo_vs_sft", "kl_ppo",
+                "kl_dpo", "kl_online_dpo", "gold_ppo", "gold_online_dpo",
                 "gold_sft", "wall_seconds", "quiz_exact_match_sft", "quiz_exact_match_grpo",
                 "quiz_exact_match_rloo", "kl_grpo", "kl_rloo")
 
@@ -29,7 +30,7 @@ def test_quick_demo_writes_every_summary_figure(demo_dir):
         assert 0.0 <= summary[key] <= 1.0
     for key in ("quiz_exact_match_sft", "quiz_exact_match_grpo", "quiz_exact_match_rloo"):
         assert 0.0 <= summary[key] <= 1.0
-    for stage in ("base", "sft", "rm", "ppo", "ppo_beta0", "dpo", "sft_quiz", "grpo", "rloo"):
+    for stage in ("base", "sft", "rm", "ppo", "ppo_beta0", "dpo", "online_dpo", "sft_quiz", "grpo", "rloo"):
         assert json.loads((demo_dir / stage / "tether_run.json").read_text())["complete"] is True
     assert (demo_dir / "bon" / "bon.jsonl").exists()
 

@@ -57,7 +57,7 @@ class PretrainConfig(RunConfig):
 class DemoConfig(RunConfig):
     """Run the whole RLHF pipeline in the built-in synthetic world (CPU, no network, under
     10 minutes on 2 cores): pretrain, SFT, ranked SFT samples, RM, PPO (default beta and beta = 0),
-    DPO, best-of-N, a verifiable quiz trained with GRPO and RLOO against an exact-match reward
+    DPO, online DPO, best-of-N, a verifiable quiz trained with GRPO and RLOO against an exact-match reward
     function, gold-judged evaluation and the report."""
 
     output_dir: str = "tether-demo"

@@ -6,10 +6,12 @@
  4. sample four responses per prompt from the SFT model and rank them with the noisy labeler
  5. train the reward model on those rankings (K-wise loss)
  6. PPO at the default beta, and PPO at beta = 0 with a 3x larger policy step (the proxy chased hard)
- 7. DPO on the same rankings (every ranked pair)
+ 7. DPO on the same rankings (every ranked pair), and online DPO: pairs sampled from the policy
+    as it trains, labelled by the reward model
  8. best-of-N from the SFT model
- 9. judge every policy against SFT on held-out prompts with the gold judge
-10. summary.json and the report
+ 9. the verifiable quiz: GRPO and RLOO against an exact-match reward function
+10. judge every policy against SFT on held-out prompts with the gold judge
+11. summary.json and the report
 
 Every stage goes through the same data path and code a user's run does (JSONL files, the stage
 configs, the recipes looked up in the stage registry). A rerun skips finished stages and resumes
@@ -25,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from tether.config import (BoNConfig, DemoConfig, DPOConfig, EvalConfig, GRPOConfig, PPOConfig,
-                           PretrainConfig, ReportConfig, RLOOConfig, RMConfig, SFTConfig)
+from tether.config import (BoNConfig, DemoConfig, DPOConfig, EvalConfig, GRPOConfig, OnlineDPOConfig,
+                           PPOConfig, PretrainConfig, ReportConfig, RLOOConfig, RMConfig, SFTConfig)
 from tether.stages import run_stage
 from tether.training.files import atomic_write_json
 from tether.training.rundir import prepare_rerun, skip_or_resume
@@ -47,6 +49,7 @@ class Sizes:
     ppo_beta0_steps: int  # beta = 0 over-optimises within ~10 iterations; more only costs time
     ppo_batch: int
     dpo_steps: int
+    online_dpo_steps: int
     eval_prompts: int
     bon_n: int
     batch: int  # examples per step of the supervised stages
@@ -61,11 +64,13 @@ class Sizes:
 
 FULL = Sizes(corpus=20000, pretrain_steps=400, sft=12000, sft_steps=1200, pair_prompts=3000,
              pair_eval_prompts=1000, rm_steps=300, ppo_steps=40, ppo_beta0_steps=25, ppo_batch=64, dpo_steps=100,
+             online_dpo_steps=40,
              eval_prompts=200, bon_n=8, batch=32, response_length=48, quiz_demos=3000,
              quiz_questions=2000, quiz_eval=200, quiz_sft_steps=400, grpo_steps=120,
              iterate_prompts=1000)
 QUICK = Sizes(corpus=600, pretrain_steps=20, sft=200, sft_steps=8, pair_prompts=64,
               pair_eval_prompts=32, rm_steps=6, ppo_steps=3, ppo_beta0_steps=3, ppo_batch=8, dpo_steps=4,
+              online_dpo_steps=3,
               eval_prompts=16, bon_n=2, batch=8, response_length=16, quiz_demos=64,
               quiz_questions=64, quiz_eval=16, quiz_sft_steps=4, grpo_steps=2,
               iterate_prompts=24)
@@ -170,7 +175,8 @@ def run(cfg: DemoConfig) -> dict:
     root, sizes, seed = Path(cfg.output_dir), QUICK if cfg.quick else FULL, cfg.seed
     root.mkdir(parents=True, exist_ok=True)
     d = {name: root / name for name in ("world", "base", "sft", "pairs", "rm", "ppo", "ppo_beta0",
-                                        "dpo", "bon", "quiz", "sft_quiz", "grpo", "rloo", "eval")}
+                                        "dpo", "online_dpo", "bon", "quiz", "sft_quiz", "grpo", "rloo",
+                                        "eval")}
     timer = Timer()
     common = dict(seed=seed, progress=True, tensorboard=True)
     # 1. the world's data
@@ -205,6 +211,13 @@ def run(cfg: DemoConfig) -> dict:
         model=str(d["sft"]), data=str(d["pairs"] / "rankings.jsonl"), output_dir=str(d["dpo"]),
         max_steps=sizes.dpo_steps, lr=2e-4, batch_size=sizes.batch, max_length=128, beta=0.1, kl_samples=0,
         eval_fraction=0.0, **common))
+    # 7b. online DPO: pairs sampled from the policy as it trains, labelled by the same RM (as many
+    #     rollouts per iteration as PPO's, and PPO's learning rate)
+    timer.stage("online_dpo", "online-dpo", OnlineDPOConfig(
+        policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts.jsonl"),
+        output_dir=str(d["online_dpo"]), max_steps=sizes.online_dpo_steps, batch_size=sizes.ppo_batch // 2,
+        response_length=sizes.response_length, temperature=cfg.temperature, lr=PPO_LR, beta=0.1,
+        gold_judge="world", **common))
     # 8. best-of-N from the SFT model
     timer.stage("bon", "bon", BoNConfig(
         policy=str(d["sft"]), reward_model=str(d["rm"]), prompts=str(d["world"] / "prompts_eval.jsonl"),
@@ -229,7 +242,7 @@ def run(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     results = {}
     for name, policy in (("ppo", d["ppo"]), ("ppo_beta0", d["ppo_beta0"]), ("dpo", d["dpo"]),
-                         ("bon", d["bon"] / "bon.jsonl")):
+                         ("online_dpo", d["online_dpo"]), ("bon", d["bon"] / "bon.jsonl")):
         results[name] = gold_eval(cfg, d, sizes, f"{name}_vs_sft", policy, d["sft"],
                                   reference=name != "bon")
     if last_round is not None:
@@ -395,14 +408,17 @@ def _summary(d: dict[str, Path], results: dict, timer: Timer, wall: float) -> di
         "rm_accuracy_labels": rm_run.get("eval/accuracy"),
         "win_rate_ppo_vs_sft": results["ppo"]["win_rate"],
         "win_rate_dpo_vs_sft": results["dpo"]["win_rate"],
+        "win_rate_online_dpo_vs_sft": results["online_dpo"]["win_rate"],
         "win_rate_bon_vs_sft": results["bon"]["win_rate"],
         "win_rate_ppo_beta0_vs_sft": results["ppo_beta0"]["win_rate"],
         "kl_ppo": results["ppo"].get("kl_a_to_reference"),
         "kl_ppo_beta0": results["ppo_beta0"].get("kl_a_to_reference"),
         "kl_dpo": results["dpo"].get("kl_a_to_reference"),
+        "kl_online_dpo": results["online_dpo"].get("kl_a_to_reference"),
         "gold_ppo": results["ppo"]["score_a_mean"],
         "gold_ppo_beta0": results["ppo_beta0"]["score_a_mean"],
         "gold_dpo": results["dpo"]["score_a_mean"],
+        "gold_online_dpo": results["online_dpo"]["score_a_mean"],
         "gold_bon": results["bon"]["score_a_mean"],
         "gold_sft": results["ppo"]["score_b_mean"],
         "rm_score_ppo_final": ppo_last.get("objective/rm_score"),
@@ -411,7 +427,7 @@ def _summary(d: dict[str, Path], results: dict, timer: Timer, wall: float) -> di
         "wall_seconds": round(wall, 1),
         "stage_seconds": timer.seconds,
         "win_rates": {name: {k: results[name][k] for k in ("win_rate", "ci95_low", "ci95_high")}
-                      for name in ("bon", "dpo", "ppo", "ppo_beta0")},
+                      for name in ("bon", "dpo", "online_dpo", "ppo", "ppo_beta0")},
     }
     return summary
 
