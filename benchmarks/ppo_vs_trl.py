@@ -384,6 +384,7 @@ class TetherSide:
 
     def install_phase_timers(self) -> PhaseTimers:
         """Wrap the tether functions that make up the phases of an iteration (profiling only)."""
+        from tether.recipes.online import steps as ppo_steps
         from tether.recipes.online import update as ppo_update
 
         p = self.parts
@@ -393,8 +394,8 @@ class TetherSide:
                     if seqs.input_ids.shape[0] > 2 else "health_probe")
         timers.wrap(p.reward, "score", "score_reward")
         grad_phase = lambda *a, **k: "update_forward"  # noqa: E731
-        timers.wrap(self.ppo, "forward_policy", grad_phase)  # first epoch's forward (pi_old, V_old)
-        timers.wrap(ppo_update, "forward_policy", grad_phase)  # epochs 2..n
+        timers.wrap(ppo_steps, "forward_policy", grad_phase)  # first epoch's forward (pi_old, V_old)
+        timers.wrap(ppo_update, "forward_policy", grad_phase)  # epochs 2..n (the loss's own forward)
         timers.wrap(p.accelerator, "backward", "update_backward")
         timers.wrap(p.accelerator, "clip_grad_norm_", "update_clip_grad_norm")
         for opt in p.optimizers:

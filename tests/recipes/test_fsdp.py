@@ -1,4 +1,4 @@
-"""`--fsdp` (sft, rm, dpo, ppo, grpo): torch FSDP2 over two CPU processes (gloo), against one process."""
+"""`--fsdp` (sft, rm, dpo, ppo, grpo, online-dpo): torch FSDP2 over two CPU processes (gloo), against one process."""
 
 import json
 import os
@@ -234,6 +234,27 @@ def test_sharded_grpo_runs_to_the_end(ppo_inputs, tmp_path):
             "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--num-generations", "4",
             "--response-length", "6", "--fsdp", "--generation-backend", "hf", "--no-progress", "--no-tensorboard")
     assert sorted(_rows(out)) == [1, 2] and (out / "model.safetensors").exists()
+
+
+def test_sharded_online_dpo_matches_one_process(ppo_inputs, tmp_path):
+    """Pairs sampled from the sharded policy, labelled by the sharded RM, the pair loss's mean over
+    both processes' pairs: the run one process makes with the whole batch."""
+    model, rm, prompts = ppo_inputs
+    one, two = tmp_path / "one", tmp_path / "two"
+
+    def args(out, *extra):
+        return ["online-dpo", "--policy", str(model), "--reward-model", str(rm), "--prompts", str(prompts),
+                "--output-dir", str(out), "--response-length", "6", "--max-steps", "3", "--lr", "1e-3",
+                "--no-progress", "--no-tensorboard", *extra]
+
+    assert main(args(one, "--batch-size", "4")) == 0
+    _launch(*args(two, "--batch-size", "2", "--fsdp"))
+    a, b = _rows(one), _rows(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        for key in ("objective/rm_score", "policy/loss", "policy/grad_norm", "rewards/margin", "dpo/labelled_frac"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-6), (step, key)
+        assert b[step]["objective/kl"] == pytest.approx(a[step]["objective/kl"], abs=1e-4), step
 
 
 def test_sharded_bon_and_eval_sample_what_one_process_samples(ppo_inputs, tmp_path):

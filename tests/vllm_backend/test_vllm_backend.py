@@ -206,6 +206,15 @@ def test_ppo_with_vllm_and_truncated_importance_sampling_runs_to_the_end(task, m
     AutoModelForCausalLM.from_pretrained(out)
 
 
+def test_online_dpo_samples_its_pairs_with_vllm(task, models, tmp_path):
+    out = tmp_path / "online_dpo"
+    assert main(_args(task, models["llama"], "online-dpo", out, "--max-steps", "3", "--beta", "0.5")) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # the pairs came from the engine, which ran the updated policy (the probe check passed)
+    assert all(r["rollout/mismatch_abs"] < 1e-3 and r["dpo/labelled_frac"] > 0 for r in rows)
+
+
 def test_a_resumed_run_continues_with_the_checkpoints_weights(task, models, tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     args = ("--num-generations", "4", "--max-steps", "4", "--save-every", "2", "--keep-checkpoints", "5")
