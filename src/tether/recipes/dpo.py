@@ -53,9 +53,9 @@ def load_pairs(source: str, tokenizer: Any, max_length: int, over_length: str) -
             for g in groups for i, j in g.pairs()]
 
 
-def collate_pairs(units: Sequence[PairUnit], pad_id: int) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows: input_ids/attention_mask/labels (2B, L)."""
-    rows = [(u.prompt_ids, u.chosen_ids) for u in units] + [(u.prompt_ids, u.rejected_ids) for u in units]
+def response_rows(rows: Sequence[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(prompt ids, response ids) rows, right-padded: input_ids/attention_mask/labels (N, L),
+    the labels IGNORE everywhere but on the response. Shared by DPO and KTO."""
     width = max(len(p) + len(r) for p, r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
@@ -65,8 +65,14 @@ def collate_pairs(units: Sequence[PairUnit], pad_id: int) -> dict[str, torch.Ten
         ids[i, :n] = torch.tensor(p + r)
         labels[i, len(p):n] = torch.tensor(r)
         mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_pairs(units: Sequence[PairUnit], pad_id: int) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows: input_ids/attention_mask/labels (2B, L)."""
+    rows = [(u.prompt_ids, u.chosen_ids) for u in units] + [(u.prompt_ids, u.rejected_ids) for u in units]
     ref = torch.tensor([u.ref_chosen for u in units] + [u.ref_rejected for u in units])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "ref_logps": ref}
+    return {**response_rows(rows, pad_id), "ref_logps": ref}
 
 
 def _policy_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,16 +82,26 @@ def _policy_logps(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def fill_reference_logps(model: Any, units: Sequence[PairUnit], pad_id: int, batch_size: int) -> None:
+def reference_logps(model: Any, units: Sequence[Any], collate: Callable[[Sequence[Any]], dict],
+                    batch_size: int) -> list[tuple[float, float]]:
+    """The starting model's summed response log-probabilities of each unit's two rows (`collate`
+    puts every unit's first row in the first half of the batch and its second in the second
+    half), before any update: the reference of DPO and KTO without a second model."""
     model.eval()
-    device = next(model.parameters()).device
+    device, out = next(model.parameters()).device, []
     for at in range(0, len(units), batch_size):
         chunk = units[at:at + batch_size]
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(chunk).items()}
         logps = _policy_logps(model, batch)[0].tolist()
-        for i, u in enumerate(chunk):
-            u.ref_chosen, u.ref_rejected = logps[i], logps[len(chunk) + i]
+        out += [(logps[i], logps[len(chunk) + i]) for i in range(len(chunk))]
     model.train()
+    return out
+
+
+def fill_reference_logps(model: Any, units: Sequence[PairUnit], pad_id: int, batch_size: int) -> None:
+    pairs = reference_logps(model, units, lambda chunk: collate_pairs(chunk, pad_id), batch_size)
+    for u, (chosen, rejected) in zip(units, pairs):
+        u.ref_chosen, u.ref_rejected = chosen, rejected
 
 
 # the loss functions' statistics, by the names the stage logs them under

@@ -26,13 +26,12 @@ from typing import Any, Sequence
 import torch
 
 from tether.config import KTOConfig
-from tether.data.sft import IGNORE
 from tether.data.unpaired import Example, load_unpaired
 from tether.losses.kto import kto_loss, kto_reference_point
 from tether.models.load import (apply_lora, check_positions, count_parameters, disable_dropout,
                                fit_default_length, load_causal_lm, load_tokenizer)
 from tether.ops.logprobs import sequence_logprobs
-from tether.recipes.dpo import fit_kl_samples, make_kl_hook
+from tether.recipes.dpo import fit_kl_samples, make_kl_hook, reference_logps, response_rows
 from tether.training.launch import resolve_dtype
 from tether.training.loop import LoopSpec, train_supervised
 from tether.training.run import finish_run, start_run
@@ -60,16 +59,7 @@ def collate(units: Sequence[KTOUnit], pad_id: int) -> dict[str, torch.Tensor]:
     """The real (prompt, response) rows first, then the mismatched ones: (2B, L)."""
     rows = [(u.example.prompt_ids, u.example.completion_ids) for u in units] + \
         [(u.example.prompt_ids, u.mismatched_ids) for u in units]
-    width = max(len(p) + len(r) for p, r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (p, r) in enumerate(rows):
-        n = len(p) + len(r)
-        ids[i, :n] = torch.tensor(p + r)
-        labels[i, len(p):n] = torch.tensor(r)
-        mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+    return {**response_rows(rows, pad_id),
             "ref_logps": torch.tensor([u.ref for u in units] + [u.ref_mismatched for u in units]),
             "desirable": torch.tensor([u.example.desirable for u in units])}
 
@@ -79,17 +69,10 @@ def _logps(model: Any, batch: dict) -> torch.Tensor:
     return sequence_logprobs(logits, batch["labels"])[0]
 
 
-@torch.no_grad()
 def fill_reference_logps(model: Any, units: Sequence[KTOUnit], pad_id: int, batch_size: int) -> None:
-    model.eval()
-    device = next(model.parameters()).device
-    for at in range(0, len(units), batch_size):
-        chunk = units[at:at + batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        logps = _logps(model, batch).tolist()
-        for i, u in enumerate(chunk):
-            u.ref, u.ref_mismatched = logps[i], logps[len(chunk) + i]
-    model.train()
+    for u, (real, mismatched) in zip(units, reference_logps(model, units, lambda c: collate(c, pad_id),
+                                                             batch_size)):
+        u.ref, u.ref_mismatched = real, mismatched
 
 
 def make_loss_fn(cfg: KTOConfig):
