@@ -7,12 +7,15 @@ computes, through its own modules but with their own control flow. A new transfo
 can change what they rely on (a renamed cache keyword, another mask format, a new norm) without
 any error: the fast path would then compute something else. So none is trusted blindly:
 
-- each declares the transformers releases (major.minor) its tests were run on; on any other
-  release it steps aside;
-- on first use for a model in a process, it runs a small probe through both the model's own
-  forward and itself and compares the outputs (and, where gradients flow, the gradients);
-- when the release is unknown or the probe disagrees (or raises), the model's own forward runs
-  instead, and one warning says why.
+- on first use for a model in a process, each runs a small probe through both the model's own
+  forward and itself and compares the outputs (and, where gradients flow, the gradients), after
+  a structural check where it has one (the tail's layer keywords);
+- when the probe disagrees (or raises), the model's own forward runs instead, and one warning
+  says why;
+- each declares the transformers releases (major.minor) its tests were run on. On any other
+  release the probe alone decides, and one warning names the release either way (the choice
+  and why: docs/architecture.md, "Fast paths on a new transformers release").
+  TETHER_FAST_PATHS=verified makes every fast path step aside on an unverified release instead.
 
 The probes fork the RNG, so a run samples the same with or without them.
 """
@@ -30,6 +33,12 @@ from torch import Tensor
 log = logging.getLogger("tether")
 
 
+# The transformers releases (major.minor) the fast paths' tests last passed on. tools/refresh-lock
+# adds the newest release here when the suite passes on it; on any other release each fast path
+# runs only after its probe passes on the model, with one warning naming the release.
+VERIFIED_RELEASES = ("5.19", "5.23", "5.24", "5.25")
+
+
 def transformers_release() -> str:
     import transformers
 
@@ -41,13 +50,14 @@ class FastPath:
     """One fast path's verdicts: `trusted(model, probe)` is True once the release is a verified
     one and the probe has passed on that model (cached per model object, for the process)."""
 
-    def __init__(self, name: str, verified: Sequence[str]):
+    def __init__(self, name: str, verified: Sequence[str] = VERIFIED_RELEASES):
         self.name = name
         self.verified = tuple(verified)  # transformers major.minor releases the suite passed on
         self._verdicts: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
         self._warned: set[str] = set()
 
     def release_problem(self) -> Optional[str]:
+        """None on a verified release; otherwise what is unverified about this one."""
         release = transformers_release()
         if release in self.verified:
             return None
@@ -57,11 +67,20 @@ class FastPath:
     def trusted(self, model: Any, probe: Callable[[], Optional[str]]) -> bool:
         verdict = self._verdicts.get(model)
         if verdict is None:
-            reason = self.release_problem() or self._run(probe)
+            unverified = self.release_problem()
+            if unverified is not None and verified_only():
+                reason = f"{unverified}, and TETHER_FAST_PATHS=verified"
+            else:
+                reason = self._run(probe)
+                if reason is not None and unverified is not None:
+                    reason = f"{unverified}, and {reason}"
             verdict = reason is None
             self._verdicts[model] = verdict
             if reason is not None:
-                self._warn(reason)
+                self._warn(f"steps aside and the model's own forward runs instead: {reason}")
+            elif unverified is not None:
+                self._warn(f"runs on {unverified}: its self-check against the model's own forward "
+                           "passed on this model")
         return verdict
 
     def forget(self) -> None:
@@ -76,11 +95,18 @@ class FastPath:
         except Exception as err:  # a probe that cannot even run: the structure is not the known one
             return f"its self-check raised {type(err).__name__}: {err}"
 
-    def _warn(self, reason: str) -> None:
-        if reason in self._warned:
+    def _warn(self, message: str) -> None:
+        if message in self._warned:
             return
-        self._warned.add(reason)
-        log.warning("%s steps aside and the model's own forward runs instead: %s", self.name, reason)
+        self._warned.add(message)
+        log.warning("%s %s", self.name, message)
+
+
+def verified_only() -> bool:
+    """TETHER_FAST_PATHS=verified: no fast path on a release its tests were not run on."""
+    import os
+
+    return os.environ.get("TETHER_FAST_PATHS", "").strip().lower() == "verified"
 
 
 def mismatch(name: str, ours: Tensor, theirs: Tensor) -> Optional[str]:

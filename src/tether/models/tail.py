@@ -36,8 +36,7 @@ from tether.models.guard import FastPath, mismatch
 from tether.models.load import weights_not_in_place
 
 SUPPORTED = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
-GUARD = FastPath("tether.models.tail (the last layer at the read positions only)",
-                 verified=("5.19", "5.23", "5.24"))
+GUARD = FastPath("tether.models.tail (the last layer at the read positions only)")
 # The decoder layer's forward keywords that `_tail_forward` understands. A layer whose forward
 # takes any other is not run by it. The cache has had three names across releases.
 CACHE_KEYWORDS = ("past_key_values", "past_key_value", "cache")

@@ -47,7 +47,7 @@ from tether.rollout.types import position_ids_from_mask
 # own RMSNorm, q_norm and k_norm, before the rotary).
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 HEAD_NORMS = {"Qwen3ForCausalLM"}  # the classes whose attention has q_norm and k_norm
-GUARD = FastPath("tether.rollout.decode (the fused decode step)", verified=("5.19", "5.23", "5.24"))
+GUARD = FastPath("tether.rollout.decode (the fused decode step)")
 
 
 def unsupported_reason(model: Any) -> Optional[str]:
