@@ -241,7 +241,7 @@ def test_faulty_reward_building_is_caught(task, tmp_path, fault, message):
         return torch.where(mask.bool(), rewards + scores[:, None], rewards), kl
 
     parts = build(_config(task, tmp_path / fault))
-    parts.reward_fn = faulty
+    parts.token_rewards = faulty
     issues = run_iteration(parts, 1).issues + run_iteration(parts, 2).issues  # KL is 0 at step 1
     assert any(i.check == "reward_layout" and message in i.message for i in issues), issues
 

@@ -51,7 +51,7 @@ class PPO(Algorithm):
         mask, logprobs, ref = sampled.rollout.response_mask, old.logprobs, sampled.ref_logprobs
         # 3. per-token rewards: -beta * k1 on every response token, the score at the last one
         beta, all_reduce = parts.kl_ctl.value, parts.all_reduce_sum()
-        rewards, kl = parts.reward_fn(logprobs, ref, shaped.scores, mask, beta)
+        rewards, kl = parts.token_rewards(logprobs, ref, shaped.scores, mask, beta)
         issues = [check_reward_layout(rewards, logprobs, ref, shaped.scores, mask, beta),
                   check_kl_not_negative(kl.sum(-1))]
         if cfg.whiten_rewards:

@@ -61,7 +61,7 @@ class OnlineParts:
     ptx: Optional[PtxData] = None
     # Builds the per-token rewards; a parameter so that tests can inject the faults the
     # health checks must catch (a flipped KL sign, a broadcast score).
-    reward_fn: Callable = kl_penalised_rewards
+    token_rewards: Callable = kl_penalised_rewards
 
     @property
     def device(self) -> torch.device:
