@@ -12,7 +12,7 @@ import sys
 from typing import Optional
 
 from tether.errors import Interrupted, TetherError
-from tether.stages import STAGES, config_class, recipe
+from tether.stages import STAGES, config_class, run_stage
 
 
 def _usage() -> str:
@@ -117,7 +117,7 @@ def _main(argv: list[str]) -> int:
         from tether.config import load_config
 
         cfg = load_config(config_cls, rest)
-        recipe(name)(cfg)
+        run_stage(name, cfg)
     except TetherError as err:
         from tether.training.rundir import abandon_failed_starts
 

@@ -83,5 +83,10 @@ def recipe(name: str) -> Callable[[Any], Any]:
 
 
 def run_stage(name: str, cfg: Any) -> Any:
-    """Run stage `name` on `cfg` (a config of its class) and return what its recipe returns."""
+    """Run stage `name` on `cfg` (a config of its class) and return what its recipe returns.
+    Every model option is checked first (`models.source`): a directory that is not there is
+    named at once, and the hub is tried only when it can answer."""
+    from tether.models.source import check_model_sources
+
+    check_model_sources(cfg)
     return recipe(name)(cfg)
