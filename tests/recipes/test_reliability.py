@@ -342,7 +342,7 @@ def test_a_held_out_split_that_is_all_too_long_does_not_stop_the_run(world, tmp_
 @pytest.mark.parametrize("stage", ALL)
 def test_a_model_that_is_not_there_or_has_no_tokenizer_is_named(stage, world, tmp_path, capsys):
     missing = tmp_path / "no" / "such" / "model"
-    expect(capsys, world, stage_args(world, stage, tmp_path / "a", model=missing), 1,
+    expect(capsys, world, stage_args(world, stage, tmp_path / "a", model=missing), 2,  # a usage error
            str(missing), "no such directory")
     bare = tmp_path / "bare"
     bare.mkdir()
