@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
@@ -33,6 +33,9 @@ from tether.training.optim import (apply_peak_lr, check_step_finite, configured_
                                    make_scheduler)
 from tether.training.progress import Progress
 from tether.training.signals import StopRequest
+
+if TYPE_CHECKING:
+    from tether.config import TrainConfig
 
 log = logging.getLogger("tether")
 
@@ -63,7 +66,7 @@ class LoopResult:
     train_seconds: float = 0.0
 
 
-def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
+def train_supervised(cfg: "TrainConfig", accelerator: Any, spec: LoopSpec) -> LoopResult:
     """Run the loop described in the module docstring; returns the trained (unwrapped) model."""
     out = Path(cfg.output_dir)
     # 1. data order and step budget
@@ -73,7 +76,7 @@ def train_supervised(cfg: Any, accelerator: Any, spec: LoopSpec) -> LoopResult:
     # 2. optimizer and schedule; the scheduler is checkpointed but not wrapped by accelerate,
     #    because accelerate would step it once per process and tether counts global steps.
     #    Under --fsdp the model is sharded first (training/fsdp.py) and not wrapped by accelerate.
-    fsdp = bool(getattr(cfg, "fsdp", False))
+    fsdp = cfg.fsdp
     if fsdp:
         from tether.training.fsdp import place
 
