@@ -169,6 +169,16 @@ def make_kl_hook(cfg: Any, tokenizer: Any, accelerator: Any,
     return hook
 
 
+def split_off(units: list, fraction: float, seed: int, least: int = 1) -> tuple[list, list]:
+    """(train, held out): a seeded random `fraction` of the units (at least `least`) held out,
+    when there are more than `least` of them and fraction > 0; else (units, []). DPO and KTO."""
+    if fraction <= 0 or len(units) <= least:
+        return units, []
+    n_eval = max(least, int(len(units) * fraction))
+    order = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [units[i] for i in order[n_eval:]], [units[i] for i in order[:n_eval]]
+
+
 def fit_kl_samples(cfg: Any, model: Any) -> Any:
     """The KL samples after training must fit a learned position table too: a default
     --kl-response-length shrinks to half of it, a given one that does not fit is refused."""
@@ -190,10 +200,8 @@ def run(cfg: DPOConfig) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     train = load_pairs(cfg.data, tokenizer, cfg.max_length, cfg.over_length)
     held = load_pairs(cfg.eval_data, tokenizer, cfg.max_length, cfg.over_length) if cfg.eval_data else []
-    if not cfg.eval_data and cfg.eval_fraction > 0 and len(train) > 1:
-        n_eval = max(1, int(len(train) * cfg.eval_fraction))
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held, train = [train[i] for i in order[:n_eval]], [train[i] for i in order[n_eval:]]
+    if not cfg.eval_data:
+        train, held = split_off(train, cfg.eval_fraction, cfg.seed)
     log.info("dpo: %d train / %d eval pairs, --loss %s, beta %.3g", len(train), len(held), cfg.loss,
              cfg.loss_beta)
     # 3. model; the reference log-probs come from it before any update (and before LoRA)

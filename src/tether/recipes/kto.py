@@ -31,7 +31,7 @@ from tether.losses.kto import kto_loss, kto_reference_point
 from tether.models.load import (apply_lora, check_positions, count_parameters, disable_dropout,
                                fit_default_length, load_causal_lm, load_tokenizer)
 from tether.ops.logprobs import sequence_logprobs
-from tether.recipes.dpo import fit_kl_samples, make_kl_hook, reference_logps, response_rows
+from tether.recipes.dpo import fit_kl_samples, make_kl_hook, reference_logps, response_rows, split_off
 from tether.training.launch import resolve_dtype
 from tether.training.loop import LoopSpec, train_supervised
 from tether.training.run import finish_run, start_run
@@ -104,10 +104,8 @@ def run(cfg: KTOConfig) -> dict:
     examples = load_unpaired(cfg.data, tokenizer, cfg.max_length, cfg.over_length)
     held_examples = load_unpaired(cfg.eval_data, tokenizer, cfg.max_length, cfg.over_length) \
         if cfg.eval_data else []
-    if not cfg.eval_data and cfg.eval_fraction > 0 and len(examples) > 2:
-        n_eval = max(2, int(len(examples) * cfg.eval_fraction))
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        held_examples, examples = [examples[i] for i in order[:n_eval]], [examples[i] for i in order[n_eval:]]
+    if not cfg.eval_data:  # at least two held out: each is scored beside another's response
+        examples, held_examples = split_off(examples, cfg.eval_fraction, cfg.seed, least=2)
     train, held = make_units(examples, cfg.seed), make_units(held_examples, cfg.seed + 1)
     n_good = sum(e.desirable for e in examples)
     log.info("kto: %d train examples (%d desirable, %d undesirable), %d eval, beta %.3g", len(train),
