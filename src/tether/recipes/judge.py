@@ -57,7 +57,7 @@ def make_judge(cfg: JudgeConfig, rater: str) -> Any:
     when there is one."""
     import torch
 
-    from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
+    from tether.models.load import disable_dropout, load_tokenizer
 
     if cfg.reward_fn:
         from tether.rollout.reward_fns import load_reward_fn
@@ -73,14 +73,23 @@ def make_judge(cfg: JudgeConfig, rater: str) -> Any:
         model = load_reward_model(cfg.reward_model, dtype, cfg.trust_remote_code, tok.pad_token_id)
         disable_dropout(model)
         return RewardModelJudge(model.eval().to(device), tok, rater, cfg.batch_size, cfg.max_length)
-    template = read_template(cfg.template) if cfg.template else DEFAULT_TEMPLATE  # before loading
-    check_model_dir("--judge", cfg.judge)
-    tok = load_tokenizer(cfg.judge, cfg.trust_remote_code, padding_side="left")
-    answer_token_ids(tok, cfg.answers)  # answers that are not single tokens: said before loading
-    model = load_causal_lm(cfg.judge, dtype, cfg.trust_remote_code)
+    return load_lm_judge(cfg.judge, cfg.template, cfg.answers, dtype, cfg.trust_remote_code, device, rater,
+                         cfg.batch_size, cfg.max_length)
+
+
+def load_lm_judge(source: str, template_path: str, answers: Sequence[str], dtype: Any, trust_remote_code: bool,
+                  device: Any, rater: str, batch_size: int, max_length: int = 0) -> LMJudge:
+    """The LM judge of `--judge` (tether judge's, and online DPO's labeler): its template read
+    and its answers checked against the tokenizer before the model loads; eval mode, dropout off."""
+    from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
+
+    template = read_template(template_path) if template_path else DEFAULT_TEMPLATE  # before loading
+    check_model_dir("--judge", source)
+    tok = load_tokenizer(source, trust_remote_code, padding_side="left")
+    answer_token_ids(tok, answers)  # answers that are not single tokens: said before loading
+    model = load_causal_lm(source, dtype, trust_remote_code)
     disable_dropout(model)
-    return LMJudge(model.eval().to(device), tok, rater, template, cfg.answers, cfg.batch_size,
-                   cfg.max_length)
+    return LMJudge(model.eval().to(device), tok, rater, template, answers, batch_size, max_length)
 
 
 # ----------------------------------------------------------------------------- resume

@@ -52,19 +52,16 @@ class OnlineDPO(Algorithm):
     def setup(self, parts: "OnlineParts") -> None:
         if not self.cfg.judge:
             return
-        from tether.feedback.judge import DEFAULT_TEMPLATE, LMJudge, model_rater, read_template
-        from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
+        from tether.feedback.judge import model_rater
+        from tether.recipes.judge import load_lm_judge
         from tether.training.launch import resolve_dtype
 
         cfg = self.cfg
-        template = read_template(cfg.judge_template) if cfg.judge_template else DEFAULT_TEMPLATE
-        tokenizer = load_tokenizer(cfg.judge, cfg.trust_remote_code, padding_side="left")
-        model = load_causal_lm(cfg.judge, resolve_dtype(cfg.dtype), cfg.trust_remote_code)
-        disable_dropout(model)
-        model.requires_grad_(False)
         answers = tuple(a.strip() for a in cfg.judge_answer_tokens.split(","))
-        self.judge = LMJudge(model.eval().to(parts.device), tokenizer, model_rater("judge", cfg.judge),
-                             template, answers, batch_size=cfg.judge_batch_size)
+        self.judge = load_lm_judge(cfg.judge, cfg.judge_template, answers, resolve_dtype(cfg.dtype),
+                                   cfg.trust_remote_code, parts.device, model_rater("judge", cfg.judge),
+                                   cfg.judge_batch_size)
+        self.judge.model.requires_grad_(False)
 
     def shape(self, parts: "OnlineParts", step: int, clock: "PhaseClock", sampled: "Sampled") -> Shaped:
         """Each pair's label: +1 on the better response's row, -1 on the other's, 0 on both
