@@ -44,6 +44,26 @@ class OnlineConfig(CheckpointFields, LoggingFields, LoRAFields, PrecisionFields,
     """Prompts to sample from: a file or dataset with a `prompt` column, or `messages` (or, as in
     TRL, a `prompt` of role/content messages), rendered with the chat template and its
     generation prompt. Other columns reach --reward-fn functions. Required."""
+    env: Optional[list[str]] = None
+    """Multi-turn episodes: environments, each as path/to/file.py:Name (repeat the option, or
+    separate with commas), a class with reset(row) -> first observation and step(action) ->
+    (observation, reward, done). The policy's turns and the environment's observations
+    alternate until done or --max-turns; only the policy's tokens are trained. With several, a
+    row's `env` column names its own. Their rewards add to the RM's and --reward-fn's. See
+    docs/environments.md (tools, the sandboxed python tool)."""
+    max_turns: int = 4
+    """With --env: the most policy turns per episode; an episode still going after them is
+    truncated (see --mask-truncated)."""
+    max_total_length: int = 0
+    """With --env: the most tokens of an episode after the prompt, turns and observations
+    together; 0 means --response-length x --max-turns. An episode that reaches it is truncated.
+    (--response-length is then the limit of one turn.)"""
+    env_errors: Literal["raise", "skip"] = "raise"
+    """With --env: what an environment that raises, hangs or answers something that is not a
+    step does: stop the run with an error naming the environment and the row, or drop the
+    episode from the loss and count it (env/skipped)."""
+    env_timeout: float = 60.0
+    """With --env: seconds one reset() or step() may take before it counts as hung."""
     eval_prompts: Optional[str] = None
     """Held-out prompts in the same format. When set, their mean RM score and KL are logged
     under eval/ every --eval-every iterations and at the end."""
@@ -132,6 +152,7 @@ class OnlineConfig(CheckpointFields, LoggingFields, LoRAFields, PrecisionFields,
         super().validate()
         required(self, "policy", "prompts")
         self.check_reward_sources()
+        self.check_env()
         self.check_sampling()
         self.check_optimizer()
         self.check_lora(self.fsdp)
@@ -162,8 +183,27 @@ class OnlineConfig(CheckpointFields, LoggingFields, LoRAFields, PrecisionFields,
                               "from the policy itself)")
 
     def check_reward_sources(self) -> None:
-        if not self.reward_model and not self.reward_fn:
-            raise ConfigError("--reward-model is required (or --reward-fn file.py:name, or both)")
+        if not self.reward_model and not self.reward_fn and not self.env:
+            raise ConfigError("--reward-model is required (or --reward-fn file.py:name, or --env "
+                              "file.py:Name whose steps give rewards, or several of them)")
+
+    def check_env(self) -> None:
+        if not self.env:
+            return
+        positive(self, "max_turns", "env_timeout")
+        if self.ignore_eos:
+            raise ConfigError("--ignore-eos cannot be used with --env: a policy turn ends at its EOS")
+        non_negative(self, "max_total_length")
+        if self.max_total_length and self.max_total_length < self.response_length:
+            raise ConfigError(f"--max-total-length {self.max_total_length} is shorter than one turn "
+                              f"(--response-length {self.response_length})")
+
+    @property
+    def episode_length(self) -> int:
+        """Tokens after the prompt: one response, or with --env a whole episode."""
+        if not self.env:
+            return self.response_length
+        return self.max_total_length or self.response_length * self.max_turns
 
     @property
     def rollouts(self) -> int:

@@ -303,6 +303,21 @@ def make_generator(backend: str, model: Any, params: SamplingParams, gather: boo
     return KVCacheSampler(model, params, gather=gather)
 
 
+@contextlib.contextmanager
+def sampling_params(generator: Any, **changes: Any) -> Any:
+    """The generator samples with these SamplingParams fields changed for the duration (every
+    backend reads its `params` at each generate call): an episode's turns have their own token
+    limit and stop tokens."""
+    from dataclasses import replace
+
+    before = generator.params
+    generator.params = replace(before, **changes)
+    try:
+        yield generator
+    finally:
+        generator.params = before
+
+
 def _sampling_context(model: Any, gather: bool) -> Any:
     if not gather:
         return contextlib.nullcontext()

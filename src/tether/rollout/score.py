@@ -69,10 +69,11 @@ def reward_model_inputs(seqs: Sequences, eos_token_ids: Sequence[int],
     long, W = the longest row.
     """
     P = seqs.n_prompt
-    response_part = seqs.response_mask.bool()
-    if eos_token_ids:
+    response_part = seqs.attention_mask[:, P:].bool()  # a whole episode, its observations too
+    if eos_token_ids:  # the EOS that ends the response (or the episode's last turn)
         eos = torch.tensor(list(eos_token_ids), device=seqs.response_ids.device)
-        response_part &= ~torch.isin(seqs.response_ids, eos)
+        last = response_part & (response_part.long().cumsum(-1) == response_part.sum(-1, keepdim=True))
+        response_part &= ~(last & torch.isin(seqs.response_ids, eos))
     mask = torch.cat([seqs.attention_mask[:, :P].bool(), response_part], dim=1)
     L = mask.shape[1]
     # Rotate each row left by its count of leading pads: a gather, no per-row Python.
@@ -116,10 +117,24 @@ class RewardScorer:
 
     @torch.no_grad()
     def score(self, seqs: Sequences, prompt_texts: Optional[Sequence[str]] = None,
-              prompt_chats: Optional[Sequence[Optional[list[dict]]]] = None) -> RewardScores:
+              prompt_chats: Optional[Sequence[Optional[list[dict]]]] = None,
+              transcripts: Optional[Sequence[str]] = None) -> RewardScores:
         """One calibrated score per rollout, and which rollouts were non-canonical.
         prompt_chats: each prompt's messages (None for a plain prompt), so that an RM with its
-        own chat template reads them in it."""
+        own chat template reads them in it. transcripts: multi-turn episodes (--env) as text;
+        the RM then reads each whole episode as sampled, observations included (or its text,
+        re-tokenised, for an RM with its own tokenizer)."""
+        if transcripts is not None:
+            texts = list(transcripts)
+            noncanonical = torch.zeros(len(texts), dtype=torch.bool)
+            if self.rm_tokenizer is not None:
+                rm_ids, mask = self._retokenized(texts, prompt_texts, None, seqs.input_ids.device)
+            else:
+                rm_ids, mask = reward_model_inputs(seqs, self.eos_token_ids, self.pad_token_id)
+            self.model.eval()
+            scores = torch.cat([calibrated_scores(self.model, rm_ids[rows], mask[rows])
+                                for rows in row_chunks(rm_ids.shape[0], self.chunk)])
+            return RewardScores(scores, noncanonical.to(scores.device), {}, texts)
         ids = response_ids(seqs, self.eos_token_ids)
         texts = self._decode(ids)
         if self.policy_tokenizer is not None:  # encoded as a response is (`encode_response`)
@@ -206,16 +221,18 @@ class RewardSources:
     def score(self, seqs: Sequences, prompt_texts: Sequence[str],
               prompt_chats: Optional[Sequence[Optional[list[dict]]]] = None,
               columns: Optional[dict[str, list]] = None,
-              rows: Optional[Sequence[str]] = None, state: Any = None) -> RewardScores:
+              rows: Optional[Sequence[str]] = None, state: Any = None,
+              transcripts: Optional[Sequence[str]] = None) -> RewardScores:
         """The score of each rollout: the RM's calibrated score plus the weighted function
         rewards. columns: the prompts' other data columns, aligned with the rows; rows: where
         each prompt came from (for error messages); state: what the functions that take it get
-        as `trainer_state` (`reward_fns.trl_trainer_state`)."""
+        as `trainer_state` (`reward_fns.trl_trainer_state`); transcripts: multi-turn episodes as
+        text (--env), which the RM and the functions then score as the completions."""
         if self.scorer is not None:
-            out = self.scorer.score(seqs, prompt_texts, prompt_chats)
+            out = self.scorer.score(seqs, prompt_texts, prompt_chats, transcripts)
         else:
-            texts = self.tokenizer.batch_decode(response_ids(seqs, self.eos_token_ids),
-                                                skip_special_tokens=True)
+            texts = list(transcripts) if transcripts is not None else self.tokenizer.batch_decode(
+                response_ids(seqs, self.eos_token_ids), skip_special_tokens=True)
             zeros = torch.zeros(len(texts), device=seqs.input_ids.device)
             out = RewardScores(zeros, zeros.bool(), {}, texts)
         if self.functions is None:

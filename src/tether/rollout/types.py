@@ -26,6 +26,15 @@ class Rollout:
     # (B, T) float32: the log-probability the sampler gave each token it drew, from an engine
     # with its own copy of the weights (vLLM); None when the policy itself sampled
     sampler_logprobs: Optional[Tensor] = None
+    # (B, T) long: 1 on every real token after the prompt, the policy's and the environment's
+    # observations alike (multi-turn episodes, tether.envs); there response_mask is 1 on the
+    # policy's tokens only, the ones that are trained. None: the same as response_mask.
+    response_attention: Optional[Tensor] = None
+
+    @property
+    def attention(self) -> Tensor:
+        """(B, T): 1 on every real token after the prompt (what a forward attends to)."""
+        return self.response_attention if self.response_attention is not None else self.response_mask
 
     @property
     def n_prompt(self) -> int:
@@ -36,9 +45,10 @@ class Rollout:
         return self.response_ids.shape[1]
 
     def rows(self, index: Tensor) -> "Rollout":
-        sampler = self.sampler_logprobs[index] if self.sampler_logprobs is not None else None
+        pick = lambda t: t[index] if t is not None else None  # noqa: E731
         return Rollout(self.prompt_ids[index], self.prompt_mask[index], self.response_ids[index],
-                       self.response_mask[index], self.ended[index], sampler)
+                       self.response_mask[index], self.ended[index], pick(self.sampler_logprobs),
+                       pick(self.response_attention))
 
     @staticmethod
     def concat(parts: list["Rollout"], pad_token_id: int) -> "Rollout":
@@ -49,14 +59,17 @@ class Rollout:
         sampler = None
         if all(r.sampler_logprobs is not None for r in parts):
             sampler = torch.cat([r.sampler_logprobs for r in parts])
+        attention = None
+        if any(r.response_attention is not None for r in parts):
+            attention = torch.cat([r.attention for r in parts])
         return Rollout(torch.cat(ids), torch.cat(mask), torch.cat([r.response_ids for r in parts]),
                        torch.cat([r.response_mask for r in parts]), torch.cat([r.ended for r in parts]),
-                       sampler)
+                       sampler, attention)
 
     def sequences(self) -> "Sequences":
         """Prompt and response as one left-padded batch, ready for a forward pass."""
         input_ids = torch.cat([self.prompt_ids, self.response_ids], dim=1)
-        attention_mask = torch.cat([self.prompt_mask, self.response_mask], dim=1)
+        attention_mask = torch.cat([self.prompt_mask, self.attention], dim=1)
         return Sequences(input_ids, attention_mask, position_ids_from_mask(attention_mask),
                          self.n_prompt, self.response_ids, self.response_mask)
 
@@ -66,11 +79,13 @@ class Sequences:
     """The inputs of every policy, reference and critic forward over a batch of rollouts."""
 
     input_ids: Tensor  # (B, P+T) long, prompt then response
-    attention_mask: Tensor  # (B, P+T) long, 0 on left padding and after the first EOS
+    attention_mask: Tensor  # (B, P+T) long, 0 on left padding and after the first EOS (after
+    #                         the episode's last token in a multi-turn rollout)
     position_ids: Tensor  # (B, P+T) long, 0 at the first real token (left padding shifts nothing)
     n_prompt: int  # P: the response starts at this column
     response_ids: Tensor  # (B, T) long, the tokens whose logprobs are wanted
-    response_mask: Tensor  # (B, T) long, 1 on response tokens
+    response_mask: Tensor  # (B, T) long, 1 on response tokens: the tokens the policy wrote,
+    #                        which every loss, KL and entropy reads (never an observation's)
 
     def rows(self, index: Tensor) -> "Sequences":
         return replace(self, input_ids=self.input_ids[index], attention_mask=self.attention_mask[index],

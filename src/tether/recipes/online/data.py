@@ -16,6 +16,7 @@ from torch import Tensor
 from tether.data.io import load_rows, require_columns, visible_columns, where
 from tether.data.preference import is_messages
 from tether.data.tokenize import encode_chat_or_prompt, encode_prompt
+from tether.envs.tools import describe_tools
 from tether.errors import DataError
 from tether.rollout.generate import left_pad
 from tether.training.batches import GlobalBatches
@@ -32,6 +33,7 @@ class PromptSet:
     chats: list[Optional[list[dict]]] = field(default_factory=list)  # messages, None if plain
     columns: dict[str, list] = field(default_factory=dict)  # the file's other columns, per prompt
     rows: list[str] = field(default_factory=list)  # where each prompt came from (file:line)
+    raw: list[dict] = field(default_factory=list)  # each prompt's row as read (environments' reset)
 
     def batch(self, indices: Sequence[int], pad_token_id: int,
               device: Any) -> tuple[Tensor, Tensor, list[str]]:
@@ -47,15 +49,28 @@ class PromptSet:
         """The other data columns of the prompts at `indices` (for reward functions)."""
         return {name: [values[i] for i in indices] for name, values in self.columns.items()}
 
+    def records_at(self, indices: Sequence[int]) -> list[dict]:
+        """The prompts' rows as read, every column (what an environment's reset gets)."""
+        return [dict(self.raw[i]) for i in indices] if self.raw else [{} for _ in indices]
+
     def rows_at(self, indices: Sequence[int]) -> list[str]:
         return [self.rows[i] for i in indices] if self.rows else [f"prompt {i + 1}" for i in indices]
 
 
-def prompt_text(tokenizer: Any, row: dict, where: str) -> tuple[str, Optional[list[dict]]]:
+def template_takes_tools(tokenizer: Any) -> bool:
+    """The chat template has a tools section (it reads the `tools` variable)."""
+    template = getattr(tokenizer, "chat_template", None)
+    return isinstance(template, str) and "tools" in template
+
+
+def prompt_text(tokenizer: Any, row: dict, where: str,
+                tools: Optional[list[dict]] = None) -> tuple[str, Optional[list[dict]]]:
     """(text, messages or None) of one row: `prompt`, or the messages of `messages` (or of a
     `prompt` that holds messages, TRL's conversational form) rendered with the chat template and
     its generation prompt. A final assistant turn (SFT-style rows) is left out: it is the
-    answer."""
+    answer. tools: JSON schemas of the tools the row's environment offers (--env), given to a
+    chat template with a tools section, else described in tether's plain format
+    (`envs.tools.describe_tools`): in a system message, or before a plain prompt."""
     chat = row.get("messages") or (row["prompt"] if is_messages(row.get("prompt")) else None)
     if not chat and not isinstance(row.get("prompt"), str):
         raise DataError(f"{where}: column 'prompt' holds {row.get('prompt')!r}: give a string, or a "
@@ -67,14 +82,27 @@ def prompt_text(tokenizer: Any, row: dict, where: str) -> tuple[str, Optional[li
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{where}: conversational prompts (role/content messages) need a "
                             "tokenizer with a chat template")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        extra = {}
+        if tools and template_takes_tools(tokenizer):
+            extra = {"tools": tools}
+        elif tools:  # described in the plain format, as the system message (or the start of it)
+            messages = with_system(messages, describe_tools(tools))
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
         return text, messages
-    return row["prompt"], None
+    return (describe_tools(tools) + row["prompt"] if tools else row["prompt"]), None
 
 
-def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) -> PromptSet:
+def with_system(messages: list[dict], text: str) -> list[dict]:
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "content": text + "\n" + messages[0]["content"]}] + messages[1:]
+    return [{"role": "system", "content": text.rstrip("\n")}] + messages
+
+
+def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str,
+                 tools_for: Optional[Any] = None) -> PromptSet:
     """Tokenise every prompt; truncate from the left (keeping a leading BOS) or drop over-long
-    ones, and log how many."""
+    ones, and log how many. tools_for(row, where): the JSON schemas of the tools the row's
+    environment offers (--env), which a chat template with a tools section lists in the prompt."""
     ds = load_rows(source)
     column = "messages" if "messages" in ds.column_names else "prompt"
     # a `prompt` column of messages (TRL's conversational form) is checked row by row instead
@@ -84,7 +112,8 @@ def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) 
     extra = [c for c in visible_columns(ds) if c not in ("prompt", "messages")]
     bos = tokenizer.bos_token_id
     for i, row in enumerate(ds):
-        text, messages = prompt_text(tokenizer, row, where(source, row, i))
+        tools = tools_for(row, where(source, row, i)) if tools_for is not None else None
+        text, messages = prompt_text(tokenizer, row, where(source, row, i), tools)
         ids = encode_chat_or_prompt(tokenizer, text, chat=messages is not None)
         if len(ids) > max_length:
             if truncation == "drop":
@@ -97,6 +126,8 @@ def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) 
         out.texts.append(text)
         out.chats.append(messages)
         out.rows.append(where(source, row, i))
+        if tools_for is not None:
+            out.raw.append(dict(row))
         for name in extra:
             out.columns.setdefault(name, []).append(row[name])
     if out.truncated or out.dropped:

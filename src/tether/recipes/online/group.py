@@ -146,4 +146,6 @@ def merge_groups(parts: "OnlineParts", pieces: list) -> Sampled:
                           pieces[0][0].scored.metrics,  # the functions' view of the first draw
                           [t for s, rows in chosen for t in pick(s.scored.texts, rows)])
     ref = torch.cat([s.ref_logprobs[rows.to(s.ref_logprobs.device)] for s, rows in chosen])
-    return Sampled(prompt_rows, texts, rollout, rollout.sequences(), ref, scored)
+    stats = {k: torch.stack([torch.as_tensor(s.stats[k]) for s, _ in chosen]).mean()  # env/ metrics:
+             for k in pieces[0][0].stats}                                          # the rounds' mean
+    return Sampled(prompt_rows, texts, rollout, rollout.sequences(), ref, scored, stats)

@@ -56,7 +56,7 @@ def run_iteration(parts: OnlineParts, step: int) -> IterationResult:
     clock.lap("update")
     parts.generator.sync_weights()
     clock.lap("weight_sync")
-    stats = {"objective/entropy": old.entropy, **shaped.stats, **prepared.stats,
+    stats = {"objective/entropy": old.entropy, **sampled.stats, **shaped.stats, **prepared.stats,
              "response/noncanonical_frac": sampled.scored.noncanonical.float().mean(),
              **sampled.scored.metrics, **mismatch, **update_stats}
     # 6-7. metrics, KL control, health
@@ -137,6 +137,8 @@ def run(cfg: OnlineConfig) -> dict:
     finally:
         bar.close()
         metrics.close()
+        if parts.episodes is not None:
+            parts.episodes.close()
         # last: a vLLM engine takes the process group it joined down with it
         parts.generator.close()
     log.info("%s done: %s -> %s", stage_name(cfg), summary, out)

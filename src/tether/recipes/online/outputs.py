@@ -11,6 +11,7 @@ import torch
 from tether.models.critic import save_value_head
 from tether.models.save import mark_complete, save_model
 from tether.recipes.online.setup import stage_name
+from tether.recipes.online.steps import run_episodes
 from tether.training.collectives import sum_across_processes
 
 EVAL_SEED = 7919  # held-out prompts get the same sampling noise at every evaluation
@@ -38,11 +39,18 @@ def gold_score(parts: Any, result: Any, judge: Any) -> float:
     """Mean outside-judge score of this iteration's responses (decoded without the EOS), over
     every process's rollouts (each process judges its own; they hold as many)."""
     exp = result.experience
-    texts = [parts.tokenizer.decode(exp.seqs.response_ids[i][exp.mask[i].bool()].tolist(),
-                                    skip_special_tokens=True) for i in range(exp.size)]
+    texts = [response_text(parts, exp, i) for i in range(exp.size)]
     scores = judge(result.prompt_texts, texts)
     mean = float(sum(scores) / max(len(scores), 1))
     return sum_across_processes(parts.accelerator, mean) / parts.accelerator.num_processes
+
+
+def response_text(parts: Any, exp: Any, i: int) -> str:
+    """Rollout i after its prompt as text (special tokens left out): the response, or a whole
+    multi-turn episode, the environment's observations included."""
+    seqs = exp.seqs
+    keep = seqs.attention_mask[i, seqs.n_prompt:].bool()
+    return parts.tokenizer.decode(seqs.response_ids[i][keep].tolist(), skip_special_tokens=True)
 
 
 def sample_rows(parts: Any, result: Any, n: int) -> list[dict]:
@@ -50,8 +58,7 @@ def sample_rows(parts: Any, result: Any, n: int) -> list[dict]:
     exp = result.experience
     rows = []
     for i in range(min(n, exp.size)):
-        keep = exp.mask[i].bool()
-        response = parts.tokenizer.decode(exp.seqs.response_ids[i][keep].tolist(), skip_special_tokens=True)
+        response = response_text(parts, exp, i)
         rows.append({"prompt": result.prompt_texts[i], "response": response,
                      "rm_score": float(exp.rm_scores[i]), "kl": float(exp.kl[i].sum()),
                      "ended": bool(exp.ended[i])})
@@ -70,28 +77,39 @@ def evaluate(parts: Any) -> dict[str, float]:
     """
     cfg, prompts, acc = parts.cfg, parts.eval_prompts, parts.accelerator
     world, rank, n = acc.num_processes, acc.process_index, len(prompts.ids)
-    per_process, totals = cfg.batch_size, torch.zeros(4, dtype=torch.float64)
+    per_process, totals = cfg.batch_size, torch.zeros(6, dtype=torch.float64)
     for k, start in enumerate(range(0, n, per_process * world)):
         size = min(per_process * world, n - start)  # this global batch's rows
         lo, hi = rank * per_process, min((rank + 1) * per_process, size)  # this process's
         if lo >= hi:
             continue  # the last batch is short: nothing left for this process
         rows = range(start + lo, start + hi)
-        rng = torch.Generator(device=parts.device).manual_seed(cfg.seed * 1_000_003 + EVAL_SEED + k)
         ids, mask, texts = prompts.batch(rows, parts.tokenizer.pad_token_id, parts.device)
-        rollout = parts.generator.generate(ids, mask, rng, noise_rows=(lo, size))
+        episodes = None
+        if parts.episodes is not None:  # --env: whole episodes, with the environments' rewards
+            episodes = run_episodes(parts, prompts, list(rows), EVAL_SEED + k)
+            rollout = episodes.rollout
+        else:
+            rng = torch.Generator(device=parts.device).manual_seed(cfg.seed * 1_000_003 + EVAL_SEED + k)
+            rollout = parts.generator.generate(ids, mask, rng, noise_rows=(lo, size))
         seqs = rollout.sequences()
         ref = parts.reference.logprobs(seqs, cfg.temperature)
         logprobs = _policy_logprobs(parts, seqs)
         kl = torch.where(rollout.response_mask.bool(), logprobs - ref, torch.zeros_like(ref)).sum(-1)
         scores = parts.reward.score(seqs, texts, prompts.chats_at(rows), prompts.columns_at(rows),
-                                    prompts.rows_at(rows)).scores
-        totals += torch.stack([scores.sum(), kl.sum(), rollout.response_mask.sum(),
-                               rollout.ended.sum()]).double().cpu()
+                                    prompts.rows_at(rows), transcripts=episodes.transcripts if episodes else None).scores
+        env = torch.zeros(2)
+        if episodes is not None:
+            scores = scores + episodes.rewards.to(scores)
+            env = torch.tensor([float(episodes.rewards.sum()), sum(float(e.tool_calls > 0) for e in episodes.episodes)])
+        totals += torch.cat([torch.stack([scores.sum(), kl.sum(), rollout.response_mask.sum(),
+                                          rollout.ended.sum()]).double().cpu(), env.double()])
     all_reduce = parts.all_reduce_sum()
     if all_reduce is not None:
         totals = all_reduce(totals.to(parts.device)).cpu()
     names = ("eval/rm_score", "eval/kl", "eval/length", "eval/eos_rate")
+    if parts.episodes is not None:
+        names += ("eval/env_reward", "eval/tool_call_rate")
     return {name: float(total) / n for name, total in zip(names, totals)}
 
 

@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from tether.config import OnlineConfig
+from tether.envs.api import load_environments
+from tether.envs.episodes import EpisodeLimits, EpisodeRunner
 from tether.errors import ConfigError
 from tether.models.critic import Actor, Critic, new_value_head
 from tether.models.load import (apply_lora, check_positions, count_parameters, disable_dropout, eos_token_ids,
@@ -62,6 +64,10 @@ class OnlineParts:
     # Builds the per-token rewards; a parameter so that tests can inject the faults the
     # health checks must catch (a flipped KL sign, a broadcast score).
     token_rewards: Callable = kl_penalised_rewards
+    # --env: the multi-turn episode runner (tether.envs.episodes), and the single-token stop
+    # strings of its environments, which end a turn as EOS does
+    episodes: Optional[Any] = None
+    stop_token_ids: tuple[int, ...] = ()
 
     @property
     def device(self) -> torch.device:
@@ -177,7 +183,7 @@ def load_reward_side(cfg: OnlineConfig, tokenizer: Any, dtype: torch.dtype, eos_
             raise ConfigError("--critic separate initialises the critic from the reward model, which "
                               "needs the policy's tokenizer; this RM has another. Use --critic head.")
     scorer = RewardSources(RewardScorer(rm, eos_ids, tokenizer.pad_token_id, tokenizer, rm_tokenizer,
-                                        max_length=cfg.max_prompt_length + cfg.response_length),
+                                        max_length=cfg.max_prompt_length + cfg.episode_length),
                            functions, tokenizer, eos_ids)
     if critic != "separate":  # a value head on the policy, or no critic at all
         return scorer, None
@@ -207,12 +213,13 @@ def check_lengths(cfg: OnlineConfig, prompts: PromptSet, eval_prompts: Optional[
     """Refuse prompts plus --response-length tokens that a model with learned position
     embeddings cannot take (`models.load.check_positions`), before any rollout."""
     lengths = [len(ids) for ids in prompts.ids + (eval_prompts.ids if eval_prompts is not None else [])]
-    longest = max(lengths, default=0) + cfg.response_length
-    fix = (f"lower --response-length (now {cfg.response_length}) or --max-prompt-length (now "
+    longest = max(lengths, default=0) + cfg.episode_length
+    limit = "--max-total-length" if cfg.env else "--response-length"
+    fix = (f"lower {limit} (now {cfg.episode_length}) or --max-prompt-length (now "
            f"{cfg.max_prompt_length}; longer prompts are cut or dropped as --prompt-truncation says)")
     for name, model in models:
         if model is not None:
-            check_positions(model, longest, "the longest prompt plus --response-length", fix, name)
+            check_positions(model, longest, f"the longest prompt plus {limit}", fix, name)
 
 
 def probe_rollout(prompts: PromptSet, pad_token_id: int, device: Any) -> Rollout:
@@ -226,6 +233,29 @@ def probe_rollout(prompts: PromptSet, pad_token_id: int, device: Any) -> Rollout
     return Rollout(ids, mask, response, ones, torch.zeros(len(rows), dtype=torch.bool, device=device))
 
 
+def env_tools(envs: list) -> Callable[[dict, str], Optional[list[dict]]]:
+    """tools_for(row, where) of `load_prompts`: the JSON schemas of the tools of the row's
+    environment (its class attribute `tools`), for chat templates with a tools section."""
+    from tether.envs.tools import tool_schema
+
+    by_name = {spec.name: spec for spec in envs}
+    schemas = {spec.name: [tool_schema(fn) for fn in spec.attribute("tools", ()) or ()] for spec in envs}
+
+    def tools_for(row: dict, where: str) -> Optional[list[dict]]:
+        name = envs[0].name if len(envs) == 1 else row.get("env")
+        return schemas.get(name) or None if name in by_name else None
+
+    return tools_for
+
+
+def single_token_stops(tokenizer: Any, envs: list) -> tuple[int, ...]:
+    """The environments' stop strings that are one token of the vocabulary (e.g. Qwen's
+    </tool_call>): sampling then stops a turn at them as at EOS, rather than running on."""
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[s] for spec in envs for s in spec.attribute("stop", ()) or () if s in vocab}
+    return tuple(sorted(ids))
+
+
 def build(cfg: OnlineConfig, accelerator: Any = None) -> OnlineParts:
     """Load and prepare every component of an online run (nothing is trained or written here)."""
     cfg.validate()  # also when the config was built in Python rather than by the CLI
@@ -236,9 +266,11 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> OnlineParts:
     # 1. tokenizer and prompts
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, padding_side="left")
     cfg = fit_default_length(cfg, "max_prompt_length", cfg.policy, cfg.response_length, "--response-length")
-    prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation)
-    eval_prompts = (load_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation)
-                    if cfg.eval_prompts else None)
+    envs = load_environments(cfg.env) if cfg.env else []
+    tools_for = env_tools(envs) if envs else None
+    prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation, tools_for)
+    eval_prompts = (load_prompts(cfg.eval_prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation,
+                                 tools_for) if cfg.eval_prompts else None)
     # 2. models: policy, reference, reward model, critic. Under --fsdp every model is sharded
     #    as soon as it is loaded, each its own root (the policy is also called alone, to sample),
     #    and none is wrapped by accelerate: frozen ones get no optimizer state.
@@ -288,7 +320,7 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> OnlineParts:
     if cfg.generation_backend == "vllm":
         # the engine's context holds the longest prompt (after truncation) and a full response
         longest = max(len(ids) for ids in prompts.ids + (eval_prompts.ids if eval_prompts is not None else []))
-        engine = dict(source=cfg.policy, dtype=dtype, max_model_len=longest + cfg.response_length,
+        engine = dict(source=cfg.policy, dtype=dtype, max_model_len=longest + cfg.episode_length,
                       seed=cfg.seed, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                       sleep=cfg.vllm_sleep, trust_remote_code=cfg.trust_remote_code,
                       max_rows=cfg.rollouts)
@@ -310,8 +342,13 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> OnlineParts:
         check_positions(lm, max((len(r) for r in ptx.rows), default=0), "the --ptx-data rows (cut to "
                         "--max-prompt-length plus --response-length)", "lower --max-prompt-length", cfg.policy)
     order = GlobalBatches(len(prompts.ids), cfg.batch_size, 1, accelerator.num_processes, cfg.seed)
+    episodes, stop_ids = None, ()
+    if envs:
+        episodes = EpisodeRunner(envs, tokenizer, eos_ids, tokenizer.pad_token_id, EpisodeLimits(
+            cfg.max_turns, cfg.episode_length, cfg.response_length, cfg.env_errors, cfg.env_timeout))
+        stop_ids = single_token_stops(tokenizer, envs)
     parts = OnlineParts(cfg, algorithm, accelerator, tokenizer, actor, critic, critic_kind, optimizers,
                         schedulers, reference, reward, generator, kl_ctl, prompts, order, eos_ids, probe,
-                        eval_prompts=eval_prompts, ptx=ptx)
+                        eval_prompts=eval_prompts, ptx=ptx, episodes=episodes, stop_token_ids=stop_ids)
     algorithm.setup(parts)
     return parts

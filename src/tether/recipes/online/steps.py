@@ -6,7 +6,7 @@ KL control, health checks). The method's own steps are its `Algorithm` hooks (al
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -24,6 +24,8 @@ from tether.training.collectives import any_process, max_across_processes
 from tether.training.memory import resident_mb
 
 if TYPE_CHECKING:
+    from tether.envs.episodes import Episodes
+    from tether.recipes.online.data import PromptSet
     from tether.recipes.online.setup import OnlineParts
 
 
@@ -57,9 +59,11 @@ class PhaseClock:
                 "timing/iteration": self.last - self.start}
 
 
-def sampling_rng(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """The sampling noise of iteration `step`: a function of the seed and the step only."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+def sampling_rng(seed: int, step: int, device: torch.device, turn: int = 0) -> torch.Generator:
+    """The sampling noise of iteration `step` (and of an episode's turn > 0): a function of the
+    seed, the step and the turn only."""
+    base = seed * 1_000_003 + step
+    return torch.Generator(device=device).manual_seed(base if turn == 0 else base * 64 + turn)
 
 
 @dataclass
@@ -72,6 +76,7 @@ class Sampled:
     seqs: Sequences
     ref_logprobs: Tensor  # (B, T)
     scored: RewardScores
+    stats: dict = field(default_factory=dict)  # the episodes' env/ metrics (with --env)
 
 
 # Extra sampling rounds (dynamic sampling) draw the prompts and noise of "steps" this far apart,
@@ -90,13 +95,59 @@ def sample_and_score(parts: "OnlineParts", step: int, clock: PhaseClock, repeat:
     indices = parts.order.step_indices(step - 1, parts.accelerator.process_index)[0]
     rows = [i for i in indices for _ in range(repeat)]
     prompt_ids, prompt_mask, texts = parts.prompts.batch(rows, parts.tokenizer.pad_token_id, parts.device)
-    rollout = parts.generator.generate(prompt_ids, prompt_mask, sampling_rng(cfg.seed, step, parts.device))
+    episodes = None
+    if parts.episodes is not None:
+        episodes = run_episodes(parts, parts.prompts, rows, step)
+        rollout = episodes.rollout
+    else:
+        rollout = parts.generator.generate(prompt_ids, prompt_mask, sampling_rng(cfg.seed, step, parts.device))
     seqs = rollout.sequences()
     clock.lap("rollout")
     ref_logprobs = parts.reference.logprobs(seqs, cfg.temperature)
     scored = parts.reward.score(seqs, texts, parts.prompts.chats_at(rows), parts.prompts.columns_at(rows),
-                                parts.prompts.rows_at(rows), trl_trainer_state(iteration, cfg.max_steps))
-    return Sampled(rows, texts, rollout, seqs, ref_logprobs, scored)
+                                parts.prompts.rows_at(rows), trl_trainer_state(iteration, cfg.max_steps),
+                                transcripts=episodes.transcripts if episodes is not None else None)
+    if episodes is None:
+        return Sampled(rows, texts, rollout, seqs, ref_logprobs, scored)
+    # the environments' rewards add to the RM's and the functions'; a skipped episode (it trains
+    # nothing) is paid the batch's mean, so that it moves no other row's baseline much
+    scores = scored.scores + episodes.rewards.to(scored.scores)
+    skipped = episodes.skipped.to(scores.device)
+    if bool(skipped.any()) and not bool(skipped.all()):
+        scores = torch.where(skipped, scores[~skipped].mean(), scores)
+    return Sampled(rows, texts, rollout, seqs, ref_logprobs, scored._replace(scores=scores),
+                   episodes.metrics())
+
+
+def run_episodes(parts: "OnlineParts", prompts: "PromptSet", rows: list[int], step: int) -> "Episodes":
+    """--env: one multi-turn episode per row of `prompts` (tether.envs.episodes), each turn
+    sampled by the run's generator on the episodes so far, all active ones at once, with the
+    noise of `step` (`sampling_rng`)."""
+    from tether.envs.episodes import Turns
+    from tether.rollout.generate import left_pad, sampling_params
+
+    device, pad = parts.device, parts.tokenizer.pad_token_id
+
+    def sample(contexts: list[list[int]], max_new: int, turn: int) -> Turns:
+        ids, mask = left_pad(contexts, pad, device)
+        with sampling_params(parts.generator, max_new_tokens=max_new,
+                             eos_token_ids=parts.eos_token_ids + parts.stop_token_ids):
+            out = parts.generator.generate(ids, mask, sampling_rng(parts.cfg.seed, step, device, turn))
+        keep = out.response_mask.bool()
+        tokens = [row[m].tolist() for row, m in zip(out.response_ids, keep)]
+        sampler = ([row[m].tolist() for row, m in zip(out.sampler_logprobs, keep)]
+                   if out.sampler_logprobs is not None else None)
+        return Turns(tokens, out.ended.tolist(), sampler)
+
+    episodes = parts.episodes.run(
+        [prompts.ids[i] for i in rows], prompts.records_at(rows), prompts.rows_at(rows),
+        [c is not None for c in prompts.chats_at(rows)], sample,
+        any_active=lambda active: any_process(parts.accelerator, active))
+    r = episodes.rollout
+    episodes.rollout = Rollout(*(t.to(device) if t is not None else None for t in (
+        r.prompt_ids, r.prompt_mask, r.response_ids, r.response_mask, r.ended, r.sampler_logprobs,
+        r.response_attention)))
+    return episodes
 
 
 @dataclass
