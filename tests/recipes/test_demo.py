@@ -12,7 +12,9 @@ SUMMARY_KEYS = ("rm_accuracy_gold", "rm_accuracy_labels", "win_rate_ppo_vs_sft",
                 "win_rate_bon_vs_sft", "win_rate_ppo_beta0_vs_sft", "win_rate_online_dpo_vs_sft", "kl_ppo",
                 "kl_dpo", "kl_online_dpo", "gold_ppo", "gold_online_dpo",
                 "gold_sft", "wall_seconds", "quiz_exact_match_sft", "quiz_exact_match_grpo",
-                "quiz_exact_match_rloo", "kl_grpo", "kl_rloo")
+                "quiz_exact_match_rloo", "kl_grpo", "kl_rloo", "lookup_exact_match_sft",
+                "lookup_exact_match_grpo_no_tool", "lookup_exact_match_grpo_tool", "lookup_tool_call_rate_sft",
+                "lookup_tool_call_rate_grpo_tool")
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +30,14 @@ def test_quick_demo_writes_every_summary_figure(demo_dir):
         assert isinstance(summary[key], (int, float)), key
     for key in ("win_rate_ppo_vs_sft", "win_rate_dpo_vs_sft", "win_rate_bon_vs_sft", "rm_accuracy_gold"):
         assert 0.0 <= summary[key] <= 1.0
-    for key in ("quiz_exact_match_sft", "quiz_exact_match_grpo", "quiz_exact_match_rloo"):
+    for key in ("quiz_exact_match_sft", "quiz_exact_match_grpo", "quiz_exact_match_rloo",
+                "lookup_exact_match_sft", "lookup_exact_match_grpo_tool", "lookup_tool_call_rate_grpo_tool"):
         assert 0.0 <= summary[key] <= 1.0
-    for stage in ("base", "sft", "rm", "ppo", "ppo_beta0", "dpo", "online_dpo", "sft_quiz", "grpo", "rloo"):
+    assert 0.0 <= summary["lookup_exact_match_grpo_no_tool"] <= 1.0
+    grpo_tool = [json.loads(line) for line in (demo_dir / "grpo_tool" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= row["env/observation_token_frac"] < 1.0 and row["env/turns"] >= 1 for row in grpo_tool)
+    for stage in ("base", "sft", "rm", "ppo", "ppo_beta0", "dpo", "online_dpo", "sft_quiz", "grpo", "rloo",
+                  "sft_lookup", "grpo_no_tool", "grpo_tool"):
         assert json.loads((demo_dir / stage / "tether_run.json").read_text())["complete"] is True
     assert (demo_dir / "bon" / "bon.jsonl").exists()
 

@@ -120,6 +120,26 @@ class Episodes:
         }
 
 
+def generator_turns(generator: Any, eos_token_ids: Sequence[int], pad_token_id: int, device: Any,
+                    rng: Callable[[int], torch.Generator]) -> Callable[[list[list[int]], int, int], Turns]:
+    """The `sample` of `EpisodeRunner.run` for a tether generator (rollout.generate: torch, hf
+    or vLLM): the contexts left-padded into one batch, each turn with its own token limit and
+    stop tokens, and the noise rng(turn)."""
+    from tether.rollout.generate import left_pad, sampling_params
+
+    def sample(contexts: list[list[int]], max_new: int, turn: int) -> Turns:
+        ids, mask = left_pad(contexts, pad_token_id, device)
+        with sampling_params(generator, max_new_tokens=max_new, eos_token_ids=tuple(eos_token_ids)):
+            out = generator.generate(ids, mask, rng(turn))
+        keep = out.response_mask.bool()
+        tokens = [row[m].tolist() for row, m in zip(out.response_ids, keep)]
+        sampler = ([row[m].tolist() for row, m in zip(out.sampler_logprobs, keep)]
+                   if out.sampler_logprobs is not None else None)
+        return Turns(tokens, out.ended.tolist(), sampler)
+
+    return sample
+
+
 class ObservationEncoder:
     """The token ids an observation adds after a policy turn.
 
@@ -282,7 +302,7 @@ class EpisodeRunner:
                 logprobs = out.sampler_logprobs[k][:len(ids)] if out.sampler_logprobs is not None else None
                 stops = tuple(self.envs[ep.env_name].attribute("stop", ()) or getattr(ep.env, "stop", ()))
                 stopped = False
-                if stops and not (ended and ids and ids[-1] in self.eos):
+                if stops:  # a stop string ends the turn where it is, even before an EOS
                     cut = cut_at_stop(self.tokenizer, ids, stops)
                     if cut is not None:
                         ids, stopped, ended = cut, True, True

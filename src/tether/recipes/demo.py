@@ -10,6 +10,8 @@
     as it trains, labelled by the reward model
  8. best-of-N from the SFT model
  9. the verifiable quiz: GRPO and RLOO against an exact-match reward function
+ 9c. a multi-turn task: questions only a lookup tool can answer (world/lookup.py), GRPO with
+    the tool (tether grpo --env) and without it
 10. judge every policy against SFT on held-out prompts with the gold judge
 11. summary.json and the report
 
@@ -59,6 +61,8 @@ class Sizes:
     quiz_eval: int
     quiz_sft_steps: int
     grpo_steps: int
+    lookup_sft_steps: int  # the lookup task: SFT on demonstrations that call the tool half the time,
+    lookup_grpo_steps: int  # then GRPO with and without the tool
     iterate_prompts: int  # prompts whose samples a later round of iterated RLHF ranks
 
 
@@ -67,13 +71,13 @@ FULL = Sizes(corpus=20000, pretrain_steps=400, sft=12000, sft_steps=1200, pair_p
              online_dpo_steps=40,
              eval_prompts=200, bon_n=8, batch=32, response_length=48, quiz_demos=3000,
              quiz_questions=2000, quiz_eval=200, quiz_sft_steps=400, grpo_steps=120,
-             iterate_prompts=1000)
+             lookup_sft_steps=300, lookup_grpo_steps=40, iterate_prompts=1000)
 QUICK = Sizes(corpus=600, pretrain_steps=20, sft=200, sft_steps=8, pair_prompts=64,
               pair_eval_prompts=32, rm_steps=6, ppo_steps=3, ppo_beta0_steps=3, ppo_batch=8, dpo_steps=4,
               online_dpo_steps=3,
               eval_prompts=16, bon_n=2, batch=8, response_length=16, quiz_demos=64,
               quiz_questions=64, quiz_eval=16, quiz_sft_steps=4, grpo_steps=2,
-              iterate_prompts=24)
+              lookup_sft_steps=4, lookup_grpo_steps=2, iterate_prompts=24)
 
 
 class Timer:
@@ -116,6 +120,8 @@ PPO_VF_COEF = 1.0
 BETA0_NOTE = ("the beta = 0 run chases the reward model with no KL tether, to show over-optimisation. "
               "Its health checks are expected to warn (reward rising while the KL explodes, and a "
               "critic that cannot follow a policy moving this fast); the run carries on.")
+LOOKUP_TURN = 8  # tokens per policy turn of the lookup task (a call is 6 words and EOS)
+LOOKUP_TOOL, LOOKUP_NO_TOOL = "tether.world.lookup:LookupEnv", "tether.world.lookup:NoToolEnv"
 RANK_K = 4  # samples ranked per training prompt: C(4, 2) = 6 comparisons for one forward of 4
 
 
@@ -176,7 +182,7 @@ def run(cfg: DemoConfig) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     d = {name: root / name for name in ("world", "base", "sft", "pairs", "rm", "ppo", "ppo_beta0",
                                         "dpo", "online_dpo", "bon", "quiz", "sft_quiz", "grpo", "rloo",
-                                        "eval")}
+                                        "lookup", "sft_lookup", "grpo_no_tool", "grpo_tool", "eval")}
     timer = Timer()
     common = dict(seed=seed, progress=True, tensorboard=True)
     # 1. the world's data
@@ -236,6 +242,19 @@ def run(cfg: DemoConfig) -> dict:
             reward_fn=["tether.world.quiz_reward:exact_match"], output_dir=str(d[name]),
             num_generations=8, batch_size=16, response_length=12, temperature=cfg.temperature,
             lr=5e-4, max_steps=sizes.grpo_steps, **common))
+    # 9c. the lookup task (multi-turn): SFT on demonstrations that call the tool half of the
+    #     time, then GRPO with the tool (episodes of up to two turns) and without it (one turn)
+    timer.run("lookup", d["lookup"], lambda: _export_lookup(d["lookup"], sizes, seed))
+    timer.stage("sft_lookup", "sft", SFTConfig(
+        model=str(d["sft"]), data=str(d["lookup"] / "lookup_sft.jsonl"), output_dir=str(d["sft_lookup"]),
+        max_steps=sizes.lookup_sft_steps, lr=5e-4, batch_size=sizes.batch, max_length=64, eval_fraction=0.0,
+        **common))
+    for name, env, turns in (("grpo_no_tool", LOOKUP_NO_TOOL, 1), ("grpo_tool", LOOKUP_TOOL, 2)):
+        timer.stage(name, "grpo", GRPOConfig(
+            policy=str(d["sft_lookup"]), prompts=str(d["lookup"] / "lookup_prompts.jsonl"), env=[env],
+            max_turns=turns, output_dir=str(d[name]), num_generations=8, batch_size=16,
+            response_length=LOOKUP_TURN, temperature=cfg.temperature, lr=5e-4,
+            max_steps=sizes.lookup_grpo_steps, **common))
     # 9b. more rounds: the RM retrained on the last policy's samples, PPO from that policy
     last_round = _more_rounds(cfg, d, root, sizes, timer, common) if cfg.rounds > 1 else None
     # 10. gold-judged evaluation of every policy against SFT
@@ -250,10 +269,20 @@ def run(cfg: DemoConfig) -> dict:
     quiz_results = {name: quiz_exact_match(d[name], d["quiz"] / "quiz_eval.jsonl", cfg.temperature, seed + 1)
                     for name in ("sft_quiz", "grpo", "rloo")}
     atomic_write_json(d["eval"] / "quiz_exact_match.json", quiz_results)
+    held_out = d["lookup"] / "lookup_eval.jsonl"
+    lookup_results = {  # SFT and GRPO with the tool play with it; GRPO without it, without
+        "sft": lookup_eval(d["sft_lookup"], held_out, LOOKUP_TOOL, 2, cfg.temperature, seed + 1),
+        "grpo_no_tool": lookup_eval(d["grpo_no_tool"], held_out, LOOKUP_NO_TOOL, 1, cfg.temperature, seed + 1),
+        "grpo_tool": lookup_eval(d["grpo_tool"], held_out, LOOKUP_TOOL, 2, cfg.temperature, seed + 1)}
+    atomic_write_json(d["eval"] / "lookup_exact_match.json", lookup_results)
     timer.seconds["eval"] = round(time.perf_counter() - t0, 1)
     # 11. summary and report
     summary = _summary(d, results, timer, time.perf_counter() - t_start)
     summary.update({f"quiz_exact_match_{'sft' if n == 'sft_quiz' else n}": quiz_results[n] for n in quiz_results})
+    for name, result in lookup_results.items():
+        summary[f"lookup_exact_match_{name}"] = result["exact_match"]
+    summary["lookup_tool_call_rate_sft"] = lookup_results["sft"]["tool_call_rate"]
+    summary["lookup_tool_call_rate_grpo_tool"] = lookup_results["grpo_tool"]["tool_call_rate"]
     summary["kl_grpo"] = _last_metrics(d["grpo"]).get("objective/kl")
     summary["kl_rloo"] = _last_metrics(d["rloo"]).get("objective/kl")
     if last_round is not None:
@@ -372,6 +401,17 @@ def _export_quiz(out: Path, sizes: Sizes, seed: int) -> None:
     mark_complete(out, "quiz", {})
 
 
+def _export_lookup(out: Path, sizes: Sizes, seed: int) -> None:
+    from tether.models.save import mark_complete
+    from tether.training.files import write_jsonl
+    from tether.world import lookup
+
+    write_jsonl(out / "lookup_sft.jsonl", lookup.demonstrations(sizes.quiz_demos, tool_rate=0.5, seed=seed))
+    write_jsonl(out / "lookup_prompts.jsonl", lookup.questions(sizes.quiz_questions, "train", seed + 1))
+    write_jsonl(out / "lookup_eval.jsonl", lookup.questions(sizes.quiz_eval, "eval", seed))
+    mark_complete(out, "lookup", {})
+
+
 def quiz_exact_match(model_dir: Path, questions: Path, temperature: float, seed: int) -> float:
     """The share of held-out quiz questions a policy answers exactly right, one sample each at
     the demo's temperature (the reward function is the judge)."""
@@ -444,3 +484,36 @@ def _print_summary(summary: dict) -> None:
         for key, value in summary["iterated"].items():
             print(f"    {key:<40} {value:.4g}" if isinstance(value, float) else f"    {key:<40} {value}")
     print("  stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
+
+
+def lookup_eval(model_dir: Path, questions: Path, env: str, max_turns: int, temperature: float,
+                seed: int) -> dict:
+    """The held-out lookup questions played out with `env` (the tool, or none): exact match
+    (the environment's reward) and the share of episodes that called the tool, one sample
+    each at the demo's temperature, from the saved model with plain transformers and the
+    episode runner the trainer samples with."""
+    import torch
+
+    from tether.data.tokenize import encode_prompt
+    from tether.envs.api import load_environments
+    from tether.envs.episodes import EpisodeLimits, EpisodeRunner, generator_turns
+    from tether.models.load import eos_token_ids, load_causal_lm, load_tokenizer
+    from tether.rollout.generate import KVCacheSampler, SamplingParams
+    from tether.training.metrics import read_metrics
+
+    rows = read_metrics(questions)
+    tok = load_tokenizer(str(model_dir), padding_side="left")
+    model = load_causal_lm(str(model_dir)).eval()
+    eos = tuple(eos_token_ids(tok, model))
+    sampler = KVCacheSampler(model, SamplingParams(LOOKUP_TURN, temperature, eos_token_ids=eos,
+                                                   pad_token_id=tok.pad_token_id))
+    runner = EpisodeRunner(load_environments([env]), tok, eos, tok.pad_token_id,
+                           EpisodeLimits(max_turns, LOOKUP_TURN * max_turns, LOOKUP_TURN))
+    rng = lambda turn: torch.Generator().manual_seed(seed * 1_000_003 + turn)  # noqa: E731
+    prompts = [encode_prompt(tok, r["prompt"]) for r in rows]  # as the online stages encode them
+    out = runner.run(prompts, rows, [f"{questions}:{i + 1}" for i in range(len(rows))], [False] * len(rows),
+                     generator_turns(sampler, eos, tok.pad_token_id, "cpu", rng))
+    runner.close()
+    n = len(out.episodes)
+    return {"exact_match": sum(e.reward for e in out.episodes) / n,
+            "tool_call_rate": sum(e.tool_calls > 0 for e in out.episodes) / n}

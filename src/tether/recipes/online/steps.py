@@ -123,22 +123,12 @@ def run_episodes(parts: "OnlineParts", prompts: "PromptSet", rows: list[int], st
     """--env: one multi-turn episode per row of `prompts` (tether.envs.episodes), each turn
     sampled by the run's generator on the episodes so far, all active ones at once, with the
     noise of `step` (`sampling_rng`)."""
-    from tether.envs.episodes import Turns
-    from tether.rollout.generate import left_pad, sampling_params
+    from tether.envs.episodes import generator_turns
 
-    device, pad = parts.device, parts.tokenizer.pad_token_id
-
-    def sample(contexts: list[list[int]], max_new: int, turn: int) -> Turns:
-        ids, mask = left_pad(contexts, pad, device)
-        with sampling_params(parts.generator, max_new_tokens=max_new,
-                             eos_token_ids=parts.eos_token_ids + parts.stop_token_ids):
-            out = parts.generator.generate(ids, mask, sampling_rng(parts.cfg.seed, step, device, turn))
-        keep = out.response_mask.bool()
-        tokens = [row[m].tolist() for row, m in zip(out.response_ids, keep)]
-        sampler = ([row[m].tolist() for row, m in zip(out.sampler_logprobs, keep)]
-                   if out.sampler_logprobs is not None else None)
-        return Turns(tokens, out.ended.tolist(), sampler)
-
+    device = parts.device
+    sample = generator_turns(parts.generator, parts.eos_token_ids + parts.stop_token_ids,
+                             parts.tokenizer.pad_token_id, device,
+                             lambda turn: sampling_rng(parts.cfg.seed, step, device, turn))
     episodes = parts.episodes.run(
         [prompts.ids[i] for i in rows], prompts.records_at(rows), prompts.rows_at(rows),
         [c is not None for c in prompts.chats_at(rows)], sample,
