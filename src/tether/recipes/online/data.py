@@ -1,4 +1,5 @@
-"""PPO's data: prompts (tokenised once, over-long ones truncated or dropped) and PPO-ptx text.
+"""PPO's data: prompts (tokenised once, over-long ones truncated or dropped; plain or
+conversational, `data.prompts`) and PPO-ptx text.
 
 The order of prompts is decided by `GlobalBatches` from the seed alone: iteration i always uses
 the same prompts, which is what makes resume exact.
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tether.data.io import load_rows, require_columns, visible_columns, where
-from tether.data.preference import is_messages
+from tether.data.prompts import prompt_column, prompt_text
 from tether.data.tokenize import encode_chat_or_prompt, encode_prompt
 from tether.errors import DataError
 from tether.rollout.generate import left_pad
@@ -51,35 +52,11 @@ class PromptSet:
         return [self.rows[i] for i in indices] if self.rows else [f"prompt {i + 1}" for i in indices]
 
 
-def prompt_text(tokenizer: Any, row: dict, where: str) -> tuple[str, Optional[list[dict]]]:
-    """(text, messages or None) of one row: `prompt`, or the messages of `messages` (or of a
-    `prompt` that holds messages, TRL's conversational form) rendered with the chat template and
-    its generation prompt. A final assistant turn (SFT-style rows) is left out: it is the
-    answer."""
-    chat = row.get("messages") or (row["prompt"] if is_messages(row.get("prompt")) else None)
-    if not chat and not isinstance(row.get("prompt"), str):
-        raise DataError(f"{where}: column 'prompt' holds {row.get('prompt')!r}: give a string, or a "
-                        "list of {role, content} messages")
-    if chat:
-        messages = list(chat)
-        if messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{where}: conversational prompts (role/content messages) need a "
-                            "tokenizer with a chat template")
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, messages
-    return row["prompt"], None
-
-
 def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str) -> PromptSet:
     """Tokenise every prompt; truncate from the left (keeping a leading BOS) or drop over-long
     ones, and log how many."""
     ds = load_rows(source)
-    column = "messages" if "messages" in ds.column_names else "prompt"
-    # a `prompt` column of messages (TRL's conversational form) is checked row by row instead
-    chat_prompts = column == "prompt" and column in ds.column_names and any(map(is_messages, ds[column]))
-    require_columns(ds, [column], source, text=["prompt"] if column == "prompt" and not chat_prompts else [])
+    prompt_column(ds, source)
     out = PromptSet([], [])
     extra = [c for c in visible_columns(ds) if c not in ("prompt", "messages")]
     bos = tokenizer.bos_token_id
