@@ -78,6 +78,11 @@ def test_bon_scores_the_rendered_conversation_and_keeps_the_messages(bon_run, ch
                 tok(response, add_special_tokens=False)["input_ids"]
             with torch.no_grad():
                 assert rm(torch.tensor([ids])).logits[0, 0].item() == pytest.approx(score, abs=1e-4)
+    # tether score reads bon.jsonl's conversations as bon's RM read them
+    scored = root / "scored.jsonl"
+    assert main(["score", "--reward-model", str(chat_reward_model), "--data", str(root / "bon" / "bon.jsonl"),
+                 "--output", str(scored)]) == 0
+    assert [r["score"] for r in read_jsonl(scored)] == pytest.approx([r["score"] for r in rows], abs=1e-4)
     pairs = read_jsonl(root / "bon" / "pairs.jsonl")
     assert pairs, "the samples of some prompt should differ"
     best = {json.dumps(r["prompt"]): r["response"] for r in rows}

@@ -236,7 +236,8 @@ def test_conversational_items_keep_their_messages_through_the_api(tmp_path, chat
     from tether.data.preference import read_preference_rows
     from tether.models.load import load_tokenizer
 
-    rows = read_preference_rows(load_rows(str(tmp_path / "out.jsonl")), "out", tokenizer=load_tokenizer(str(chat_model)))
+    tok = load_tokenizer(str(chat_model))
+    rows = read_preference_rows(load_rows(str(tmp_path / "out.jsonl")), "out", tokenizer=tok)
     assert rows[0]["chat"] and rows[0]["prompt"].startswith("<|im_start|>system\nbe <b>kind</b><|im_end|>\n"
                                                             "<|im_start|>user\n<script>")
 

@@ -85,3 +85,22 @@ def test_sampling_takes_a_chat_flag_per_prompt(tiny_models):
     assert mixed == pytest.approx(alone, abs=1e-4)
     wrong = response_logprobs(model, tok, samples.prompts[:1], samples.response_ids[:1], chat=False)
     assert wrong[0] != pytest.approx(mixed[0], abs=1e-4)  # with a BOS added, another context
+
+
+def test_a_rendered_row_marked_chat_gets_no_added_special_tokens(tiny_models, tmp_path):
+    """tether iterate writes conversations rendered and marked `"chat": true` into the RM's data:
+    read back, their prompts are encoded as the template wrote them (the tiny Llama adds BOS to
+    a plain prompt, not to these)."""
+    from tether.data.io import load_rows
+    from tether.data.preference import read_preference_rows, tokenize_groups
+
+    tok = load_tokenizer(str(tiny_models["llama"]))
+    tok.chat_template = CHATML
+    text = tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True)
+    src = str(write_jsonl(tmp_path / "rm_data.jsonl", [
+        {"prompt": text, "responses": ["a pet", "no"], "ranks": [0, 1], "chat": True},
+        {"prompt": text, "responses": ["a pet", "no"], "ranks": [0, 1]}]))
+    rows = read_preference_rows(load_rows(src), src, tokenizer=tok)
+    assert [r.get("chat", False) for r in rows] == [True, False]
+    marked, plain = tokenize_groups(rows, tok, 512, "truncate", src)
+    assert marked.prompt_ids[0] != tok.bos_token_id and plain.prompt_ids[0] == tok.bos_token_id

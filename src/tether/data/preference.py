@@ -142,6 +142,14 @@ def _is_conversational(raw: dict) -> bool:
         isinstance(raw.get("responses"), list) and any(is_messages(r) for r in raw["responses"]))
 
 
+def assistant_text(value: Any) -> Any:
+    """The content of a response given as one assistant message (TRL's conversational form,
+    `[{"role": "assistant", "content": text}]`); any other value as it is."""
+    if is_messages(value) and len(value) == 1 and value[0].get("role") == "assistant":
+        return value[0]["content"]
+    return value
+
+
 def _turns(value: Any, column: str, where: str) -> list[dict]:
     """A response given as a string or as message(s) -> a list of messages."""
     if isinstance(value, str):
@@ -234,7 +242,7 @@ def render_chat(tokenizer: Any, prompt: list[dict], responses: Sequence[list[dic
 
 def render_for_scoring(tokenizer: Any, prompt: Any, responses: Sequence[str],
                        fallback: str | None = None, chat: bool = False,
-                       where: str = "a conversational prompt") -> tuple[str, list[str], bool]:
+                       where: str = "") -> tuple[str, list[str], bool]:
     """(prompt text, response texts, chat) as a reward model or LM judge with `tokenizer` reads a
     prompt and its responses.
 
@@ -242,8 +250,9 @@ def render_for_scoring(tokenizer: Any, prompt: Any, responses: Sequence[str],
     response as one assistant turn (`render_chat`), and comes back with chat=True: the text
     carries its own special tokens. A tokenizer without a template reads `fallback` instead, the
     text the policy read (as online RM scoring does), with chat=False; without a fallback that is
-    a DataError. A string prompt is read as it is, with the caller's `chat`.
+    a DataError (naming `where`). A string prompt is read as it is, with the caller's `chat`.
     """
+    at = f"{where}: " if where else ""
     if not is_messages(prompt):
         return prompt, list(responses), chat
     if getattr(tokenizer, "chat_template", None):
@@ -251,11 +260,11 @@ def render_for_scoring(tokenizer: Any, prompt: Any, responses: Sequence[str],
             text, texts = render_chat(tokenizer, list(prompt),
                                       [[{"role": "assistant", "content": r}] for r in responses])
         except ValueError as err:
-            raise DataError(f"{where}: {err}") from None
+            raise DataError(f"{at}{err}") from None
         return text, texts, True
     if fallback is not None:
         return fallback, list(responses), False
-    raise DataError(f"{where}: conversational prompts (role/content messages) are scored in the "
+    raise DataError(f"{at}conversational prompts (role/content messages) are scored in the "
                     f"scorer's chat template, and the tokenizer of {tokenizer.name_or_path or 'it'} "
                     "has none. Set its tokenizer.chat_template, or give plain string prompts.")
 
@@ -373,8 +382,10 @@ def _check_duplicates(responses: list[str], ranks: list[int], where: str) -> Non
         first.setdefault(text, k)
 
 
-def read_prompt_responses(ds: Any, source: str) -> tuple[list[str], list[str]]:
-    """Single responses to score: `{prompt, response}` or `{prompt, completion}` rows."""
+def read_prompt_responses(ds: Any, source: str) -> tuple[list[Any], list[str]]:
+    """Single responses to score: `{prompt, response}` or `{prompt, completion}` rows. A prompt
+    may be a conversation, kept as its messages (`models.reward.score_texts` renders them), its
+    response then a string or one assistant message (TRL's conversational form)."""
     column = "response" if "response" in ds.column_names else "completion"
     if "prompt" not in ds.column_names or column not in ds.column_names:
         raise DataError(f"{source}: expected columns prompt and response (or completion); found "
@@ -382,8 +393,9 @@ def read_prompt_responses(ds: Any, source: str) -> tuple[list[str], list[str]]:
     prompts, responses = [], []
     for i, raw in enumerate(ds):
         where = row_location(source, raw, i)
-        prompts.append(_text(raw["prompt"], "prompt", where))
-        responses.append(_text(raw[column], column, where))
+        prompt = raw["prompt"]
+        prompts.append(list(prompt) if is_messages(prompt) else _text(prompt, "prompt", where))
+        responses.append(_text(assistant_text(raw[column]), column, where))
     return prompts, responses
 
 

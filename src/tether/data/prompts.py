@@ -53,8 +53,8 @@ def row_prompt(row: dict, where: str) -> Prompt:
 def render_prompt(tokenizer: Any, prompt: Prompt, where: str) -> str:
     """The prompt as the policy reads it: a string as it is, messages in its chat template with
     the generation prompt."""
-    if not is_messages(prompt):
-        return prompt  # type: ignore[return-value]
+    if isinstance(prompt, str):
+        return prompt
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: conversational prompts (role/content messages) need a "
                         "tokenizer with a chat template")
@@ -64,7 +64,7 @@ def render_prompt(tokenizer: Any, prompt: Prompt, where: str) -> str:
 def prompt_text(tokenizer: Any, row: dict, where: str) -> tuple[str, list[dict] | None]:
     """(text the policy reads, messages or None) of one row (`row_prompt`, `render_prompt`)."""
     prompt = row_prompt(row, where)
-    return render_prompt(tokenizer, prompt, where), (prompt if is_messages(prompt) else None)  # type: ignore[return-value]
+    return render_prompt(tokenizer, prompt, where), (prompt if isinstance(prompt, list) else None)
 
 
 def read_prompts(source: str, limit: int = 0) -> list[Prompt]:

@@ -153,7 +153,8 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     max_prompt_length = _fit_to_positions(model, max_new_tokens, max_prompt_length, encoded)
     if max_prompt_length:
         encoded = [e[-max_prompt_length:] for e in encoded]
-    out = Samples([], [], [], [], chat if isinstance(chat, bool) else mine_chat, temperature, top_k, top_p, list(spread.rows), list(spread.owned))
+    out = Samples([], [], [], [], chat if isinstance(chat, bool) else mine_chat, temperature, top_k,
+                  top_p, list(spread.rows), list(spread.owned))
     if backend == "vllm":
         from tether.rollout.vllm_engine import VLLMGenerator
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tether.data.io import LINE, load_rows
-from tether.data.preference import is_messages
+from tether.data.preference import assistant_text, is_messages
 from tether.data.prompts import Prompt
 from tether.errors import DataError
 
@@ -65,9 +65,7 @@ def item_key(prompt: Prompt, responses: list[str] | tuple[str, ...]) -> str:
 def _text(value, column: str, where: str) -> str:
     """A response's text: a string, or one assistant message in a list (TRL's conversational
     form)."""
-    if is_messages(value) and len(value) == 1 and value[0].get("role") == "assistant" \
-            and isinstance(value[0]["content"], str):
-        return value[0]["content"]
+    value = assistant_text(value)
     if not isinstance(value, str):
         kind = "nothing" if value is None else type(value).__name__
         raise DataError(f"{where}: column {column!r} must be a string (or one assistant message), "

@@ -3,13 +3,13 @@
 For every prompt: sample N responses from the policy, score all of them with the reward model
 in batches, keep the highest. Writes `bon.jsonl` ({prompt, response, score, responses, scores})
 and `pairs.jsonl` ({prompt, chosen, rejected}: best against worst, ready for tether rm / dpo).
+Under `accelerate launch` the samples are spread over the processes (`eval.sampling.Spread`),
+and with --fsdp both models are sharded; the main process writes the files.
 
 Prompts may be conversational (`data.prompts`): the policy reads them in its chat template, the
 reward model in its own (`models.reward.score_texts`), and both files keep the messages; the
 pairs are then in TRL's conversational preference form, chosen and rejected each one assistant
 message.
-Under `accelerate launch` the samples are spread over the processes (`eval.sampling.Spread`),
-and with --fsdp both models are sharded; the main process writes the files.
 """
 
 from __future__ import annotations
