@@ -160,6 +160,29 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {arch: _build(root / arch, arch) for arch in ARCHS}
 
 
+@pytest.fixture(scope="session")
+def chat_model(tiny_models) -> Path:
+    """The tiny random Qwen2 whose tokenizer carries the ChatML template (`CHATML`:
+    <|im_start|>role\\ncontent<|im_end|>, each marker one special token): a chat policy, and the
+    LM judge of the conversational tests."""
+    return tiny_models["qwen2"]
+
+
+@pytest.fixture(scope="session")
+def chat_reward_model(chat_model, tmp_path_factory) -> Path:
+    """A reward model on the ChatML Qwen2 (its trunk, a seeded random head), saved with the
+    ChatML tokenizer: it reads a conversation in that template."""
+    from transformers import AutoTokenizer
+
+    from tether.models.reward import init_reward_model
+
+    path = tmp_path_factory.mktemp("chat_rm")
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    init_reward_model(str(chat_model), pad_token_id=tok.eos_token_id, seed=3).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run faster on one thread, and far faster when the machine is busy."""

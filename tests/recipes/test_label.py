@@ -200,6 +200,48 @@ def test_eval_writes_side_by_side_pairs_that_label_reads(tiny_models, tmp_path):
     assert read_items(str(tmp_path / "eval.json"))[0].sources == ("a", "b")  # its samples list too
 
 
+CHAT = [{"role": "system", "content": "be <b>kind</b>"},
+        {"role": "user", "content": "<script>window.__pwned = 2</script>what is a cat"}]
+
+
+def chat_pairs_file(path):
+    """Conversational pairs as tether bon writes them from chat prompts (TRL's form)."""
+    return write_jsonl(path, [{"prompt": CHAT, "chosen": [{"role": "assistant", "content": "a <i>cat</i>"}],
+                               "rejected": [{"role": "assistant", "content": "no idea"}]},
+                              {"prompt": CHAT[1:], "chosen": [{"role": "assistant", "content": "plain"}],
+                               "rejected": [{"role": "assistant", "content": "another"}]}])
+
+
+def test_conversational_items_keep_their_messages_through_the_api(tmp_path, chat_model):
+    from werkzeug.test import Client
+
+    items = read_items(str(chat_pairs_file(tmp_path / "in.jsonl")))
+    assert [it.prompt for it in items] == [CHAT, CHAT[1:]] and all(it.chat for it in items)
+    assert items[0].responses == ("a <i>cat</i>", "no idea") and items[0].given == (0, 1)
+    assert item_key(CHAT, ["x", "y"]) == item_key([{"content": m["content"], "role": m["role"]} for m in CHAT],
+                                                 ["y", "x"])
+    app = LabelApp(items, tmp_path / "out.jsonl", "ann")
+    client = Client(app)
+    for prompt in (CHAT, CHAT[1:]):
+        state = client.get("/api/state").json
+        assert state["item"]["prompt"] == prompt
+        assert client.post("/api/label", json={"key": state["item"]["key"], "decision": "chose",
+                                               "choice": 0}).status_code == 200
+    records = read_labels(tmp_path / "out.jsonl")
+    assert [r["prompt"] for r in records] == [CHAT, CHAT[1:]]
+    assert main(["label", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                 "--summary"]) == 0
+    # tether rm reads the labels as conversations, rendered in the model's chat template
+    from tether.data.io import load_rows
+    from tether.data.preference import read_preference_rows
+    from tether.models.load import load_tokenizer
+
+    tok = load_tokenizer(str(chat_model))
+    rows = read_preference_rows(load_rows(str(tmp_path / "out.jsonl")), "out", tokenizer=tok)
+    assert rows[0]["chat"] and rows[0]["prompt"].startswith("<|im_start|>system\nbe <b>kind</b><|im_end|>\n"
+                                                            "<|im_start|>user\n<script>")
+
+
 # ----------------------------------------------------------------------------- in Chromium
 
 
@@ -357,3 +399,30 @@ def test_agreement_with_the_order_the_input_gave(tmp_path):
     from tether.feedback.labels import agreement_with_given
 
     assert agreement_with_given(items, records) == {"comparisons": 3, "agreement": 1 / 3}
+
+
+def test_a_conversation_shows_turn_by_turn_as_text(browser, page_server, tmp_path):
+    from playwright.sync_api import expect
+
+    src, out = chat_pairs_file(tmp_path / "in.jsonl"), tmp_path / "labels.jsonl"
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(page_server(src, out))
+    _wait_item(page, 1, 2)
+    # one block per message: its role, then its content, markup shown as text and never run
+    expect(page.locator("#prompt .turn .role")).to_have_text(["system", "user"])
+    expect(page.locator("#prompt .turn .content")).to_have_text([m["content"] for m in CHAT])
+    assert page.locator("#prompt b, #prompt script").count() == 0
+    assert page.evaluate("() => window.__pwned") is None
+    assert sorted(page.locator(".response").all_inner_texts()) == ["a <i>cat</i>", "no idea"]
+    page.keyboard.press("1")
+    _wait_item(page, 2, 2)
+    expect(page.locator("#prompt .turn .role")).to_have_text(["user"])
+    page.keyboard.press("t")
+    expect(page.locator("#finished")).to_be_visible()
+    assert not errors
+    records = read_labels(out)
+    assert [r["prompt"] for r in records] == [CHAT, CHAT[1:]]
+    assert [r["decision"] for r in records] == ["chose", "tie"]
+    page.close()

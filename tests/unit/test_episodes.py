@@ -218,3 +218,23 @@ def test_several_environments_need_an_env_column(tok):
     assert [ep.env_name for ep in out.episodes] == ["A", "B"]
     with pytest.raises(DataError, match="`env` column"):
         r.run(prompt_ids(tok), [{}, {}], ["p:1", "p:2"], [False] * 2, sample)
+
+
+def test_the_tools_reach_the_prompt_through_the_template_or_described(tok):
+    import copy
+
+    from tether.data.prompts import prompt_text
+    from tether.envs.tools import tool_schema
+
+    schema = [tool_schema(add)]
+    chat = {"prompt": [{"role": "user", "content": "what is 2 + 3?"}]}
+    text, messages = prompt_text(tok, chat, "p:1", schema)  # ChatML here has no tools section
+    assert messages[0]["role"] == "system" and '"name": "add"' in messages[0]["content"]
+    assert text.startswith("<|im_start|>system\nYou can call these tools:")
+    plain, none = prompt_text(tok, {"prompt": "what is 2 + 3?"}, "p:1", schema)
+    assert none is None and plain.endswith("what is 2 + 3?") and '"name": "add"' in plain
+    with_section = copy.deepcopy(tok)
+    with_section.chat_template = ("{% for t in tools %}TOOL {{ t.function.name }}\n{% endfor %}"
+                                  + tok.chat_template)
+    text, messages = prompt_text(with_section, chat, "p:1", schema)
+    assert text.startswith("TOOL add\n<|im_start|>user") and messages == chat["prompt"]

@@ -20,7 +20,8 @@ class LabelConfig:
     input: str = ""
     """Candidates, JSONL: {prompt, responses: [K]}, {prompt, chosen, rejected} (their order is
     ignored, e.g. tether bon's pairs.jsonl), or {prompt, a, b} (two policies side by side; tether
-    eval's JSON works too). Required."""
+    eval's JSON works too). The prompt may be conversational (a list of role/content messages,
+    shown turn by turn and kept in the labels), a response one assistant message. Required."""
     output: str = ""
     """The label file to append to (JSON lines that tether rm and tether dpo read as they are).
     Several raters may share it. Required."""
@@ -60,7 +61,9 @@ class JudgeConfig:
     input: str = ""
     """Candidates, JSONL: {prompt, responses: [K]}, {prompt, chosen, rejected} (the order is not
     trusted; it is only compared with the judge's), or {prompt, a, b}. A label file (tether label's
-    output) works too, and its labels give the agreement figure. Required."""
+    output) works too, and its labels give the agreement figure. The prompt may be conversational
+    (a list of role/content messages, kept in the labels): a model judge reads it rendered in its
+    own chat template, a function in TRL's conversational form. Required."""
     output: str = ""
     """The label file to append to (JSON lines that tether rm and tether dpo read as they are).
     Required."""
@@ -163,8 +166,10 @@ class IterateConfig(LoggingFields, RunConfig):
     """The frozen reference of every round's KL penalty, and the model each round's reward model
     is trained from: the SFT model (default: --policy)."""
     prompts: str = ""
-    """Prompts ('prompt' column): each round samples its comparisons from them, and PPO trains on
-    them. Required."""
+    """Prompts ('prompt' column, or conversational: 'messages', or a 'prompt' of role/content
+    messages as in TRL, rendered with the policy's chat template): each round samples its
+    comparisons from them, and PPO trains on them. Conversations need --labeler judge or human.
+    Required."""
     labels: Optional[list[str]] = None
     """Preference labels gathered before round 1 (any format tether rm reads); every round's RM is
     trained on them plus every round's new labels."""

@@ -39,7 +39,10 @@ class BoNConfig(SamplerFields, RunConfig):
     reward_model: str = ""
     """The reward model that picks the best (tether's or any hub SequenceClassification RM). Required."""
     prompts: str = ""
-    """Prompts: any data source with a 'prompt' column. Required."""
+    """Prompts: any data source with a 'prompt' column, or conversational ones: 'messages' (or, as
+    in TRL, a 'prompt' of role/content messages), rendered with the policy's chat template and its
+    generation prompt, and scored in the reward model's own. The output keeps the messages; the
+    pairs are then TRL's conversational preference rows. Required."""
     n: int = 8
     """Responses sampled per prompt."""
     max_prompts: int = 0
@@ -59,13 +62,16 @@ class EvalConfig(SamplerFields):
     length, distinct-n, and samples side by side. Writes JSON and prints a table."""
 
     policy_a: str = ""
-    """Policy A: a model directory, or a JSONL of {prompt, response} rows (e.g. best-of-N output).
-    Required."""
+    """Policy A: a model directory, or a JSONL of {prompt, response} rows (e.g. best-of-N output;
+    the prompt may be a list of role/content messages). Required."""
     policy_b: str = ""
     """Policy B (the baseline, e.g. the SFT model): a model directory or a JSONL of responses.
     Required."""
     prompts: str = ""
-    """Held-out prompts ('prompt' column). Required when a policy is a model."""
+    """Held-out prompts ('prompt' column), plain or conversational ('messages', or a 'prompt' of
+    role/content messages, as in TRL): each policy reads a conversation in its own chat template,
+    a reward-model judge in its own, and the samples written keep the messages. Required when a
+    policy is a model."""
     judge: str = "world"
     """'world' for the built-in world's gold judge, or a reward model directory."""
     reference: Optional[str] = None

@@ -107,8 +107,10 @@ class ScoreConfig(RunConfig):
     reward_model: str = ""
     """The reward model directory (or hub id). Required."""
     data: str = ""
-    """Rows to score: {prompt, response} (or {prompt, completion}), or any preference format
-    (pairs, hh-rlhf dialogues, K-wise rankings). Required."""
+    """Rows to score: {prompt, response} (or {prompt, completion}; the prompt may be a list of
+    role/content messages, e.g. tether bon's output from chat prompts, read in the reward model's
+    chat template), or any preference format (pairs, hh-rlhf dialogues, K-wise rankings).
+    Required."""
     output: str = ""
     """The JSON lines file to write. Required unless --output-dir is given."""
     batch_size: int = 16

@@ -15,7 +15,9 @@ and rejected are two whole conversations whose shared opening turns are the prom
 `prompt` column beside them, as in UltraFeedback, is then ignored; beside answers alone, it is
 the user's turn). These are rendered with the tokenizer's chat template, so reading them needs
 the tokenizer: the prompt is the template with its generation prompt, each response is what its
-turns add after that, less the closing end-of-turn (`render_chat`).
+turns add after that, less the closing end-of-turn (`render_chat`). A string row whose prompt
+is already so rendered says so with `"chat": true` (tether iterate writes such rows), and its
+prompt then gets no added special tokens either.
 
 Every format becomes the same thing: a group of K >= 2 responses to one prompt with ranks (a
 pair is a group of 2). Two layers:
@@ -112,6 +114,8 @@ def read_preference_rows(ds: Any, source: str, skipped: Optional[Counter] = None
             parsed["chat"] = True  # a rendered template: its text carries its own special tokens
         else:
             parsed, reason = parse(raw, where)
+            if raw.get("chat") is True and not reason:  # rendered already, by whoever wrote it
+                parsed["chat"] = True
         if reason:
             counts[reason] += 1
             continue
@@ -136,6 +140,14 @@ def is_messages(value: Any) -> bool:
 def _is_conversational(raw: dict) -> bool:
     return any(is_messages(raw.get(k)) for k in ("prompt", "chosen", "rejected")) or (
         isinstance(raw.get("responses"), list) and any(is_messages(r) for r in raw["responses"]))
+
+
+def assistant_text(value: Any) -> Any:
+    """The content of a response given as one assistant message (TRL's conversational form,
+    `[{"role": "assistant", "content": text}]`); any other value as it is."""
+    if is_messages(value) and len(value) == 1 and value[0].get("role") == "assistant":
+        return value[0]["content"]
+    return value
 
 
 def _turns(value: Any, column: str, where: str) -> list[dict]:
@@ -226,6 +238,35 @@ def render_chat(tokenizer: Any, prompt: list[dict], responses: Sequence[list[dic
         text = full[len(prompt_text):]
         texts.append(text[:len(text) - len(closing)] if closing and text.endswith(closing) else text)
     return prompt_text, texts
+
+
+def render_for_scoring(tokenizer: Any, prompt: Any, responses: Sequence[str],
+                       fallback: str | None = None, chat: bool = False,
+                       where: str = "") -> tuple[str, list[str], bool]:
+    """(prompt text, response texts, chat) as a reward model or LM judge with `tokenizer` reads a
+    prompt and its responses.
+
+    A conversation (a message list) is rendered in the tokenizer's own chat template, each
+    response as one assistant turn (`render_chat`), and comes back with chat=True: the text
+    carries its own special tokens. A tokenizer without a template reads `fallback` instead, the
+    text the policy read (as online RM scoring does), with chat=False; without a fallback that is
+    a DataError (naming `where`). A string prompt is read as it is, with the caller's `chat`.
+    """
+    at = f"{where}: " if where else ""
+    if not is_messages(prompt):
+        return prompt, list(responses), chat
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text, texts = render_chat(tokenizer, list(prompt),
+                                      [[{"role": "assistant", "content": r}] for r in responses])
+        except ValueError as err:
+            raise DataError(f"{at}{err}") from None
+        return text, texts, True
+    if fallback is not None:
+        return fallback, list(responses), False
+    raise DataError(f"{at}conversational prompts (role/content messages) are scored in the "
+                    f"scorer's chat template, and the tokenizer of {tokenizer.name_or_path or 'it'} "
+                    "has none. Set its tokenizer.chat_template, or give plain string prompts.")
 
 
 def _log_skips(source: str, counts: Counter, total: int) -> None:
@@ -341,8 +382,10 @@ def _check_duplicates(responses: list[str], ranks: list[int], where: str) -> Non
         first.setdefault(text, k)
 
 
-def read_prompt_responses(ds: Any, source: str) -> tuple[list[str], list[str]]:
-    """Single responses to score: `{prompt, response}` or `{prompt, completion}` rows."""
+def read_prompt_responses(ds: Any, source: str) -> tuple[list[Any], list[str]]:
+    """Single responses to score: `{prompt, response}` or `{prompt, completion}` rows. A prompt
+    may be a conversation, kept as its messages (`models.reward.score_texts` renders them), its
+    response then a string or one assistant message (TRL's conversational form)."""
     column = "response" if "response" in ds.column_names else "completion"
     if "prompt" not in ds.column_names or column not in ds.column_names:
         raise DataError(f"{source}: expected columns prompt and response (or completion); found "
@@ -350,8 +393,9 @@ def read_prompt_responses(ds: Any, source: str) -> tuple[list[str], list[str]]:
     prompts, responses = [], []
     for i, raw in enumerate(ds):
         where = row_location(source, raw, i)
-        prompts.append(_text(raw["prompt"], "prompt", where))
-        responses.append(_text(raw[column], column, where))
+        prompt = raw["prompt"]
+        prompts.append(list(prompt) if is_messages(prompt) else _text(prompt, "prompt", where))
+        responses.append(_text(assistant_text(raw[column]), column, where))
     return prompts, responses
 
 

@@ -25,7 +25,8 @@ class Samples:
     responses: list[str]  # decoded, without the EOS
     response_ids: list[list[int]]  # token ids, including the EOS when the response ended
     ended: list[bool]  # the response contains an EOS
-    chat: bool = False  # the prompts are rendered chat templates (no special tokens added)
+    # the prompts are rendered chat templates (no special tokens added): all of them, or per sample
+    chat: bool | list[bool] = False
     temperature: float = 1.0  # the samples were drawn from softmax(logits / temperature)
     top_k: int = 0  # ... truncated to the top_k most likely tokens (0 = not truncated)
     top_p: float = 1.0  # ... and to the top_p nucleus (1.0 = not truncated)
@@ -85,6 +86,15 @@ def gather_owned(accelerator: Any, index: Sequence[int], owned: Sequence[bool],
     return {name: [row[k + 1] for row in mine] for k, name in enumerate(columns)}
 
 
+def per_row(chat: bool | Sequence[bool], n: int) -> list[bool]:
+    """One chat flag per row, from one for all rows or one per row."""
+    if isinstance(chat, bool):
+        return [chat] * n
+    if len(chat) != n:
+        raise ValueError(f"{len(chat)} chat flags for {n} prompts")
+    return list(chat)
+
+
 def _fit_to_positions(model: Any, max_new_tokens: int, max_prompt_length: int | None,
                       encoded: Sequence[Sequence[int]]) -> int | None:
     """The prompt length to cut to, so that a prompt and its response fit the model's learned
@@ -114,11 +124,13 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
                      max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, batch_size: int = 64, seed: int = 0,
                      max_prompt_length: int | None = None, progress: str = "",
-                     chat: bool = False, part: tuple[int, int] = (0, 1), backend: str = "torch",
-                     source: str = "", trust_remote_code: bool = False) -> Samples:
+                     chat: bool | Sequence[bool] = False, part: tuple[int, int] = (0, 1),
+                     backend: str = "torch", source: str = "",
+                     trust_remote_code: bool = False) -> Samples:
     """`n` samples for every prompt, in prompt order. Deterministic for a given seed.
     progress: a label for a progress bar over the samples (none when empty). chat: the prompts
-    are rendered chat templates, encoded without added special tokens. part: (this process,
+    are rendered chat templates, encoded without added special tokens (a bool for all of them,
+    or one per prompt; `Samples.chat` is then one per sample). part: (this process,
     number of processes) to sample this process's rows only, as `Spread` lays them out (the
     same samples as one process draws); `gather_owned` puts the rows of all back together.
     backend: "torch" (tether's sampler) or "vllm", an engine started from `source` (the
@@ -133,13 +145,16 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
     device = next(model.parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
     flat = [p for p in prompts for _ in range(n)]
+    flat_chat = [c for c in per_row(chat, len(prompts)) for _ in range(n)]
     spread = Spread.of(len(flat), batch_size, part)
     mine = [flat[i] for i in spread.rows]
-    encoded = [encode_chat_or_prompt(tokenizer, p, chat) for p in mine]
+    mine_chat = [flat_chat[i] for i in spread.rows]
+    encoded = [encode_chat_or_prompt(tokenizer, p, c) for p, c in zip(mine, mine_chat)]
     max_prompt_length = _fit_to_positions(model, max_new_tokens, max_prompt_length, encoded)
     if max_prompt_length:
         encoded = [e[-max_prompt_length:] for e in encoded]
-    out = Samples([], [], [], [], chat, temperature, top_k, top_p, list(spread.rows), list(spread.owned))
+    out = Samples([], [], [], [], chat if isinstance(chat, bool) else mine_chat, temperature, top_k,
+                  top_p, list(spread.rows), list(spread.owned))
     if backend == "vllm":
         from tether.rollout.vllm_engine import VLLMGenerator
 
@@ -171,22 +186,25 @@ def sample_responses(model: Any, tokenizer: Any, prompts: Sequence[str], n: int 
 @torch.no_grad()
 def response_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str],
                       response_ids: Sequence[Sequence[int]], batch_size: int = 64,
-                      chat: bool = False, temperature: float = 1.0, top_k: int = 0,
+                      chat: bool | Sequence[bool] = False, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0) -> list[float]:
     """Summed log-probability of each response (token ids) given its prompt, under
     softmax(logits / temperature), truncated as a top-k / top-p sampler truncates it when those
-    are set. chat: the prompts are rendered chat templates (see `sample_responses`)."""
+    are set. chat: the prompts are rendered chat templates (see `sample_responses`; a bool, or
+    one per prompt)."""
     from tether.ops.logprobs import sequence_logprobs
     from tether.rollout.generate import truncate_scores
 
     device = next(model.parameters()).device
     pad = pad_id(tokenizer)
     truncated = top_k > 0 or top_p < 1.0
+    chats = per_row(chat, len(prompts))
     out: list[float] = []
     for at in range(0, len(prompts), batch_size):
         rows, labels = [], []
-        for prompt, resp in zip(prompts[at:at + batch_size], response_ids[at:at + batch_size]):
-            p = encode_chat_or_prompt(tokenizer, prompt, chat)
+        for prompt, resp, is_chat in zip(prompts[at:at + batch_size], response_ids[at:at + batch_size],
+                                         chats[at:at + batch_size]):
+            p = encode_chat_or_prompt(tokenizer, prompt, is_chat)
             rows.append(p + list(resp))
             labels.append([-100] * len(p) + list(resp))
         width = max(len(r) for r in rows)

@@ -9,6 +9,11 @@
                                                  whose "samples" list has these keys)
     {"prompt", "response_a", "response_b"}       an unlabelled pair, as arena-style data gives it
 
+Any of them may be conversational, as TRL's preference data is: `prompt` a list of {"role",
+"content"} messages, and a response a string or one assistant message in a list (tether bon's
+pairs from chat prompts). The item keeps the messages as its prompt, and every file written from
+it (labels, items left for people) keeps them too; a response is kept as its text.
+
 Every format becomes an `Item`. Its key hashes the prompt and the set of responses, so the same
 comparison has the same key whatever order the file gave it in, and labels find their item again
 after a restart. The ranks a row already carries (chosen over rejected, or "ranks") are kept as
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from tether.data.io import LINE, load_rows
+from tether.data.preference import assistant_text, is_messages
+from tether.data.prompts import Prompt
 from tether.errors import DataError
 
 log = logging.getLogger("tether")
@@ -32,7 +39,7 @@ log = logging.getLogger("tether")
 @dataclass(frozen=True)
 class Item:
     key: str
-    prompt: str
+    prompt: Prompt  # a string, or a conversation's messages
     responses: tuple[str, ...]
     sources: tuple[str, ...]  # who wrote each response: ("a", "b") for two policies, else ()
     given: Optional[tuple[int, ...]]  # ranks the input already held (0 = best), or None
@@ -42,17 +49,37 @@ class Item:
     def k(self) -> int:
         return len(self.responses)
 
+    @property
+    def chat(self) -> bool:
+        """The prompt is a conversation (a list of messages)."""
+        return not isinstance(self.prompt, str)
 
-def item_key(prompt: str, responses: list[str] | tuple[str, ...]) -> str:
-    """The same prompt and responses in any order -> the same key."""
-    blob = json.dumps([prompt, sorted(responses)], ensure_ascii=False)
+
+def item_key(prompt: Prompt, responses: list[str] | tuple[str, ...]) -> str:
+    """The same prompt and responses in any order -> the same key (a conversation's messages
+    with their keys in any order, too)."""
+    blob = json.dumps([prompt, sorted(responses)], ensure_ascii=False, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
 
 
 def _text(value, column: str, where: str) -> str:
+    """A response's text: a string, or one assistant message in a list (TRL's conversational
+    form)."""
+    value = assistant_text(value)
     if not isinstance(value, str):
         kind = "nothing" if value is None else type(value).__name__
-        raise DataError(f"{where}: column {column!r} must be a string, found {kind}")
+        raise DataError(f"{where}: column {column!r} must be a string (or one assistant message), "
+                        f"found {kind}")
+    return value
+
+
+def _prompt(value, where: str) -> Prompt:
+    if is_messages(value):
+        return list(value)
+    if not isinstance(value, str):
+        kind = "nothing" if value is None else type(value).__name__
+        raise DataError(f"{where}: column 'prompt' must be a string or a list of {{role, content}} "
+                        f"messages, found {kind}")
     return value
 
 
@@ -96,7 +123,7 @@ def read_items(source: str) -> list[Item]:
     items, seen, same = [], set(), 0
     for i, raw in enumerate(ds):
         where = f"{source}{raw.get(LINE) or f' row {i + 1}'}"
-        prompt = _text(raw.get("prompt"), "prompt", where)
+        prompt = _prompt(raw.get("prompt"), where)
         responses, sources, given = _parse(raw, where)
         if len(set(responses)) < 2:
             same += 1

@@ -16,6 +16,11 @@ and the same pure functions turn those into ranks and a confidence:
     function        the higher score wins with p = 1, equal scores tie (p = 0.5): the labels
                     follow the function's order exactly, whatever scale its scores are on.
 
+A conversational item (its prompt a list of messages) is read as the online stages' reward model
+reads a conversation: rendered in the judge's own chat template, each response as the
+assistant's turn (`data.preference.render_for_scoring`); the LM judge's {prompt} then holds the
+rendered conversation up to the assistant's turn. A function gets TRL's conversational form.
+
 Ranks: each response's mean win probability over the others, ranked highest first, densely
 (0, 1, 2, ... without gaps); values within TIE_TOLERANCE share a rank. Score judges rank by the
 scores themselves (exact ties only), which is the same order.
@@ -28,6 +33,7 @@ rank. A tie (all ranks equal) has confidence 0.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import math
@@ -269,11 +275,15 @@ class LMJudge:
         self.pad_id = pad_id(tokenizer, tokenizer.eos_token_id or 0)
 
     def encode(self, item: Item) -> dict[tuple[int, int], list[int]]:
-        """(i, j) -> the judge's input with response i shown as A and j as B, for i != j."""
+        """(i, j) -> the judge's input with response i shown as A and j as B, for i != j (a
+        conversation rendered in the judge's chat template first)."""
+        from tether.data.preference import render_for_scoring
         from tether.data.tokenize import encode_prompt
 
-        return {(i, j): encode_prompt(self.tokenizer, render(self.template, item.prompt,
-                                                             item.responses[i], item.responses[j]))
+        prompt, responses, _ = render_for_scoring(self.tokenizer, item.prompt, item.responses,
+                                                  where=item.where)
+        return {(i, j): encode_prompt(self.tokenizer, render(self.template, prompt,
+                                                             responses[i], responses[j]))
                 for i, j in itertools.permutations(range(item.k), 2)}
 
     def __call__(self, items: Sequence[Item]) -> list[Outcome]:
@@ -331,18 +341,21 @@ def check_scores(values: Any, n: int, spec: str, where: Sequence[str]) -> list[O
 
 class FunctionJudge:
     """A Python reward function (tether grpo's signature, called without extra columns; an
-    `async def` one is awaited): the higher score wins; an item with a None score is left
-    unjudged."""
+    `async def` one is awaited; conversational items in TRL's conversational form, as tether grpo
+    passes them): the higher score wins; an item with a None score is left unjudged."""
 
     def __init__(self, fn: Callable[..., Any], spec: str, rater: str):
         self.fn, self.spec, self.rater = fn, spec, rater
 
     def __call__(self, items: Sequence[Item]) -> list[Outcome]:
+        from tether.rollout.reward_fns import conversational
+
         prompts = [it.prompt for it in items for _ in it.responses]
         responses = [r for it in items for r in it.responses]
         where = [it.where for it in items for _ in it.responses]
+        chats = [p if not isinstance(p, str) else None for p in prompts]
         try:
-            values = self.fn(prompts, responses)
+            values = self.fn(*copy.deepcopy(conversational(prompts, responses, chats)))
             if inspect.isawaitable(values):  # an `async def` function, as online training takes
                 values = awaited(values)
         except Exception as err:

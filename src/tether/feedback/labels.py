@@ -3,7 +3,9 @@ responses of an item, appended to a JSON lines file that `tether rm` and `tether
 
 One record per line, in the K-wise preference format (data/preference.py) with extra columns:
 
-    prompt, responses         the item, responses in the input's order
+    prompt, responses         the item, responses in the input's order (a conversational prompt
+                              stays a list of messages, which tether rm and dpo render in their
+                              chat template; each response is its text)
     ranks                     0 = best; equal ranks are a tie (and teach a reward model nothing)
     decision                  "chose" (one of two), "ranked" (K), "tie" or "skip"
     item                      the item's key (feedback/items.py)

@@ -166,23 +166,33 @@ def calibrated_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch
     return sequence_scores(model, input_ids, attention_mask) + reward_bias(model)
 
 
-def score_texts(model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str],
+def score_texts(model: Any, tokenizer: Any, prompts: Sequence[Any], responses: Sequence[str],
                 batch_size: int = 16, max_length: Optional[int] = None,
-                calibrated: bool = True, chat: bool = False) -> list[float]:
-    """Score each (prompt, response) text pair: one float per pair, in input order.
+                calibrated: bool = True, chat: bool = False,
+                rendered: Sequence[str] | None = None) -> list[float]:
+    """Score each (prompt, response) pair: one float per pair, in input order.
 
     Tokenised the way the reward model was trained (`encode_prompt` + `encode_response`, no
-    EOS; with `chat`, the prompts are rendered chat templates and get no added special tokens).
-    Sequences longer than `max_length` (at most the model's learned position table, when it has
-    one: `models.load.within_positions`) are cut like training data (prompt from the left,
-    response from the right). Calibrated scores (bias added) unless `calibrated=False`.
+    EOS; with `chat`, the string prompts are rendered chat templates and get no added special
+    tokens). A prompt may be a conversation (a list of role/content messages): it is rendered,
+    with the response as the assistant's turn, in the tokenizer's own chat template, as `tether
+    rm` renders conversational data; `rendered` gives, per pair, the text to read instead when
+    the tokenizer has no template (the prompt as the policy read it), and without it that is a
+    DataError (`data.preference.render_for_scoring`). Sequences longer than `max_length` (at
+    most the model's learned position table, when it has one: `models.load.within_positions`)
+    are cut like training data (prompt from the left, response from the right). Calibrated
+    scores (bias added) unless `calibrated=False`.
     """
-    from tether.data.preference import encode_for_scoring
+    from tether.data.preference import encode_for_scoring, render_for_scoring
 
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     max_length = within_positions(model, max_length)
-    seqs = [encode_for_scoring(tokenizer, p, [r], max_length, chat)[0] for p, r in zip(prompts, responses)]
+    seqs = []
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        text, (response,), is_chat = render_for_scoring(
+            tokenizer, prompt, [response], rendered[i] if rendered is not None else None, chat)
+        seqs.append(encode_for_scoring(tokenizer, text, [response], max_length, is_chat)[0])
     pad = pad_id(tokenizer)
     return score_sequences(model, seqs, pad, batch_size, calibrated)
 

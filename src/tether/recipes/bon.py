@@ -5,6 +5,11 @@ in batches, keep the highest. Writes `bon.jsonl` ({prompt, response, score, resp
 and `pairs.jsonl` ({prompt, chosen, rejected}: best against worst, ready for tether rm / dpo).
 Under `accelerate launch` the samples are spread over the processes (`eval.sampling.Spread`),
 and with --fsdp both models are sharded; the main process writes the files.
+
+Prompts may be conversational (`data.prompts`): the policy reads them in its chat template, the
+reward model in its own (`models.reward.score_texts`), and both files keep the messages; the
+pairs are then in TRL's conversational preference form, chosen and rejected each one assistant
+message.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import statistics
 import time
 
 from tether.config import BoNConfig
-from tether.data.io import load_rows, require_columns
+from tether.data.prompts import Prompt, read_prompts, render_prompts
 from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
 from tether.models.reward import load_reward_model, score_texts
 from tether.models.save import mark_complete
@@ -26,11 +31,13 @@ from tether.training.run import start_run
 log = logging.getLogger("tether")
 
 
-def read_prompts(source: str, limit: int = 0) -> list[str]:
-    ds = load_rows(source)
-    require_columns(ds, ["prompt"], source, text=["prompt"])
-    prompts = list(ds["prompt"])
-    return prompts[:limit] if limit > 0 else prompts
+def pair_row(prompt: Prompt, chosen: str, rejected: str) -> dict:
+    """A preference pair as tether rm / dpo (and TRL) read it: strings for a plain prompt; for a
+    conversation, the messages and each response as one assistant message."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
 
 
 def run(cfg: BoNConfig) -> dict:
@@ -55,14 +62,17 @@ def run(cfg: BoNConfig) -> dict:
         disable_dropout(model)
         place(model, accelerator, cfg.fsdp)
     prompts = read_prompts(cfg.prompts, cfg.max_prompts)
+    texts, chat = render_prompts(tokenizer, prompts, cfg.prompts)
     # 2. N samples per prompt (this process's share), then batched scoring of all of them
-    samples = sample_responses(policy, tokenizer, prompts, n=cfg.n, max_new_tokens=cfg.response_length,
+    samples = sample_responses(policy, tokenizer, texts, n=cfg.n, chat=chat, max_new_tokens=cfg.response_length,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                batch_size=cfg.batch_size, seed=cfg.seed, part=part,
                                backend=cfg.generation_backend, source=cfg.policy,
                                trust_remote_code=cfg.trust_remote_code,
                                progress=f"best-of-{cfg.n}" if cfg.progress and accelerator.is_main_process else "")
-    local_scores = score_texts(reward_model, rm_tokenizer, samples.prompts, samples.responses, cfg.batch_size)
+    # a conversation in the RM's own chat template (the policy's rendering when it has none)
+    local_scores = score_texts(reward_model, rm_tokenizer, [prompts[i // cfg.n] for i in samples.index],
+                               samples.responses, cfg.batch_size, rendered=samples.prompts)
     every = gather_owned(accelerator, samples.index, samples.owned, responses=samples.responses,
                          scores=local_scores)
     if not accelerator.is_main_process:  # the main process writes what every process found
@@ -77,7 +87,7 @@ def run(cfg: BoNConfig) -> dict:
         rows.append({"prompt": prompt, "response": resp[best], "score": sc[best],
                      "responses": resp, "scores": sc})
         if resp[best] != resp[worst]:
-            pairs.append({"prompt": prompt, "chosen": resp[best], "rejected": resp[worst]})
+            pairs.append(pair_row(prompt, resp[best], resp[worst]))
     write_jsonl(out / "bon.jsonl", rows)
     write_jsonl(out / "pairs.jsonl", pairs)
     summary = {"prompts": len(prompts), "n": cfg.n,

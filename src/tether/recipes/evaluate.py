@@ -4,6 +4,10 @@ Both policies answer the same prompts with the same sampling seed. A judge (the 
 gold judge, or any reward model) scores every response; A's win rate counts ties as half, with
 a 95% Wilson interval. Also: KL(A || reference) by Monte Carlo on A's samples, mean length in
 tokens, distinct-2, and a few samples side by side.
+
+Prompts may be conversational (`data.prompts`): each policy reads them in its own chat template,
+a reward-model judge in its own (`models.reward.score_texts`), and the samples written keep the
+messages as their prompt.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tether.config import EvalConfig
+from tether.data.prompts import Prompt, has_chats, prompt_key
+from tether.errors import ConfigError
 from tether.eval.sampling import Spread
 from tether.eval.stats import distinct_n, win_rate
 from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
@@ -28,13 +34,19 @@ def _is_model(source: str) -> bool:
     return path.is_dir() or not path.suffix  # a directory or a hub id
 
 
-def _responses_from_file(source: str) -> dict[str, str]:
-    from tether.data.io import load_rows, require_columns
+def _responses_from_file(source: str) -> dict[str, tuple[Prompt, str]]:
+    """prompt_key(prompt) -> (prompt, response) of every row of a responses file."""
+    from tether.data.io import load_rows, require_columns, where
+    from tether.data.prompts import prompt_column, row_prompt
 
     ds = load_rows(source)
-    require_columns(ds, ["prompt", "response"], source, may_be_empty=["response"],
-                    text=["prompt", "response"])
-    return {str(r["prompt"]): str(r["response"] or "") for r in ds}
+    prompt_column(ds, source)
+    require_columns(ds, ["response"], source, may_be_empty=["response"], text=["response"])
+    out = {}
+    for i, r in enumerate(ds):
+        prompt = row_prompt(r, where(source, r, i))
+        out[prompt_key(prompt)] = (prompt, str(r["response"] or ""))
+    return out
 
 
 def _load(kind: str, source: str, cfg: EvalConfig, dtype: Any, accelerator: Any) -> Any:
@@ -57,8 +69,9 @@ def _load(kind: str, source: str, cfg: EvalConfig, dtype: Any, accelerator: Any)
 
 
 def make_judge(cfg: EvalConfig, dtype: Any, accelerator: Any = None
-               ) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
-    """'world' -> the gold judge; anything else -> a reward model directory."""
+               ) -> Callable[[Sequence[Prompt], Sequence[str]], list[float]]:
+    """'world' -> the gold judge; anything else -> a reward model directory (which reads a
+    conversation in its own chat template)."""
     if cfg.judge == "world":
         from tether.world import score
 
@@ -70,25 +83,27 @@ def make_judge(cfg: EvalConfig, dtype: Any, accelerator: Any = None
     return lambda prompts, responses: score_texts(model, tok, prompts, responses, cfg.batch_size)
 
 
-def _answers(source: str, prompts: list[str], cfg: EvalConfig, dtype: Any, spread: Spread,
+def _answers(source: str, prompts: list[Prompt], cfg: EvalConfig, dtype: Any, spread: Spread,
              accelerator: Any) -> tuple[list[str], Any]:
     """Responses of one policy to this process's rows of `prompts` (`spread`), and (model,
-    tokenizer, samples) when it is a model."""
+    tokenizer, samples) when it is a model (which reads a conversation in its chat template)."""
     mine = [prompts[i] for i in spread.rows]
     if not _is_model(source):
         table = _responses_from_file(source)
-        missing = [p for p in prompts if p not in table]
+        missing = [p for p in prompts if prompt_key(p) not in table]
         if missing:
             from tether.errors import DataError
 
             raise DataError(f"{source} has no response for {len(missing)} prompt(s), e.g. {missing[0]!r}")
-        return [table[p] for p in mine], None
+        return [table[prompt_key(p)][1] for p in mine], None
+    from tether.data.prompts import render_prompts
     from tether.eval.sampling import sample_responses
 
     tok = load_tokenizer(source, cfg.trust_remote_code, padding_side="left")
+    texts, chat = render_prompts(tok, prompts, cfg.prompts or source)  # before the model loads
     model = _load("lm", source, cfg, dtype, accelerator)
     show = cfg.progress and (accelerator is None or accelerator.is_main_process)
-    samples = sample_responses(model, tok, prompts, n=1, max_new_tokens=cfg.response_length,
+    samples = sample_responses(model, tok, texts, n=1, chat=chat, max_new_tokens=cfg.response_length,
                                temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                                batch_size=cfg.batch_size, seed=cfg.seed, part=_part(accelerator),
                                backend=cfg.generation_backend, source=source,
@@ -102,14 +117,21 @@ def _part(accelerator: Any) -> tuple[int, int]:
     return (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
 
 
-def _prompts(cfg: EvalConfig) -> list[str]:
+def _prompts(cfg: EvalConfig) -> list[Prompt]:
+    """The prompts of --prompts, else of the responses file; the built-in world's judge reads
+    only its own plain prompts."""
     if cfg.prompts:
-        from tether.recipes.bon import read_prompts
+        from tether.data.prompts import read_prompts
 
-        return read_prompts(cfg.prompts, cfg.max_prompts)
-    source = cfg.policy_a if not _is_model(cfg.policy_a) else cfg.policy_b
-    prompts = list(_responses_from_file(source))
-    return prompts[:cfg.max_prompts] if cfg.max_prompts > 0 else prompts
+        prompts = read_prompts(cfg.prompts, cfg.max_prompts)
+    else:
+        source = cfg.policy_a if not _is_model(cfg.policy_a) else cfg.policy_b
+        prompts = [p for p, _ in _responses_from_file(source).values()]
+        prompts = prompts[:cfg.max_prompts] if cfg.max_prompts > 0 else prompts
+    if cfg.judge == "world" and has_chats(prompts):
+        raise ConfigError("--judge world scores the built-in world's plain string prompts, not "
+                          "conversations: give a reward model directory as --judge")
+    return prompts
 
 
 def evaluate(cfg: EvalConfig, accelerator: Any = None) -> dict:

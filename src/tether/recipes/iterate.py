@@ -16,6 +16,10 @@ Each round N, under output_dir/round-N/:
  4. ppo/               PPO from the current policy against the new RM, the KL tied to
                        --reference (the SFT model) in every round
 
+Prompts may be conversational (`data.prompts`): the policy samples them in its chat template, the
+candidates and labels keep the messages, and the RM and an LM judge read them in their own
+templates (the world's rater reads only the world's plain prompts).
+
 Every step leaves a completion marker, so a rerun with --resume skips finished steps and resumes
 an unfinished RM or PPO run from its checkpoint (`tether.training.rundir.skip_or_resume`, the rule
 `tether run` and `tether demo` follow too). round-N/round.json and output_dir/iterate.json
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from tether.config import IterateConfig, PPOConfig, RMConfig
+from tether.data.prompts import Prompt, has_chats
 from tether.errors import ConfigError
 from tether.feedback.items import Item, read_items
 from tether.feedback.labels import LabelFile, make_record
@@ -43,7 +48,7 @@ from tether.training.rundir import prepare_rerun, skip_or_resume
 log = logging.getLogger("tether")
 
 
-def round_prompts(prompts: Sequence[str], n: int, per_round: int, seed: int) -> list[str]:
+def round_prompts(prompts: Sequence[Prompt], n: int, per_round: int, seed: int) -> list[Prompt]:
     """Round n's prompts: the n-th slice of one seeded permutation, so rounds use different
     prompts while there are enough (then they wrap around)."""
     order = list(range(len(prompts)))
@@ -72,14 +77,18 @@ def is_heldout(key: str, fraction: float) -> bool:
 # ----------------------------------------------------------------------------- 1. candidates
 
 
-def sample_candidates(cfg: IterateConfig, policy: str, prompts: list[str], out: Path, seed: int) -> None:
+def sample_candidates(cfg: IterateConfig, policy: str, prompts: list[Prompt], out: Path, seed: int) -> None:
+    """K responses per prompt from `policy` (a conversation in its chat template) into
+    candidates.jsonl, {prompt, responses}: the prompt as the prompts file gave it."""
+    from tether.data.prompts import render_prompts
     from tether.eval.sampling import sample_responses
     from tether.models.load import disable_dropout, load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(policy, cfg.trust_remote_code, padding_side="left")
+    texts, chat = render_prompts(tok, prompts, cfg.prompts)
     model = load_causal_lm(policy, trust_remote_code=cfg.trust_remote_code).eval()
     disable_dropout(model)
-    flat = sample_responses(model, tok, prompts, n=cfg.k, max_new_tokens=cfg.response_length,
+    flat = sample_responses(model, tok, texts, n=cfg.k, chat=chat, max_new_tokens=cfg.response_length,
                             temperature=cfg.temperature, seed=seed, backend=cfg.generation_backend,
                             source=policy, trust_remote_code=cfg.trust_remote_code,
                             progress="sampling comparisons" if cfg.progress else "").responses
@@ -167,7 +176,19 @@ def _preference_rows(source: str, tokenizer: Any) -> list[dict]:
     from tether.data.preference import read_preference_rows
 
     rows = read_preference_rows(load_rows(source), source, tokenizer=tokenizer)
-    return [{k: r[k] for k in ("prompt", "responses", "ranks", "gold") if k in r} for r in rows]
+    return [{k: r[k] for k in ("prompt", "responses", "ranks", "gold", "chat") if k in r} for r in rows]
+
+
+def rendered_row(row: dict, tokenizer: Any) -> dict:
+    """A label row as the RM's data files hold it: a conversation rendered with `tokenizer`'s
+    chat template (as tether rm would render it) and marked `chat`, so that rows of every
+    source, --labels among them, share one file (a JSON lines column holds one type)."""
+    from tether.data.preference import render_for_scoring
+
+    if isinstance(row["prompt"], str):
+        return row
+    prompt, responses, _ = render_for_scoring(tokenizer, row["prompt"], row["responses"])
+    return {**row, "prompt": prompt, "responses": responses, "chat": True}
 
 
 def round_labels(rdir: Path, heldout: float) -> tuple[list[dict], list[dict]]:
@@ -224,9 +245,9 @@ def train_round_rm(cfg: IterateConfig, root: Path, n: int, reference: str, previ
         seed=cfg.seed + n, progress=cfg.progress, tensorboard=cfg.tensorboard,
         trust_remote_code=cfg.trust_remote_code))
     if action != "skip":  # (a finished RM keeps the data it was trained on as it is)
-        write_jsonl(rdir / "rm_data.jsonl", data)
+        write_jsonl(rdir / "rm_data.jsonl", [rendered_row(r, tok) for r in data])
         if held:
-            write_jsonl(rdir / "rm_heldout.jsonl", held)
+            write_jsonl(rdir / "rm_heldout.jsonl", [rendered_row(r, tok) for r in held])
         run_stage("rm", rm_cfg)
     figures = {"rm_train_rows": len(data), "rm_heldout_rows": len(held)}
     gold = cfg.gold_judge == "world"
@@ -280,7 +301,7 @@ def _claim(cfg: IterateConfig) -> Path:
 
 
 def run(cfg: IterateConfig) -> dict:
-    from tether.recipes.bon import read_prompts
+    from tether.data.prompts import read_prompts
     from tether.training.launch import setup_logging
 
     setup_logging()
@@ -288,8 +309,12 @@ def run(cfg: IterateConfig) -> dict:
         from tether.rollout.vllm_engine import preflight
 
         preflight(cfg.policy, "auto", cfg.trust_remote_code)
+    prompts = read_prompts(cfg.prompts)  # a bad file, too, before the run directory is claimed
+    if has_chats(prompts) and "world" in (cfg.labeler, cfg.gold_judge):
+        raise ConfigError("the built-in world's rater and gold judge read the world's plain string "
+                          "prompts, not conversations: use --labeler judge or human, without "
+                          "--gold-judge world")
     root = _claim(cfg)
-    prompts = read_prompts(cfg.prompts)
     reference = cfg.reference or cfg.policy
     policy, previous_rm = cfg.policy, cfg.reward_model
     figures: list[dict] = []

@@ -108,7 +108,7 @@ def already_judged(records: Sequence[dict], unsure_rows: Sequence[dict], rater: 
     done = {r["item"] for r in records if r.get("rater") == rater}
     for row in unsure_rows:
         if row.get("rater") == rater and isinstance(row.get("responses"), list):
-            done.add(item_key(str(row.get("prompt", "")), [str(x) for x in row["responses"]]))
+            done.add(item_key(row.get("prompt", ""), [str(x) for x in row["responses"]]))
     return done
 
 
@@ -116,9 +116,9 @@ def already_judged(records: Sequence[dict], unsure_rows: Sequence[dict], rater: 
 
 
 def unsure_row(item: Item, rater: str, reason: str, verdict: Verdict | None = None) -> dict:
-    """A candidate for people ({prompt, responses}, what tether label --input reads), with why the
-    judge left it; the judge's tentative ranks are kept as judge_ranks, never as ranks (those
-    would be read as labels already given)."""
+    """A candidate for people ({prompt, responses}, what tether label --input reads; a
+    conversation keeps its messages), with why the judge left it; the judge's tentative ranks
+    are kept as judge_ranks, never as ranks (those would be read as labels already given)."""
     row: dict = {"prompt": item.prompt, "responses": list(item.responses), "item": item.key,
                  "rater": rater, "reason": reason}
     if item.sources:

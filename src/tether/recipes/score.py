@@ -1,7 +1,8 @@
 """`tether score`: score responses with a reward model and write them as JSON lines.
 
 Input rows, by columns:
-- `{prompt, response}` or `{prompt, completion}`: adds `score` (calibrated) and `raw_score`;
+- `{prompt, response}` or `{prompt, completion}`: adds `score` (calibrated) and `raw_score` (a
+  prompt of role/content messages is read in the reward model's chat template);
 - pairs or hh-rlhf dialogues: adds `score_chosen`, `score_rejected`, `raw_score_chosen`,
   `raw_score_rejected` and `score_margin` = chosen - rejected;
 - K-wise rankings: adds `scores`, `raw_scores` (one per response) and `pair_accuracy`.

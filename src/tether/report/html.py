@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from tether.config import ReportConfig
+from tether.data.prompts import shown_text
 from tether.report import plots
 from tether.training.metrics import read_metrics
 
@@ -54,7 +55,7 @@ def _samples(eval_dir: Path) -> str:
         head = (f"<tr><th>prompt</th><th>{html.escape(str(a))}</th><th>score</th>"
                 f"<th>{html.escape(str(b))}</th><th>score</th></tr>")
         body = "".join(
-            f"<tr><td>{html.escape(s['prompt'])}</td><td>{html.escape(s['a'])}</td><td>{s['score_a']:.2f}</td>"
+            f"<tr><td>{html.escape(shown_text(s['prompt']))}</td><td>{html.escape(s['a'])}</td><td>{s['score_a']:.2f}</td>"
             f"<td>{html.escape(s['b'])}</td><td>{s['score_b']:.2f}</td></tr>" for s in samples[:8])
         parts.append(f"<h3>{html.escape(path.stem)}</h3><table class='samples'>{head}{body}</table>")
     return "".join(parts)

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from tether.data.preference import encode_for_scoring, render_chat
+from tether.data.preference import encode_for_scoring, render_for_scoring
 from tether.models.critic import response_logits
 from tether.models.load import pad_id
 from tether.models.reward import calibrated_scores, right_pad
@@ -179,13 +179,10 @@ class RewardScorer:
         # and as `tether score` reads text: prompt and response apart, no EOS, an over-long
         # sequence losing the start of its prompt.
         chats = prompt_chats if prompt_chats is not None else [None] * len(responses)
-        own_template = bool(getattr(self.rm_tokenizer, "chat_template", None))
         rows = []
         for text, chat, response in zip(prompt_texts, chats, responses):
-            rendered = chat is not None and own_template
-            if rendered:
-                text, (response,) = render_chat(self.rm_tokenizer, chat,
-                                                [[{"role": "assistant", "content": response}]])
+            text, (response,), rendered = render_for_scoring(
+                self.rm_tokenizer, chat if chat is not None else text, [response], fallback=text)
             rows.append(encode_for_scoring(self.rm_tokenizer, text, [response], self.max_length,
                                            chat=rendered)[0])
         pad = pad_id(self.rm_tokenizer)

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let current = null;   // the item on screen: {key, prompt, responses (shown order), k}
+let current = null;   // the item on screen: {key, prompt (text or messages), responses (shown order), k}
 let ranking = [];     // shown positions, best first (K-wise items)
 let busy = false;
 
@@ -50,7 +50,7 @@ function render(state) {
   $("item").hidden = !current;
   $("finished").hidden = !!current;
   if (!current) { renderSummary(state.summary || {}); return; }
-  $("prompt").textContent = current.prompt;
+  renderPrompt(current.prompt);
   const pair = current.k === 2;
   $("pair-controls").hidden = !pair;
   $("rank-controls").hidden = pair;
@@ -69,6 +69,22 @@ function render(state) {
     box.append(card);
   });
   renderRanking();
+}
+
+// A plain prompt is one text; a conversation is one block per message: its role, then its content.
+function renderPrompt(prompt) {
+  const box = $("prompt");
+  box.replaceChildren();
+  const chat = Array.isArray(prompt);
+  box.classList.toggle("chat", chat);
+  if (!chat) { box.textContent = prompt; return; }
+  for (const message of prompt) {
+    const turn = el("div", undefined, "turn");
+    turn.dataset.role = String(message.role);
+    const content = typeof message.content === "string" ? message.content : JSON.stringify(message.content);
+    turn.append(el("div", String(message.role), "role"), el("div", content, "content"));
+    box.append(turn);
+  }
 }
 
 function renderRanking() {

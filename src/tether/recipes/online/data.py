@@ -1,4 +1,5 @@
-"""PPO's data: prompts (tokenised once, over-long ones truncated or dropped) and PPO-ptx text.
+"""PPO's data: prompts (tokenised once, over-long ones truncated or dropped; plain or
+conversational, `data.prompts`) and PPO-ptx text.
 
 The order of prompts is decided by `GlobalBatches` from the seed alone: iteration i always uses
 the same prompts, which is what makes resume exact.
@@ -14,9 +15,8 @@ import torch
 from torch import Tensor
 
 from tether.data.io import load_rows, require_columns, visible_columns, where
-from tether.data.preference import is_messages
+from tether.data.prompts import prompt_column, prompt_text
 from tether.data.tokenize import encode_chat_or_prompt, encode_prompt
-from tether.envs.tools import describe_tools
 from tether.errors import DataError
 from tether.rollout.generate import left_pad
 from tether.training.batches import GlobalBatches
@@ -57,57 +57,13 @@ class PromptSet:
         return [self.rows[i] for i in indices] if self.rows else [f"prompt {i + 1}" for i in indices]
 
 
-def template_takes_tools(tokenizer: Any) -> bool:
-    """The chat template has a tools section (it reads the `tools` variable)."""
-    template = getattr(tokenizer, "chat_template", None)
-    return isinstance(template, str) and "tools" in template
-
-
-def prompt_text(tokenizer: Any, row: dict, where: str,
-                tools: Optional[list[dict]] = None) -> tuple[str, Optional[list[dict]]]:
-    """(text, messages or None) of one row: `prompt`, or the messages of `messages` (or of a
-    `prompt` that holds messages, TRL's conversational form) rendered with the chat template and
-    its generation prompt. A final assistant turn (SFT-style rows) is left out: it is the
-    answer. tools: JSON schemas of the tools the row's environment offers (--env), given to a
-    chat template with a tools section, else described in tether's plain format
-    (`envs.tools.describe_tools`): in a system message, or before a plain prompt."""
-    chat = row.get("messages") or (row["prompt"] if is_messages(row.get("prompt")) else None)
-    if not chat and not isinstance(row.get("prompt"), str):
-        raise DataError(f"{where}: column 'prompt' holds {row.get('prompt')!r}: give a string, or a "
-                        "list of {role, content} messages")
-    if chat:
-        messages = list(chat)
-        if messages[-1].get("role") == "assistant":
-            messages = messages[:-1]
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"{where}: conversational prompts (role/content messages) need a "
-                            "tokenizer with a chat template")
-        extra = {}
-        if tools and template_takes_tools(tokenizer):
-            extra = {"tools": tools}
-        elif tools:  # described in the plain format, as the system message (or the start of it)
-            messages = with_system(messages, describe_tools(tools))
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
-        return text, messages
-    return (describe_tools(tools) + row["prompt"] if tools else row["prompt"]), None
-
-
-def with_system(messages: list[dict], text: str) -> list[dict]:
-    if messages and messages[0].get("role") == "system":
-        return [{**messages[0], "content": text + "\n" + messages[0]["content"]}] + messages[1:]
-    return [{"role": "system", "content": text.rstrip("\n")}] + messages
-
-
 def load_prompts(source: str, tokenizer: Any, max_length: int, truncation: str,
                  tools_for: Optional[Any] = None) -> PromptSet:
     """Tokenise every prompt; truncate from the left (keeping a leading BOS) or drop over-long
     ones, and log how many. tools_for(row, where): the JSON schemas of the tools the row's
     environment offers (--env), which a chat template with a tools section lists in the prompt."""
     ds = load_rows(source)
-    column = "messages" if "messages" in ds.column_names else "prompt"
-    # a `prompt` column of messages (TRL's conversational form) is checked row by row instead
-    chat_prompts = column == "prompt" and column in ds.column_names and any(map(is_messages, ds[column]))
-    require_columns(ds, [column], source, text=["prompt"] if column == "prompt" and not chat_prompts else [])
+    prompt_column(ds, source)
     out = PromptSet([], [])
     extra = [c for c in visible_columns(ds) if c not in ("prompt", "messages")]
     bos = tokenizer.bos_token_id
