@@ -236,6 +236,38 @@ def test_sharded_grpo_runs_to_the_end(ppo_inputs, tmp_path):
     assert sorted(_rows(out)) == [1, 2] and (out / "model.safetensors").exists()
 
 
+ENV = '''
+class Uneven:
+    """Episodes of one to three turns, as the sampled text decides: the processes' episodes end
+    at different turns, and each turn's sampling is a collective under --fsdp."""
+
+    def reset(self, row):
+        self.turn = 0
+        return None
+
+    def step(self, action):
+        self.turn += 1
+        done = self.turn == 3 or len(action) % 3 == 0
+        return (None if done else " then"), float(len(action) % 5), done
+'''
+
+
+@pytest.mark.parametrize("backend", ["torch", "hf"])
+def test_sharded_grpo_with_an_environment_runs_episodes_of_uneven_length(ppo_inputs, tmp_path, backend):
+    """Every process samples as many turns as the one with the longest episodes, so a process
+    whose episodes ended early still joins every sharded forward (no hang, no error)."""
+    model, _, prompts = ppo_inputs
+    (tmp_path / "envs.py").write_text(ENV)
+    out = tmp_path / "grpo"
+    _launch("grpo", "--policy", str(model), "--env", f"{tmp_path / 'envs.py'}:Uneven", "--prompts", str(prompts),
+            "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--num-generations", "4",
+            "--response-length", "6", "--max-turns", "3", "--fsdp", "--generation-backend", backend,
+            "--no-progress", "--no-tensorboard")
+    rows = _rows(out)
+    assert sorted(rows) == [1, 2] and (out / "model.safetensors").exists()
+    assert all(1 <= r["env/turns"] <= 3 for r in rows.values())
+
+
 def test_sharded_online_dpo_matches_one_process(ppo_inputs, tmp_path):
     """Pairs sampled from the sharded policy, labelled by the sharded RM, the pair loss's mean over
     both processes' pairs: the run one process makes with the whole batch."""
