@@ -5,6 +5,7 @@ suite's other tiny models have 8). Every test skips, saying so, where vLLM is no
 `test_vllm_missing.py` covers that case."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -318,3 +319,32 @@ def test_best_of_n_samples_with_vllm(task, models, tmp_path):
     for row in rows:
         assert len(row["responses"]) == 4 and len(set(row["responses"])) > 1
         assert row["score"] == max(row["scores"])
+
+
+ENV = '''
+class TwoTurns:
+    def reset(self, row):
+        self.turn = 0
+        return None
+
+    def step(self, action):
+        self.turn += 1
+        reward = sum(ch in "aeiou" for ch in action) / max(len(action), 1)
+        return (None if self.turn == 2 else " and then"), reward, self.turn == 2
+'''
+
+
+def test_multi_turn_episodes_sample_with_vllm(task, models, tmp_path):
+    """--env with the engine: each turn is sampled by vLLM from the episode so far (its prefix
+    cache holds the earlier turns), and the engine's logprobs of the policy's tokens are the
+    trainer's (observation tokens are no sampled tokens and are left out)."""
+    (tmp_path / "envs.py").write_text(ENV)
+    out = tmp_path / "grpo"
+    args = _args(task, models["llama"], "grpo", out, "--num-generations", "4", "--max-steps", "3",
+                 "--env", f"{tmp_path / 'envs.py'}:TwoTurns")
+    assert main(args) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["env/turns"] == 2 and r["rollout/mismatch_abs"] < 1e-4 for r in rows)
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    assert " and then" in sample["response"]
