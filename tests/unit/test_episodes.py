@@ -238,3 +238,53 @@ def test_the_tools_reach_the_prompt_through_the_template_or_described(tok):
                                   + tok.chat_template)
     text, messages = prompt_text(with_section, chat, "p:1", schema)
     assert text.startswith("TOOL add\n<|im_start|>user") and messages == chat["prompt"]
+
+
+class Talk:
+    """Three turns; the observation depends on the turn's text, so contexts differ per row."""
+
+    stop = ("e",)  # turns are cut after their first "e": the cache holds tokens sampled past it
+
+    def reset(self, row):
+        self.n = 0
+        return " hello"
+
+    def step(self, action):
+        self.n += 1
+        return (f" you said {len(action)} things", float(len(action)), self.n >= 3)
+
+
+def test_the_torch_sampler_keeps_its_cache_across_turns_and_samples_what_a_fresh_prefill_does(tiny_models,
+                                                                                               monkeypatch):
+    """The same episodes, the same noise: with the KV cache kept from turn to turn (TurnSession)
+    and with every turn's context prefilled again, the samples are the same."""
+    from transformers import AutoTokenizer
+
+    from tether.envs.episodes import generator_turns
+    from tether.models.load import load_causal_lm
+    from tether.rollout.generate import KVCacheSampler, SamplingParams
+
+    path = tiny_models["llama"]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = load_causal_lm(str(path)).eval()
+    eos = (tok.eos_token_id,)
+    sampler = KVCacheSampler(model, SamplingParams(8, 1.0, eos_token_ids=eos, pad_token_id=tok.pad_token_id or 0))
+    assert sampler.session() is not None  # the fused step runs Llama
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in ("once upon a time", "the cat", "a dog ran",
+                                                                       "she saw a big red ball")]
+
+    def episodes():
+        r = EpisodeRunner([EnvSpec("Talk", Talk)], tok, eos, tok.pad_token_id or 0, EpisodeLimits(3, 80, 8))
+        rng = lambda turn: torch.Generator().manual_seed(100 + turn)  # noqa: E731
+        out = r.run(prompts, [{}] * 4, [f"p:{i}" for i in range(4)], [False] * 4,
+                    generator_turns(sampler, eos, tok.pad_token_id or 0, "cpu", rng))
+        r.close()
+        return out
+
+    kept = episodes()
+    assert max(ep.turns for ep in kept.episodes) >= 2  # there was a turn that continued the cache
+    monkeypatch.setattr(KVCacheSampler, "session", lambda self: None)
+    fresh = episodes()
+    assert kept.transcripts == fresh.transcripts
+    assert torch.equal(kept.rollout.response_ids, fresh.rollout.response_ids)
+    assert torch.equal(kept.rollout.response_mask, fresh.rollout.response_mask)

@@ -127,16 +127,24 @@ def generator_turns(generator: Any, eos_token_ids: Sequence[int], pad_token_id: 
     stop tokens, and the noise rng(turn)."""
     from tether.rollout.generate import left_pad, sampling_params
 
+    # the torch sampler keeps its KV cache from turn to turn where it can (TurnSession); vLLM
+    # reuses the earlier turns through its prefix cache; hf prefills each turn's context
+    session = generator.session() if callable(getattr(generator, "session", None)) else None
+
     def sample(contexts: list[list[int]], max_new: int, turn: int) -> Turns:
-        ids, mask = left_pad(contexts, pad_token_id, device)
         with sampling_params(generator, max_new_tokens=max_new, eos_token_ids=tuple(eos_token_ids)):
-            out = generator.generate(ids, mask, rng(turn))
+            if session is not None:
+                out = session.generate(contexts, rng(turn))
+            else:
+                ids, mask = left_pad(contexts, pad_token_id, device)
+                out = generator.generate(ids, mask, rng(turn))
         keep = out.response_mask.bool()
         tokens = [row[m].tolist() for row, m in zip(out.response_ids, keep)]
         sampler = ([row[m].tolist() for row, m in zip(out.sampler_logprobs, keep)]
                    if out.sampler_logprobs is not None else None)
         return Turns(tokens, out.ended.tolist(), sampler)
 
+    sample.close = session.close if session is not None else (lambda: None)  # type: ignore[attr-defined]
     return sample
 
 
@@ -344,6 +352,8 @@ class EpisodeRunner:
                     ep.truncated = True  # no room left for the observation and another turn
                     continue
                 self._observe(ep, ids)
+        if callable(getattr(sample, "close", None)):
+            sample.close()  # the sampler's cache of these episodes
         for ep in episodes:
             if ep.env is not None and callable(getattr(ep.env, "close", None)):
                 try:

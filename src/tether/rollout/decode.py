@@ -194,13 +194,42 @@ class FusedDecoder:
         self.mask: Optional[Tensor] = None  # (B, 1, 1, max_len) additive
         self.length = 0  # positions written so far
 
+    def select(self, index: Tensor) -> None:
+        """Keep the rows `index` (B',) of the buffers, in that order (rows may repeat)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.mask = self.mask.index_select(0, index)
+
+    def grow(self, max_len: int) -> None:
+        """Room for `max_len` positions in all (what is written is kept)."""
+        capacity = self.mask.shape[-1]
+        if max_len <= capacity:
+            return
+        n = self.length
+        for buffers in (self.keys, self.values):
+            for i, t in enumerate(buffers):
+                bigger = t.new_empty((t.shape[0], t.shape[1], max_len, t.shape[3]))
+                bigger[:, :, :n] = t[:, :, :n]
+                buffers[i] = bigger
+        mask = self.mask.new_full((*self.mask.shape[:-1], max_len), float("-inf"))
+        mask[..., :n] = self.mask[..., :n]
+        self.mask = mask
+
+    def hide(self, rows: Tensor, slots: Tensor) -> None:
+        """Positions no later token may attend to: (rows[i], slots[i]) for each i."""
+        self.mask[rows, 0, 0, slots] = float("-inf")
+
     @torch.no_grad()
-    def step(self, token: Tensor, position: Tensor) -> Tensor:
-        """Feed one token per row. token: (B,) long; position: (B,) its position id.
-        Returns the next-token logits (B, V)."""
+    def step(self, token: Tensor, position: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """Feed one token per row. token: (B,) long; position: (B,) its position id; valid:
+        (B,) bool, the rows whose token later tokens attend to (None: all; a row's stand-in
+        token, e.g. padding, is then written but hidden). Returns the next-token logits (B, V)."""
         body, linear = self.model.model, _linear_transposed
         B, n = token.shape[0], self.length
-        self.mask[:, 0, 0, n] = 0.0
+        if valid is None:
+            self.mask[:, 0, 0, n] = 0.0
+        else:
+            self.mask[:, 0, 0, n] = torch.where(valid, 0.0, float("-inf")).to(self.mask.dtype)
         mask = self.mask[..., :n + 1]
         h = body.embed_tokens(token)  # (B, d)
         cos, sin = body.rotary_emb(h, position[:, None])  # (B, 1, head_dim) each

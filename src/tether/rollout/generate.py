@@ -239,6 +239,14 @@ class KVCacheSampler:
     def close(self) -> None:
         """Nothing is held beyond the policy."""
 
+    def session(self) -> Optional["TurnSession"]:
+        """A `TurnSession` for the turns of one batch of episodes, which keeps the KV cache
+        from turn to turn; None where the fused decode step does not run this model (then each
+        turn prefills its whole context)."""
+        if self.decoder is None or self._collective:
+            return None
+        return TurnSession(self)
+
 
 class HFGenerator:
     """transformers' generate() with the same sampling parameters."""
@@ -338,3 +346,149 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int,
             ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
             mask[i, width - len(row):] = 1
     return ids.to(device), mask.to(device)
+
+
+class TurnSession:
+    """The turns of one batch of multi-turn episodes (tether.envs.episodes) sampled with one KV
+    cache: the fused decode step's buffers (`tether.rollout.decode`) are kept from turn to turn,
+    so a turn feeds only what its context adds to what the cache holds (the observation, and
+    the last token of the turn before), rather than prefilling the whole episode again.
+
+    Each row of a turn continues the cached row whose tokens share the longest prefix with its
+    context (identical tokens give identical keys and values, so any such row will do); cached
+    positions past that prefix (tokens sampled after a stop string the episode was cut at) are
+    hidden. The added tokens are fed one step at a time, right-aligned so that every row's last
+    one comes at the last step; a row's stand-in steps are written but hidden. Only for models
+    the fused step runs (`KVCacheSampler.session` gives None otherwise: the turns are then
+    sampled by `generate` on the whole context).
+    """
+
+    def __init__(self, sampler: "KVCacheSampler"):
+        self.sampler = sampler
+        self.decoder = sampler.decoder
+        self.held: list[list[int]] = []  # per cached row: the tokens its valid positions hold
+        self.slots: list[list[int]] = []  # ... and those positions
+        self.before: list[int] = []  # ... and how many of those tokens its last turn's context had
+        self.started = False
+
+    def close(self) -> None:
+        if self.started:
+            self.decoder.finish()
+        self.started = False
+
+    @torch.no_grad()
+    def generate(self, contexts: list[list[int]], rng: torch.Generator) -> Rollout:
+        model, p = self.sampler.model, self.sampler.params
+        was_training = model.training
+        model.eval()
+        try:
+            return self._generate(contexts, rng)
+        finally:
+            model.train(was_training)
+
+    def _start(self, contexts: list[list[int]], device: Any) -> Tensor:
+        """Prefill the contexts with the model's own forward; returns the last logits."""
+        s, p = self.sampler, self.sampler.params
+        ids, mask = left_pad(contexts, p.pad_token_id, device)
+        positions = position_ids_from_mask(mask)
+        out = s.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **s._keep)
+        P = ids.shape[1]
+        self.close()
+        self.decoder.start(output_cache(out), mask, P + p.max_new_tokens)
+        self.started = True
+        self.held = [list(c) for c in contexts]
+        self.slots = [list(range(P - len(c), P)) for c in contexts]
+        return out.logits[:, -1]
+
+    def _continue(self, contexts: list[list[int]], device: Any) -> Optional[Tensor]:
+        """Select, extend and feed the cached rows; None when a context shares nothing with
+        any of them (then the caller starts afresh)."""
+        p, d = self.sampler.params, self.decoder
+        index, common, j = [], [], 0
+        for c in contexts:
+            # the episodes come in the order they had: look from the last one on for the row
+            # this context continues (it holds all of that row's context before its last turn)
+            order = list(range(j, len(self.held))) + list(range(j))
+            found = next((k for k in order if _common_prefix(self.held[k], c) >= self.before[k]), None)
+            if found is None:  # not a continuation: the longest shared prefix, if any
+                found = max(range(len(self.held)), key=lambda k: _common_prefix(self.held[k], c))
+            length = _common_prefix(self.held[found], c)
+            if length == 0 or length == len(c):  # nothing to continue, or nothing new to feed
+                return None
+            index.append(found)
+            common.append(length)
+            j = found + 1
+        B = len(contexts)
+        d.select(torch.tensor(index, device=device))
+        held = [self.held[j][:n] for j, n in zip(index, common)]
+        slots = [self.slots[j][:n] for j, n in zip(index, common)]
+        stale = [(b, slot) for b, j in enumerate(index) for slot in self.slots[j][common[b]:]]
+        if stale:
+            rows, where = zip(*stale)
+            d.hide(torch.tensor(rows, device=device), torch.tensor(where, device=device))
+        added = [c[n:] for c, n in zip(contexts, common)]
+        S = max(len(a) for a in added)
+        d.grow(d.length + S + p.max_new_tokens)
+        chunk, valid = left_pad(added, p.pad_token_id, device)
+        position = torch.tensor([len(h) for h in held], device=device)
+        for t in range(S):
+            ok = valid[:, t].bool()
+            for b in ok.nonzero().flatten().tolist():
+                held[b].append(added[b][t - (S - len(added[b]))])
+                slots[b].append(d.length)
+            logits = d.step(chunk[:, t], position, ok)
+            position = position + ok.long()
+        self.held, self.slots = held, slots
+        assert logits.shape[0] == B
+        return logits
+
+    def _generate(self, contexts: list[list[int]], rng: torch.Generator) -> Rollout:
+        s, p, d = self.sampler, self.sampler.params, self.decoder
+        device = s.model.lm_head.weight.device
+        longest = max(len(c) for c in contexts) + p.max_new_tokens
+        if not d.fits(longest + (d.length if self.started else 0)):
+            self.close()  # a sliding window would cut in: the model's own forward, no reuse
+            ids, mask = left_pad(contexts, p.pad_token_id, device)
+            return s.generate(ids, mask, rng)
+        logits = self._continue(contexts, device) if self.started else None
+        if logits is None:
+            logits = self._start(contexts, device)
+        self.before = [len(c) for c in contexts]
+        B = len(contexts)
+        noise_rows = noise_window(B, p, None)
+        eos = torch.tensor(p.eos_token_ids, device=device, dtype=torch.long)
+        sampled = torch.full((B, p.max_new_tokens), p.pad_token_id, dtype=torch.long, device=device)
+        fed = torch.zeros((B, p.max_new_tokens), dtype=torch.bool, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        position = torch.tensor([len(c) for c in contexts], device=device)
+        start, n = d.length, 0
+        for t in range(p.max_new_tokens):
+            token = sample_next_token(logits, p, rng, noise_rows)
+            token = torch.where(finished, torch.full_like(token, p.pad_token_id), token)
+            sampled[:, t] = token
+            n = t + 1
+            real = ~finished  # this token is the row's own (its EOS included)
+            if p.eos_token_ids:
+                finished = finished | torch.isin(token, eos)
+                if bool(finished.all()):
+                    break
+            if n == p.max_new_tokens:
+                break
+            logits = d.step(token, position, real)
+            fed[:, t] = real
+            position = position + real.long()
+        # the fed tokens are cached: remember them (the last sampled one is not, yet)
+        for b in range(B):
+            kept = fed[b].nonzero().flatten().tolist()
+            self.held[b].extend(sampled[b, kept].tolist())
+            self.slots[b].extend(start + k for k in kept)
+        empty = torch.zeros((B, 0), dtype=torch.long, device=device)
+        return finish_responses(empty, empty, sampled[:, :n], p)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
