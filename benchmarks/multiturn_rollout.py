@@ -5,7 +5,11 @@ same number of tokens the policy writes.
   `tether grpo` samples without --env);
 - multi: episodes of TURNS turns of TURN_TOKENS tokens, with an observation of OBS_TOKENS
   tokens after each turn but the last (`tether.envs.episodes.EpisodeRunner`, as `tether grpo
-  --env` samples), through the same sampler.
+  --env` samples), through the same sampler, which keeps its KV cache from turn to turn
+  (`rollout.generate.TurnSession`);
+- multi_prefill: the same episodes with the cache dropped after each turn, every turn's whole
+  context prefilled again (what the hf sampler does, and the torch one for models its fused
+  decode step does not run).
 
 No EOS is sampled (the benchmark tokenizer's EOS is forbidden), so every row writes exactly
 the same policy tokens on both sides. The two sides alternate (A B A B ...), --rounds times;
@@ -78,6 +82,8 @@ def main() -> None:
     obs_tokens = len(tok(" " + FixedObservation.words, add_special_tokens=False)["input_ids"])
     single = KVCacheSampler(model, SamplingParams(total, 1.0, pad_token_id=tok.pad_token_id))
     multi = KVCacheSampler(model, SamplingParams(args.turn_tokens, 1.0, pad_token_id=tok.pad_token_id))
+    prefill = KVCacheSampler(model, SamplingParams(args.turn_tokens, 1.0, pad_token_id=tok.pad_token_id))
+    prefill.session = lambda: None  # no cache kept between turns
     runner = EpisodeRunner([EnvSpec("FixedObservation", FixedObservation)], tok, (), tok.pad_token_id,
                            EpisodeLimits(args.turns, total + (args.turns - 1) * obs_tokens, args.turn_tokens))
     rows = [{} for _ in prompts]
@@ -88,13 +94,14 @@ def main() -> None:
         out = single.generate(ids, mask, torch.Generator().manual_seed(seed))
         return int(out.response_mask.sum())
 
-    def run_multi(seed: int) -> int:
+    def episodes(sampler, seed: int) -> int:
         rng = lambda turn: torch.Generator().manual_seed(seed * 64 + turn)  # noqa: E731
         out = runner.run(prompts, rows, where, [False] * args.rows,
-                         generator_turns(multi, (), tok.pad_token_id, "cpu", rng))
+                         generator_turns(sampler, (), tok.pad_token_id, "cpu", rng))
         return int(out.rollout.response_mask.sum())
 
-    sides = {"single": run_single, "multi": run_multi}
+    sides = {"single": run_single, "multi": lambda seed: episodes(multi, seed),
+             "multi_prefill": lambda seed: episodes(prefill, seed)}
     times: dict[str, list[float]] = {k: [] for k in sides}
     tokens: dict[str, int] = {}
     for name, fn in sides.items():  # warm-up
@@ -104,14 +111,17 @@ def main() -> None:
             t0 = time.perf_counter()
             tokens[name] = fn(r + 1)
             times[name].append(time.perf_counter() - t0)
-    peak = matmul_peak_gflops()["gflops"]
-    flops = {"single": generation_flops(shape, args.rows, args.prompt_len, total)}
-    # multi: turn k prefills its whole context again, then decodes its turn
-    context, multi_flops = args.prompt_len, 0.0
+    peak = matmul_peak_gflops()["best"]
+    after_prompt = total + (args.turns - 1) * obs_tokens
+    # single and multi: every token after the prompt goes through one decode step
+    flops = {"single": generation_flops(shape, args.rows, args.prompt_len, total),
+             "multi": generation_flops(shape, args.rows, args.prompt_len, after_prompt)}
+    # multi_prefill: turn k prefills its whole context again, then decodes its turn
+    context, prefill_flops = args.prompt_len, 0.0
     for k in range(args.turns):
-        multi_flops += generation_flops(shape, args.rows, context, args.turn_tokens)
+        prefill_flops += generation_flops(shape, args.rows, context, args.turn_tokens)
         context += args.turn_tokens + (obs_tokens if k < args.turns - 1 else 0)
-    flops["multi"] = multi_flops
+    flops["multi_prefill"] = prefill_flops
     result = {"machine": machine_info(), "shape": shape.__dict__, "args": vars(args),
               "observation_tokens": obs_tokens, "peak_gflops": peak}
     for name in sides:
@@ -119,14 +129,17 @@ def main() -> None:
         result[name] = {"seconds": times[name], "median_s": t, "policy_tokens": tokens[name],
                         "policy_tokens_per_s": tokens[name] / t,
                         "peak_fraction": flops[name] / t / 1e9 / peak}
-    result["multi_over_single_tokens_per_s"] = (result["multi"]["policy_tokens_per_s"]
-                                                / result["single"]["policy_tokens_per_s"])
+    for name in ("multi", "multi_prefill"):
+        result[f"{name}_over_single_tokens_per_s"] = (result[name]["policy_tokens_per_s"]
+                                                      / result["single"]["policy_tokens_per_s"])
     write_json(args.out, result)
     print(f"single turn: {result['single']['policy_tokens_per_s']:.0f} policy tokens/s "
           f"({100 * result['single']['peak_fraction']:.1f}% of fp32 peak)")
-    print(f"{args.turns} turns + {obs_tokens}-token observations: {result['multi']['policy_tokens_per_s']:.0f} "
-          f"policy tokens/s ({100 * result['multi']['peak_fraction']:.1f}% of peak)")
-    print(f"multi / single: {result['multi_over_single_tokens_per_s']:.2f}x")
+    for name, how in (("multi", "cache kept"), ("multi_prefill", "each turn prefilled")):
+        print(f"{args.turns} turns + {obs_tokens}-token observations, {how}: "
+              f"{result[name]['policy_tokens_per_s']:.0f} policy tokens/s "
+              f"({100 * result[name]['peak_fraction']:.1f}% of peak), "
+              f"{result[f'{name}_over_single_tokens_per_s']:.2f}x single")
 
 
 if __name__ == "__main__":

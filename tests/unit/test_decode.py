@@ -156,3 +156,31 @@ def test_a_sliding_window_shorter_than_the_sequence_falls_back_per_call():
     sampler.params = long  # 12 tokens > window 8: the model's own forward applies the window
     ours = sampler.generate(ids, mask, torch.Generator().manual_seed(0))
     assert torch.equal(ours.response_ids, plain.response_ids)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_extend_feeds_a_chunk_as_the_models_forward_reads_the_whole_sequence(arch):
+    """FusedDecoder.extend (the tokens a context adds between two turns of an episode): after a
+    prefill and two steps, a right-aligned chunk with padding holes gives the logits the model's
+    own forward gives on each row's whole sequence, holes left out."""
+    model = _model(arch)
+    ids, mask = left_pad(PROMPTS, 0)
+    B, P = ids.shape
+    positions = position_ids_from_mask(mask)
+    decoder = decoder_for(model)
+    gen = torch.Generator().manual_seed(2)
+    added = [torch.randint(1, 64, (n,), generator=gen).tolist() for n in (4, 1, 3)]
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        decoder.start(out.past_key_values, mask, P + 2 + 4)
+        steps = torch.randint(1, 64, (2, B), generator=gen)
+        for t in range(2):
+            decoder.step(steps[t], positions[:, -1] + 1 + t)
+        chunk, valid = left_pad(added, 0)
+        start = positions[:, -1] + 3
+        ours = decoder.extend(chunk, start[:, None] + (valid.cumsum(-1) - 1).clamp(min=0), valid.bool())
+        theirs = []
+        for b in range(B):
+            whole = ids[b][mask[b].bool()].tolist() + steps[:, b].tolist() + added[b]
+            theirs.append(model(input_ids=torch.tensor([whole])).logits[0, -1])
+    torch.testing.assert_close(ours, torch.stack(theirs), atol=3e-5, rtol=1e-5)

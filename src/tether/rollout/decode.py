@@ -220,6 +220,48 @@ class FusedDecoder:
         self.mask[rows, 0, 0, slots] = float("-inf")
 
     @torch.no_grad()
+    def extend(self, tokens: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+        """Feed S tokens per row at once (what a context adds between two turns of an episode):
+        tokens, positions (B, S) long; valid (B, S) bool, False on a row's stand-in tokens
+        (padding), which are written but hidden. Each token attends to the cache and to the
+        valid tokens before it in the chunk. Returns the logits after each row's last column
+        (B, V). The same layer function as `step`, computed for S query positions."""
+        body = self.model.model
+        B, S = tokens.shape
+        n = self.length
+        self.mask[:, 0, 0, n:n + S] = torch.where(valid, 0.0, float("-inf")).to(self.mask.dtype)
+        # (B, 1, S, n + S): the cache as masked, and causal within the chunk
+        causal = torch.full((S, S), float("-inf"), dtype=self.mask.dtype, device=tokens.device).triu(1)
+        mask = self.mask[..., :n + S].expand(B, 1, S, n + S).clone()
+        mask[..., n:] = mask[..., n:] + causal
+        h = body.embed_tokens(tokens)  # (B, S, d)
+        cos, sin = body.rotary_emb(h, positions)  # (B, S, head_dim) each
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        H, Hk = self.heads, self.kv_heads
+        lin = torch.nn.functional.linear
+        for i, (norm1, w_qkv, b_qkv, w_o, b_o, norm2, w_gu, b_gu, w_down, b_down, act, hd, scale, head_norms
+                ) in enumerate(self.layers):
+            qkv = lin(norm1(h), w_qkv, b_qkv)  # (B, S, (H + 2 Hk) hd)
+            qk = qkv[..., :(H + Hk) * hd].reshape(B, S, H + Hk, hd)
+            if head_norms is not None:
+                qk = torch.cat([head_norms[0](qk[:, :, :H]), head_norms[1](qk[:, :, H:])], dim=2)
+            qk = qk * cos + rotate_half(qk) * sin
+            self.keys[i][:, :, n:n + S] = qk[:, :, H:].transpose(1, 2)
+            self.values[i][:, :, n:n + S] = qkv[..., (H + Hk) * hd:].reshape(B, S, Hk, hd).transpose(1, 2)
+            q = qk[:, :, :H].transpose(1, 2)  # (B, H, S, hd)
+            k = self.keys[i][:, :, :n + S].repeat_interleave(H // Hk, dim=1)
+            v = self.values[i][:, :, :n + S].repeat_interleave(H // Hk, dim=1)
+            weights = torch.softmax(q @ k.transpose(-1, -2) * scale + mask, dim=-1)
+            o = (weights @ v).transpose(1, 2).reshape(B, S, H * hd)
+            h = h + lin(o, w_o, b_o)
+            gu = lin(norm2(h), w_gu, b_gu)
+            inner = gu.shape[-1] // 2
+            h = h + lin(act(gu[..., :inner]) * gu[..., inner:], w_down, b_down)
+        self.length = n + S
+        head = self.model.lm_head
+        return lin(body.norm(h[:, -1]), head.weight, head.bias)
+
+    @torch.no_grad()
     def step(self, token: Tensor, position: Tensor, valid: Optional[Tensor] = None) -> Tensor:
         """Feed one token per row. token: (B,) long; position: (B,) its position id; valid:
         (B,) bool, the rows whose token later tokens attend to (None: all; a row's stand-in

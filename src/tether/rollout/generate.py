@@ -357,8 +357,9 @@ class TurnSession:
     Each row of a turn continues the cached row whose tokens share the longest prefix with its
     context (identical tokens give identical keys and values, so any such row will do); cached
     positions past that prefix (tokens sampled after a stop string the episode was cut at) are
-    hidden. The added tokens are fed one step at a time, right-aligned so that every row's last
-    one comes at the last step; a row's stand-in steps are written but hidden. Only for models
+    hidden. The added tokens are fed in one forward of the fused layers (`FusedDecoder.extend`),
+    right-aligned so that every row's last one comes last; a row's stand-in (padding) columns
+    are written but hidden. Only for models
     the fused step runs (`KVCacheSampler.session` gives None otherwise: the turns are then
     sampled by `generate` on the whole context).
     """
@@ -430,16 +431,13 @@ class TurnSession:
         S = max(len(a) for a in added)
         d.grow(d.length + S + p.max_new_tokens)
         chunk, valid = left_pad(added, p.pad_token_id, device)
-        position = torch.tensor([len(h) for h in held], device=device)
-        for t in range(S):
-            ok = valid[:, t].bool()
-            for b in ok.nonzero().flatten().tolist():
-                held[b].append(added[b][t - (S - len(added[b]))])
-                slots[b].append(d.length)
-            logits = d.step(chunk[:, t], position, ok)
-            position = position + ok.long()
+        start = torch.tensor([len(h) for h in held], device=device)
+        positions = start[:, None] + (valid.cumsum(-1) - 1).clamp(min=0)
+        for b in range(B):  # right-aligned: row b's tokens take the chunk's last len(added[b]) slots
+            held[b].extend(added[b])
+            slots[b].extend(range(d.length + S - len(added[b]), d.length + S))
+        logits = d.extend(chunk, positions, valid.bool())
         self.held, self.slots = held, slots
-        assert logits.shape[0] == B
         return logits
 
     def _generate(self, contexts: list[list[int]], rng: torch.Generator) -> Rollout:
