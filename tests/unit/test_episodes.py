@@ -111,11 +111,10 @@ def test_chat_observations_are_rendered_by_the_template(tok):
             return ("42", None, "42" in action)
 
     enc = ObservationEncoder(tok, True, "tool", [tok.eos_token_id])
-    ids, messages = enc.encode("42", after_eos=True)
-    text = tok.decode(ids)
+    text = tok.decode(enc.encode("42", after_eos=True))
     # ChatML: the assistant turn is closed, the tool message rendered, the next turn opened
     assert text.startswith("<|im_end|>\n<|im_start|>tool\n42<|im_end|>\n<|im_start|>assistant\n"), text
-    assert messages == [{"role": "tool", "content": "42"}]
+    assert tok.decode(enc.encode("42", after_eos=False)).startswith("<|im_end|>\n<|im_start|>tool\n42")
     sample = scripted(tok, [["ask"] * 2, ["it is 42"] * 2])
     out = runner(tok, Tool).run(prompt_ids(tok), [{}, {}], ["p:1", "p:2"], [True] * 2, sample)
     full = tok.decode(out.rollout.response_ids[0][out.rollout.response_attention[0].bool()])

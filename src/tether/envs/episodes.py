@@ -42,7 +42,6 @@ class Episode:
     context: list[int]  # prompt, turns and observations so far: what the next turn continues
     segments: list[tuple[list[int], bool]] = field(default_factory=list)  # (ids, the policy's)
     sampler: list[Optional[list[float]]] = field(default_factory=list)  # engine logprobs per segment
-    messages: list[dict] = field(default_factory=list)  # the turns and observations as messages
     env: Any = None
     turns: int = 0
     tool_calls: int = 0
@@ -162,13 +161,13 @@ class ObservationEncoder:
         self.eos_texts = [tokenizer.decode([i]) for i in eos_token_ids]
         self._closing: Optional[str] = None
 
-    def encode(self, observation: str | list[dict], after_eos: bool) -> tuple[list[int], list[dict]]:
-        """(ids, the observation as messages)."""
+    def encode(self, observation: str | list[dict], after_eos: bool) -> list[int]:
+        """The observation's token ids."""
         messages = ([{"role": self.role, "content": observation}] if isinstance(observation, str)
                     else list(observation))
         if not self.chat:
-            return self._ids("".join(plain(m) for m in messages)), messages
-        return self._ids(self.closing(after_eos) + self.rendered(messages)), messages
+            return self._ids("".join(plain(m) for m in messages))
+        return self._ids(self.closing(after_eos) + self.rendered(messages))
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
@@ -293,7 +292,6 @@ class EpisodeRunner:
             if first:
                 # after the prompt (and its generation prompt), as the text it is
                 text = first if isinstance(first, str) else "".join(m["content"] for m in first)
-                ep.messages.append({"role": "user", "content": text})
                 self._observe(ep, self._encoder(encoders, ep, False)._ids(text))
         for turn in range(lim.max_turns):
             active = [i for i, ep in enumerate(episodes) if not ep.finished]
@@ -320,7 +318,6 @@ class EpisodeRunner:
                 ep.context = ep.context + ids
                 ep.turns += 1
                 action = self.tokenizer.decode(ids, skip_special_tokens=True)
-                ep.messages.append({"role": "assistant", "content": action})
                 ep.last_ended = ended
                 if not ended and len(ids) >= budgets[k]:  # --max-total-length: cut here
                     ep.truncated = True
@@ -346,8 +343,7 @@ class EpisodeRunner:
                     continue
                 if step.observation is None:
                     continue
-                ids, messages = self._encoder(encoders, ep, chats[i]).encode(step.observation, after_eos=not stopped)
-                ep.messages.extend(messages)
+                ids = self._encoder(encoders, ep, chats[i]).encode(step.observation, after_eos=not stopped)
                 if ep.length + len(ids) >= lim.max_total_length:
                     ep.truncated = True  # no room left for the observation and another turn
                     continue
