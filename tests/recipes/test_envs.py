@@ -142,3 +142,40 @@ def test_an_environment_error_names_the_environment_and_the_row_or_is_skipped(ta
     assert main(_args(task, "grpo", out, "--max-steps", "2", "--env-errors", "skip", env="Broken")) == 0
     rows = read_metrics(out / "metrics.jsonl")
     assert all(r["env/skipped"] == 16 for r in rows)
+
+
+def test_dynamic_sampling_merges_rounds_of_episodes_of_different_lengths(task, tmp_path):
+    out = tmp_path / "run"
+    assert main(_args(task, "grpo", out, "--max-steps", "2", "--dynamic-sampling", "--max-resample-rounds", "2",
+                      "--max-total-length", "40")) == 0
+    assert len(read_metrics(out / "metrics.jsonl")) == 2
+
+
+def test_ppo_pays_each_turns_reward_at_the_end_of_its_turn(task, tmp_path):
+    """The per-token rewards of PPO: each step's reward on its turn's last token, the KL penalty
+    on every token; `objective/rm_score` holds the episodes' total."""
+    import torch
+
+    from tether.config import PPOConfig
+    from tether.recipes.online.setup import build
+    from tether.recipes.online.steps import PhaseClock, old_policy, sample_and_score
+
+    root, policy, prompts = task
+    cfg = PPOConfig(policy=str(policy), prompts=str(prompts), env=[f"{root / 'envs.py'}:Vowels"],
+                    output_dir=str(tmp_path / "x"), batch_size=4, response_length=6, critic="head",
+                    kl_coef=0.0, whiten_rewards=False, missing_eos_penalty=None, progress=False)
+    parts = build(cfg)
+    clock = PhaseClock(parts.device)
+    sampled = sample_and_score(parts, 1, clock)
+    prepared = parts.algorithm.experience(parts, parts.algorithm.shape(parts, 1, clock, sampled),
+                                          old_policy(parts, sampled.seqs, clock))
+    rewards, mask = prepared.experience.rewards, sampled.rollout.response_mask
+    assert torch.allclose(rewards.sum(-1), sampled.scored.scores, atol=1e-6)
+    first_turn_paid = 0
+    for b in range(4):  # two turns: two rewarded tokens, each the last policy token of a turn
+        paid = rewards[b].nonzero().flatten().tolist()
+        own = mask[b].nonzero().flatten().tolist()
+        ends = [t for t in own if t + 1 not in own]  # the last token of each turn
+        assert len(ends) == 2 and set(paid) <= set(ends)
+        first_turn_paid += bool(rewards[b, ends[0]] != 0)
+    assert first_turn_paid >= 2  # (a turn without a vowel is paid 0)

@@ -48,8 +48,10 @@ class Episode:
     tool_errors: int = 0
     reward: float = 0.0
     rewarded: bool = False  # the environment gave a reward at some step
+    paid: list[tuple[int, float]] = field(default_factory=list)  # (segment of the turn, its reward)
     done: bool = False  # the environment ended it
     last_ended: bool = True  # the last policy turn ended with EOS or a stop string
+    turn_segment: int = -1  # the segment of the latest policy turn
     truncated: bool = False  # cut by a length or turn limit
     error: Optional[str] = None  # an environment error (--env-errors skip)
 
@@ -91,6 +93,7 @@ class Episodes:
     rollout: Rollout
     episodes: list[Episode]
     transcripts: list[str]  # each episode after the prompt, as text (special tokens left out)
+    paid: Tensor  # (B, T) float32: each step's reward at the last token of its turn
 
     @property
     def rewards(self) -> Tensor:
@@ -313,6 +316,7 @@ class EpisodeRunner:
                     if cut is not None:
                         ids, stopped, ended = cut, True, True
                         logprobs = logprobs[:len(cut)] if logprobs is not None else None
+                ep.turn_segment = len(ep.segments)
                 ep.segments.append((ids, True))
                 ep.sampler.append(logprobs)
                 ep.context = ep.context + ids
@@ -335,6 +339,7 @@ class EpisodeRunner:
                 if step.reward is not None:
                     ep.reward += step.reward
                     ep.rewarded = True
+                    ep.paid.append((ep.turn_segment, step.reward))
                 if step.done:
                     ep.done = True
                     continue
@@ -384,22 +389,26 @@ class EpisodeRunner:
         attention = torch.zeros((B, T), dtype=torch.long)
         engine = all(s is not None for ep in episodes for s in ep.sampler)
         sampler = torch.zeros((B, T), dtype=torch.float32) if engine else None
+        paid = torch.zeros((B, T), dtype=torch.float32)
         for b, ep in enumerate(episodes):
-            at = 0
+            at, ends = 0, []
             for (segment, policy), logprobs in zip(ep.segments, ep.sampler):
                 n = len(segment)
+                ends.append(at + n - 1)
                 ids[b, at:at + n] = torch.tensor(segment, dtype=torch.long)
                 attention[b, at:at + n] = 1
                 own[b, at:at + n] = int(policy and ep.error is None)  # a skipped episode trains nothing
                 if sampler is not None and n:
                     sampler[b, at:at + n] = torch.tensor(logprobs, dtype=torch.float32)
                 at += n
+            for k, reward in ep.paid:  # at the turn's last token (an empty turn: the one before it)
+                paid[b, max(ends[k], 0)] += reward if ep.error is None else 0.0
         ended = torch.tensor([ep.done and not ep.truncated and ep.last_ended for ep in episodes])
         prompt_ids, prompt_mask = left_pad(prompts, self.pad)
         rollout = Rollout(prompt_ids, prompt_mask, ids, own, ended, sampler, attention)
         texts = [self.tokenizer.decode([t for segment, _ in ep.segments for t in segment], skip_special_tokens=True)
                  for ep in episodes]
-        return Episodes(rollout, episodes, texts)
+        return Episodes(rollout, episodes, texts, paid)
 
 
 def plain(message: dict) -> str:

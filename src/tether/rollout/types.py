@@ -52,18 +52,21 @@ class Rollout:
 
     @staticmethod
     def concat(parts: list["Rollout"], pad_token_id: int) -> "Rollout":
-        """Rollouts of the same response length, their prompts left-padded to the widest."""
-        P = max(r.n_prompt for r in parts)
-        ids = [torch.nn.functional.pad(r.prompt_ids, (P - r.n_prompt, 0), value=pad_token_id) for r in parts]
-        mask = [torch.nn.functional.pad(r.prompt_mask, (P - r.n_prompt, 0), value=0) for r in parts]
+        """Rollouts one after the other: prompts left-padded to the widest, responses (whole
+        episodes, with --env, whose lengths differ between draws) right-padded to the longest."""
+        P, T = max(r.n_prompt for r in parts), max(r.n_response for r in parts)
+        left = lambda t, r, fill: torch.nn.functional.pad(t, (P - r.n_prompt, 0), value=fill)  # noqa: E731
+        right = lambda t, r, fill: torch.nn.functional.pad(t, (0, T - r.n_response), value=fill)  # noqa: E731
         sampler = None
         if all(r.sampler_logprobs is not None for r in parts):
-            sampler = torch.cat([r.sampler_logprobs for r in parts])
+            sampler = torch.cat([right(r.sampler_logprobs, r, 0.0) for r in parts])
         attention = None
         if any(r.response_attention is not None for r in parts):
-            attention = torch.cat([r.attention for r in parts])
-        return Rollout(torch.cat(ids), torch.cat(mask), torch.cat([r.response_ids for r in parts]),
-                       torch.cat([r.response_mask for r in parts]), torch.cat([r.ended for r in parts]),
+            attention = torch.cat([right(r.attention, r, 0) for r in parts])
+        return Rollout(torch.cat([left(r.prompt_ids, r, pad_token_id) for r in parts]),
+                       torch.cat([left(r.prompt_mask, r, 0) for r in parts]),
+                       torch.cat([right(r.response_ids, r, pad_token_id) for r in parts]),
+                       torch.cat([right(r.response_mask, r, 0) for r in parts]), torch.cat([r.ended for r in parts]),
                        sampler, attention)
 
     def sequences(self) -> "Sequences":

@@ -145,7 +145,12 @@ def merge_groups(parts: "OnlineParts", pieces: list) -> Sampled:
                                      for s, rows in chosen]),
                           pieces[0][0].scored.metrics,  # the functions' view of the first draw
                           [t for s, rows in chosen for t in pick(s.scored.texts, rows)])
-    ref = torch.cat([s.ref_logprobs[rows.to(s.ref_logprobs.device)] for s, rows in chosen])
+    T = rollout.response_ids.shape[1]  # (rounds of episodes differ in length: padded to the longest)
+    widest = lambda t: torch.nn.functional.pad(t, (0, T - t.shape[1]))  # noqa: E731
+    ref = torch.cat([widest(s.ref_logprobs[rows.to(s.ref_logprobs.device)]) for s, rows in chosen])
     stats = {k: torch.stack([torch.as_tensor(s.stats[k]) for s, _ in chosen]).mean()  # env/ metrics:
              for k in pieces[0][0].stats}                                          # the rounds' mean
-    return Sampled(prompt_rows, texts, rollout, rollout.sequences(), ref, scored, stats)
+    turns = None
+    if pieces[0][0].turn_rewards is not None:  # --env: the chosen rows' per-turn rewards
+        turns = torch.cat([widest(s.turn_rewards[rows.to(s.turn_rewards.device)]) for s, rows in chosen])
+    return Sampled(prompt_rows, texts, rollout, rollout.sequences(), ref, scored, stats, turns)

@@ -50,10 +50,19 @@ class PPO(Algorithm):
         cfg, sampled = self.cfg, shaped.sampled
         mask, logprobs, ref = sampled.rollout.response_mask, old.logprobs, sampled.ref_logprobs
         # 3. per-token rewards: -beta * k1 on every response token, the score at the last one
+        #    (with --env, each step's reward at the end of its turn, the rest at the last token)
         beta, all_reduce = parts.kl_ctl.value, parts.all_reduce_sum()
-        rewards, kl = parts.token_rewards(logprobs, ref, shaped.scores, mask, beta)
-        issues = [check_reward_layout(rewards, logprobs, ref, shaped.scores, mask, beta),
+        at_end, turns = shaped.scores, sampled.turn_rewards
+        if turns is not None:
+            kept = torch.ones_like(sampled.rollout.ended) if cfg.missing_eos_penalty is None \
+                else sampled.rollout.ended  # a replaced score replaces the turns' rewards too
+            turns = turns * kept[:, None]
+            at_end = at_end - turns.sum(-1)
+        rewards, kl = parts.token_rewards(logprobs, ref, at_end, mask, beta)
+        issues = [check_reward_layout(rewards, logprobs, ref, at_end, mask, beta),
                   check_kl_not_negative(kl.sum(-1))]
+        if turns is not None:
+            rewards = rewards + turns
         if cfg.whiten_rewards:
             rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
         # 4. advantages: GAE over response tokens, whitened over the global batch; returns = A + V

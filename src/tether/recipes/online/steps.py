@@ -77,6 +77,9 @@ class Sampled:
     ref_logprobs: Tensor  # (B, T)
     scored: RewardScores
     stats: dict = field(default_factory=dict)  # the episodes' env/ metrics (with --env)
+    # (B, T) with --env: each environment step's reward at the last token of its turn (`scored`
+    # includes their sum), for the methods with per-token rewards
+    turn_rewards: Optional[Tensor] = None
 
 
 # Extra sampling rounds (dynamic sampling) draw the prompts and noise of "steps" this far apart,
@@ -116,7 +119,7 @@ def sample_and_score(parts: "OnlineParts", step: int, clock: PhaseClock, repeat:
     if bool(skipped.any()) and not bool(skipped.all()):
         scores = torch.where(skipped, scores[~skipped].mean(), scores)
     return Sampled(rows, texts, rollout, seqs, ref_logprobs, scored._replace(scores=scores),
-                   episodes.metrics())
+                   episodes.metrics(), episodes.paid.to(scores.device))
 
 
 def run_episodes(parts: "OnlineParts", prompts: "PromptSet", rows: list[int], step: int) -> "Episodes":
