@@ -221,3 +221,29 @@ def test_code_tests_reward_scores_passing_and_failing_solutions():
     scores = code_tests_reward(["p"] * len(completions), completions,
                                tests=[tests, tests, tests, None, [tests]] + [tests] * len(exits))
     assert scores == [1.0, 0.0, 0.0, None, 1.0] + [0.0] * len(exits)
+
+
+def test_the_python_tool_answers_a_call_and_a_stopped_program_lets_the_episode_go_on():
+    """tether.envs.python_tool: the policy's code runs in the sandbox; an infinite loop is
+    stopped and reported as the tool's result, and the next call works."""
+    usable(ALL)
+    from tether.envs import python_tool
+    from tether.envs.python_tool import PythonTool
+
+    env = PythonTool()
+    env.reset({})
+    call = '<tool_call>{"name": "python", "arguments": {"code": %s}}</tool_call>'
+    obs, reward, done, info = env.step(call % '"print(2 ** 10)"')
+    assert obs == [{"role": "tool", "content": "1024"}] and not done and info["tool_errors"] == 0
+    old = python_tool.TIMEOUT_S
+    python_tool.TIMEOUT_S = 1.0
+    try:
+        obs, _, done, _ = env.step(call % '"while True: pass"')
+    finally:
+        python_tool.TIMEOUT_S = old
+    assert "[stopped:" in obs[0]["content"] and not done
+    obs, _, _, _ = env.step(call % '"open(\'/etc/passwd\').read()"')
+    assert "root:" not in obs[0]["content"] and "Error" in obs[0]["content"]
+    obs, _, _, _ = env.step(call % '"print(6 * 7)"')
+    assert obs[0]["content"] == "42"
+    assert env.step("the answer is 42")[2] is True
