@@ -252,17 +252,19 @@ class Uneven:
 '''
 
 
-@pytest.mark.parametrize("backend", ["torch", "hf"])
-def test_sharded_grpo_with_an_environment_runs_episodes_of_uneven_length(ppo_inputs, tmp_path, backend):
+@pytest.mark.parametrize("backend, fsdp", [("torch", True), ("hf", True), ("torch", False)])
+def test_grpo_with_an_environment_runs_episodes_of_uneven_length_on_two_processes(ppo_inputs, tmp_path,
+                                                                                   backend, fsdp):
     """Every process samples as many turns as the one with the longest episodes, so a process
-    whose episodes ended early still joins every sharded forward (no hang, no error)."""
+    whose episodes ended early still joins every sharded forward (no hang, no error); without
+    --fsdp (DDP) each process keeps its own KV cache across turns."""
     model, _, prompts = ppo_inputs
     (tmp_path / "envs.py").write_text(ENV)
     out = tmp_path / "grpo"
     _launch("grpo", "--policy", str(model), "--env", f"{tmp_path / 'envs.py'}:Uneven", "--prompts", str(prompts),
             "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--num-generations", "4",
-            "--response-length", "6", "--max-turns", "3", "--fsdp", "--generation-backend", backend,
-            "--no-progress", "--no-tensorboard")
+            "--response-length", "6", "--max-turns", "3", "--generation-backend", backend,
+            "--no-progress", "--no-tensorboard", *(["--fsdp"] if fsdp else []))
     rows = _rows(out)
     assert sorted(rows) == [1, 2] and (out / "model.safetensors").exists()
     assert all(1 <= r["env/turns"] <= 3 for r in rows.values())
