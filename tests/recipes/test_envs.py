@@ -179,3 +179,12 @@ def test_ppo_pays_each_turns_reward_at_the_end_of_its_turn(task, tmp_path):
         assert len(ends) == 2 and set(paid) <= set(ends)
         first_turn_paid += bool(rewards[b, ends[0]] != 0)
     assert first_turn_paid >= 2  # (a turn without a vowel is paid 0)
+
+
+def test_held_out_episodes_are_evaluated(task, tmp_path):
+    out = tmp_path / "run"
+    root, _, prompts = task
+    assert main(_args(task, "grpo", out, "--max-steps", "1", "--eval-prompts", str(prompts))) == 0
+    row = read_metrics(out / "metrics.jsonl")[-1]
+    assert 0 < row["eval/env_reward"] < 2 and row["eval/tool_call_rate"] == 1.0
+    assert row["eval/rm_score"] == pytest.approx(row["eval/env_reward"])  # no RM, no function: the env's

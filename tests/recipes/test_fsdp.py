@@ -260,14 +260,19 @@ def test_grpo_with_an_environment_runs_episodes_of_uneven_length_on_two_processe
     --fsdp (DDP) each process keeps its own KV cache across turns."""
     model, _, prompts = ppo_inputs
     (tmp_path / "envs.py").write_text(ENV)
+    # 5 held-out prompts: the last global batch of 4 rows leaves one process without any, and
+    # it still joins the other's turns
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": r["prompt"]} for r in story_rows(5)])
     out = tmp_path / "grpo"
     _launch("grpo", "--policy", str(model), "--env", f"{tmp_path / 'envs.py'}:Uneven", "--prompts", str(prompts),
+            "--eval-prompts", str(held_out),
             "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--num-generations", "4",
             "--response-length", "6", "--max-turns", "3", "--generation-backend", backend,
             "--no-progress", "--no-tensorboard", *(["--fsdp"] if fsdp else []))
     rows = _rows(out)
     assert sorted(rows) == [1, 2] and (out / "model.safetensors").exists()
     assert all(1 <= r["env/turns"] <= 3 for r in rows.values())
+    assert rows[2]["eval/env_reward"] >= 0 and 0 <= rows[2]["eval/tool_call_rate"] <= 1
 
 
 def test_sharded_online_dpo_matches_one_process(ppo_inputs, tmp_path):

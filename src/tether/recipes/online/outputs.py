@@ -81,9 +81,14 @@ def evaluate(parts: Any) -> dict[str, float]:
     for k, start in enumerate(range(0, n, per_process * world)):
         size = min(per_process * world, n - start)  # this global batch's rows
         lo, hi = rank * per_process, min((rank + 1) * per_process, size)  # this process's
-        if lo >= hi:
-            continue  # the last batch is short: nothing left for this process
-        rows = range(start + lo, start + hi)
+        # The last batch may leave nothing to this process. It still runs every step on a
+        # stand-in row (the batch's first) and counts nothing of it: under --fsdp each forward,
+        # and with --env each turn, is a collective the other processes wait in.
+        stand_in = lo >= hi
+        if stand_in and world == 1:
+            continue
+        rows = range(start, start + 1) if stand_in else range(start + lo, start + hi)
+        lo = 0 if stand_in else lo
         ids, mask, texts = prompts.batch(rows, parts.tokenizer.pad_token_id, parts.device)
         episodes = None
         if parts.episodes is not None:  # --env: whole episodes, with the environments' rewards
@@ -96,14 +101,17 @@ def evaluate(parts: Any) -> dict[str, float]:
         ref = parts.reference.logprobs(seqs, cfg.temperature)
         logprobs = _policy_logprobs(parts, seqs)
         kl = torch.where(rollout.response_mask.bool(), logprobs - ref, torch.zeros_like(ref)).sum(-1)
+        transcripts = episodes.transcripts if episodes is not None else None
         scores = parts.reward.score(seqs, texts, prompts.chats_at(rows), prompts.columns_at(rows),
-                                    prompts.rows_at(rows), transcripts=episodes.transcripts if episodes else None).scores
+                                    prompts.rows_at(rows), transcripts=transcripts).scores
         env = torch.zeros(2)
         if episodes is not None:
             scores = scores + episodes.rewards.to(scores)
-            env = torch.tensor([float(episodes.rewards.sum()), sum(float(e.tool_calls > 0) for e in episodes.episodes)])
-        totals += torch.cat([torch.stack([scores.sum(), kl.sum(), rollout.response_mask.sum(),
-                                          rollout.ended.sum()]).double().cpu(), env.double()])
+            called = sum(float(e.tool_calls > 0) for e in episodes.episodes)
+            env = torch.tensor([float(episodes.rewards.sum()), called])
+        if not stand_in:
+            totals += torch.cat([torch.stack([scores.sum(), kl.sum(), rollout.response_mask.sum(),
+                                              rollout.ended.sum()]).double().cpu(), env.double()])
     all_reduce = parts.all_reduce_sum()
     if all_reduce is not None:
         totals = all_reduce(totals.to(parts.device)).cpu()
