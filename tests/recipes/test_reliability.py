@@ -386,7 +386,7 @@ def test_a_yaml_typo_names_the_yaml_file(world, tmp_path, capsys):
 def test_metrics_hold_only_json(world, tmp_path):
     from tether.training.metrics import MetricsWriter
 
-    writer = MetricsWriter(tmp_path, tensorboard=False)
+    writer = MetricsWriter(tmp_path, report_to="none")
     writer.log(1, {"a": float("inf"), "b": float("nan"), "c": 1.5})
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line) == {"step": 1, "a": None, "b": None, "c": 1.5}

@@ -5,8 +5,10 @@ default says why)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Optional
 
 from tether.config.parse import non_negative, positive
 from tether.errors import ConfigError
@@ -21,7 +23,7 @@ class RunConfig:
 
     output_dir: str = ""
     """Run directory. It becomes the final model (or result) and also holds config.yaml,
-    metrics.jsonl, TensorBoard logs and checkpoints/. Required."""
+    metrics.jsonl, the trackers' logs (--report-to), trackers.json and checkpoints/. Required."""
     seed: int = 0
     """Seed for weights, data order and sampling. The same seed gives the same run."""
     resume: bool = False
@@ -126,14 +128,75 @@ class SamplingFields:
             raise ConfigError(f"--top-p must be in (0, 1] and --top-k >= 0; got {self.top_p}, {self.top_k}")
 
 
+# --report-to's trackers: the modules each one needs, and the command that installs them
+TRACKERS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "trackio": ("trackio",),
+            "mlflow": ("mlflow",)}
+TRACKER_INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install 'tether[trackers]'",
+                   "mlflow": "pip install 'tether[trackers]'", "trackio": "pip install 'tether[trackio]'"}
+
+
+def tracker_names(report_to: str) -> tuple[str, ...]:
+    """The trackers a --report-to value names, in its order, each once; () for none. Raises
+    ConfigError for a name it does not know, listing the valid ones."""
+    names = [n.strip().lower() for n in str(report_to).split(",") if n.strip()]
+    if names == ["none"]:
+        return ()
+    valid = ", ".join(TRACKERS)
+    if not names:
+        raise ConfigError(f"--report-to is empty; give a comma-separated list of {valid}, or none")
+    for name in names:
+        if name == "none":
+            raise ConfigError(f"--report-to {report_to}: none cannot be combined with a tracker")
+        if name not in TRACKERS:
+            raise ConfigError(f"--report-to: unknown tracker {name!r}; the valid ones are {valid} "
+                              "(comma-separated), or none")
+    return tuple(dict.fromkeys(names))
+
+
+def check_trackers_installed(names: tuple[str, ...]) -> None:
+    """Refuse, before any work starts, a tracker whose library is not installed: the error
+    names the command that installs it."""
+    for name in names:
+        modules = TRACKERS[name]
+        if name == "mlflow" and not os.environ.get("MLFLOW_TRACKING_URI"):
+            modules += ("sqlalchemy", "alembic")  # the local sqlite store under output_dir/mlruns
+        missing = [m for m in modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"--report-to {name} needs the {', '.join(missing)} package"
+                              f"{'s' if len(missing) > 1 else ''}, which is not installed: "
+                              f"{TRACKER_INSTALL[name]}")
+
+
 @dataclass(frozen=True)
 class LoggingFields:
     """Metrics and progress."""
 
-    tensorboard: bool = True
-    """Also write metrics as TensorBoard events under output_dir/tensorboard."""
+    report_to: str = "tensorboard"
+    """Where the metrics of output_dir/metrics.jsonl also go, under the same names and steps: a
+    comma-separated list of tensorboard, wandb, trackio and mlflow, or none. Each writes locally
+    under output_dir unless told otherwise: tensorboard/; W&B offline in wandb/ (unless WANDB_MODE
+    is set); MLflow's sqlite store in mlruns/ (unless MLFLOW_TRACKING_URI is set); trackio in
+    trackio/ (unless TRACKIO_DIR is set). output_dir/trackers.json says where each run went. The
+    run's config is logged as its parameters; only the main process logs. wandb and mlflow need
+    pip install 'tether[trackers]', trackio pip install 'tether[trackio]' (docs/metrics.md,
+    Trackers)."""
+    tensorboard: Optional[bool] = None
+    """The older switch for TensorBoard, still read: --no-tensorboard takes tensorboard out of
+    --report-to, --tensorboard adds it. It is folded into --report-to when the config is built
+    (a saved config.yaml holds the result there, and null here)."""
     progress: bool = True
     """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        names = list(tracker_names(self.report_to))
+        if self.tensorboard is True and "tensorboard" not in names:
+            names.insert(0, "tensorboard")
+        elif self.tensorboard is False and "tensorboard" in names:
+            names.remove("tensorboard")
+        check_trackers_installed(tuple(names))
+        # frozen: the one spelling of the choice from here on
+        object.__setattr__(self, "report_to", ",".join(names) or "none")
+        object.__setattr__(self, "tensorboard", None)
 
 
 @dataclass(frozen=True)

@@ -206,13 +206,13 @@ def parse_flags(cls: type, argv: list[str]) -> tuple[Optional[str], dict[str, An
             value, i = (inline, i + 1) if eq else (_next_value(argv, i, "--config"), i + 2)
             config_path = value
             continue
-        if key.startswith("no_") and hints.get(key[3:]) is bool and not eq:
+        if key.startswith("no_") and _is_bool(hints.get(key[3:])) and not eq:
             out[key[3:]] = "false"
             i += 1
             continue
         if key not in hints:  # say so now, before the next token is taken as its value
             raise unknown_option(cls, key)
-        if hints.get(key) is bool and not eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")
+        if _is_bool(hints.get(key)) and not eq and (i + 1 >= len(argv) or argv[i + 1].startswith("--")
                                                    or argv[i + 1].lower() not in _TRUE | _FALSE):
             out[key] = "true"
             i += 1
@@ -226,6 +226,13 @@ def parse_flags(cls: type, argv: list[str]) -> tuple[Optional[str], dict[str, An
         else:
             out[key] = value
     return config_path, out
+
+
+def _is_bool(tp: Any) -> bool:
+    """bool, or Optional[bool]: a switch (--name / --no-name)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if a is not type(None)] == [bool]
+    return tp is bool
 
 
 def _is_list(tp: Any) -> bool:

@@ -184,7 +184,7 @@ def run(cfg: DemoConfig) -> dict:
                                         "dpo", "online_dpo", "bon", "quiz", "sft_quiz", "grpo", "rloo",
                                         "lookup", "sft_lookup", "grpo_no_tool", "grpo_tool", "eval")}
     timer = Timer()
-    common = dict(seed=seed, progress=True, tensorboard=True)
+    common = dict(seed=seed, progress=True, report_to="tensorboard")
     # 1. the world's data
     timer.run("world", d["world"], lambda: _export(d["world"], sizes, seed))
     # 2. base model
@@ -312,7 +312,7 @@ def _more_rounds(cfg: DemoConfig, d: dict, root: Path, sizes: Sizes, timer: Time
         ppo_batch_size=sizes.ppo_batch, ppo_lr=PPO_LR, kl_coef=cfg.kl_coef, critic="head",
         value_lr=PPO_VALUE_LR, vf_coef=PPO_VF_COEF, response_length=sizes.response_length,
         temperature=cfg.temperature, seed=cfg.seed, resume=d["iterate"].exists(), progress=True,
-        tensorboard=True))
+        report_to="tensorboard"))
     last = d["iterate"] / f"round-{cfg.rounds - 1}"
     name = "ppo_beta0_last"
     timer.stage(f"ppo_beta0_round{cfg.rounds}", "ppo", PPOConfig(

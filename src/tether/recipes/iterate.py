@@ -242,7 +242,7 @@ def train_round_rm(cfg: IterateConfig, root: Path, n: int, reference: str, previ
         model=reference, data=str(rdir / "rm_data.jsonl"),
         eval_data=str(rdir / "rm_heldout.jsonl") if held else None, output_dir=str(out),
         max_steps=cfg.rm_steps, lr=cfg.rm_lr, batch_size=cfg.rm_batch_size, max_length=cfg.max_length,
-        seed=cfg.seed + n, progress=cfg.progress, tensorboard=cfg.tensorboard,
+        seed=cfg.seed + n, progress=cfg.progress, report_to=cfg.report_to,
         trust_remote_code=cfg.trust_remote_code))
     if action != "skip":  # (a finished RM keeps the data it was trained on as it is)
         write_jsonl(rdir / "rm_data.jsonl", [rendered_row(r, tok) for r in data])
@@ -269,7 +269,7 @@ def run_round_ppo(cfg: IterateConfig, rdir: Path, n: int, policy: str, reference
         max_steps=cfg.ppo_steps, batch_size=cfg.ppo_batch_size, response_length=cfg.response_length,
         temperature=cfg.temperature, lr=cfg.ppo_lr, kl_coef=cfg.kl_coef, critic=cfg.critic,
         value_lr=cfg.value_lr, vf_coef=cfg.vf_coef, gold_judge=cfg.gold_judge, seed=cfg.seed + n,
-        generation_backend=cfg.generation_backend, progress=cfg.progress, tensorboard=cfg.tensorboard,
+        generation_backend=cfg.generation_backend, progress=cfg.progress, report_to=cfg.report_to,
         trust_remote_code=cfg.trust_remote_code))
     if action != "skip":
         run_stage("ppo", ppo_cfg)

@@ -49,7 +49,7 @@ def run_pretrain(cfg: PretrainConfig) -> dict:
         model=str(work / "init"), data=str(work / "corpus.jsonl"), output_dir=str(out),
         seed=cfg.seed, resume=cfg.resume, max_steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
         max_length=cfg.max_length, warmup_ratio=0.05, eval_fraction=0.02, save_every=max(50, cfg.steps // 4),
-        keep_checkpoints=1, progress=cfg.progress, tensorboard=True, lr_scheduler="cosine",
+        keep_checkpoints=1, progress=cfg.progress, report_to="tensorboard", lr_scheduler="cosine",
         weight_decay=0.01))
     summary["heldout_perplexity"] = math.exp(summary["eval/loss"])
     summary["wall_seconds"] = round(time.perf_counter() - t0, 1)

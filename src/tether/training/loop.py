@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import torch
 
+from tether.config import to_dict
 from tether.errors import Interrupted
 from tether.training.batches import GlobalBatches, total_steps
 from tether.training.checkpoint import load_checkpoint, save_checkpoint
@@ -99,12 +100,13 @@ def train_supervised(cfg: "TrainConfig", accelerator: Any, spec: LoopSpec) -> Lo
         start = state.pop("step")
         apply_peak_lr([scheduler], [optimizer], peaks)
         log.info("resumed from %s at step %d of %d", ckpt, start, steps)
-    metrics = MetricsWriter(out, accelerator.is_main_process, cfg.tensorboard,
-                            resume_step=start if ckpt is not None else None)
+    metrics = MetricsWriter(out, accelerator.is_main_process, cfg.report_to,
+                            resume_step=start if ckpt is not None else None,
+                            config={"stage": type(cfg).__name__, **to_dict(cfg)}, stage=spec.stage)
     bar = Progress(steps, start, spec.stage, cfg.progress and accelerator.is_main_process)
     evaluate = lambda: _evaluate(accelerator, model, spec, cfg.batch_size, fsdp)  # noqa: E731
     t0, final_eval, step = time.perf_counter(), {}, start
-    with StopRequest() as stop:
+    with StopRequest() as stop, metrics:  # the trackers are finished however the loop ends
         # 4. the loop: one iteration = one optimizer step over one global batch
         for step in range(start + 1, steps + 1):
             t_step = time.perf_counter()
@@ -136,7 +138,6 @@ def train_supervised(cfg: "TrainConfig", accelerator: Any, spec: LoopSpec) -> Lo
                                 [accelerator.unwrap_model(model)], shards)
             if interrupted:
                 bar.close()
-                metrics.close()
                 raise Interrupted(f"stopped at step {step}; checkpoint saved under {out}/checkpoints. "
                                   "Rerun the same command with --resume to continue.")
             if stop_early:
@@ -144,7 +145,6 @@ def train_supervised(cfg: "TrainConfig", accelerator: Any, spec: LoopSpec) -> Lo
                          step, state["bad_evals"])
                 break
     bar.close()
-    metrics.close()
     if spec.eval_hook is not None:
         final_eval.update(spec.eval_hook(accelerator.unwrap_model(model)))
     return LoopResult(accelerator.unwrap_model(model), step, final_eval, time.perf_counter() - t0)

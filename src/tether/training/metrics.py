@@ -1,4 +1,6 @@
-"""Metric sinks: output_dir/metrics.jsonl (one JSON object per logged step) and TensorBoard.
+"""Metric sinks: output_dir/metrics.jsonl (one JSON object per logged step) and the experiment
+trackers of --report-to (TensorBoard, W&B, trackio, MLflow: `tether.training.trackers`), which get
+every row under the same names at the same step.
 
 Names are fixed per stage and documented in docs/metrics.md. On resume, lines past the resumed
 step are dropped so that the file reads like one uninterrupted run.
@@ -26,24 +28,32 @@ def _plain(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Append metrics rows; only the main process writes."""
+    """Append metrics rows and send them to the trackers; only the main process writes.
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: Optional[int] = None, filename: str = "metrics.jsonl"):
+    report_to: the trackers (a --report-to value, or a tuple of names; "none" for none, which
+    also drops an earlier run's trackers.json unless resuming; None for a side file such as
+    samples.jsonl, which has nothing to do with the trackers). config: the run's config as
+    config.yaml holds it, logged as the trackers' run parameters. stage: the stage's name (sft,
+    grpo, ...), a tag of the trackers' runs. Use it as a context manager, or call close(): the
+    trackers are finished there (marked failed when the run raised).
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True,
+                 report_to: str | tuple[str, ...] | None = "tensorboard",
+                 resume_step: Optional[int] = None, filename: str = "metrics.jsonl",
+                 config: Optional[Mapping[str, Any]] = None, stage: str = ""):
         self.path = Path(output_dir) / filename
         self.enabled = enabled
-        self._tb = None
+        self.trackers = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate(resume_step)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        if report_to is None:
+            return
+        from tether.training.trackers import Trackers
 
-                self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-            except ImportError:  # tensorboard is a dependency, but stay usable without it
-                self._tb = None
+        self.trackers = Trackers(report_to, output_dir, config, stage, resumed=resume_step is not None)
 
     def _truncate(self, resume_step: Optional[int]) -> None:
         if not self.path.exists():
@@ -74,15 +84,20 @@ class MetricsWriter:
             return row
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for key, value in row.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+        if self.trackers is not None:
+            self.trackers.log(step, row)  # null (non-finite) values are left out there
         return row
 
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+    def close(self, failed: bool = False) -> None:
+        """Finish the trackers; a second call does nothing."""
+        if self.trackers is not None:
+            self.trackers.close(failed=failed)
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -51,7 +51,8 @@ RESUMABLE = {
     "rounds": "tether iterate runs the rounds it has not run yet",
     "log_every": "logging",
     "progress": "logging",
-    "tensorboard": "logging",
+    "report_to": "logging: the trackers named go on from here (docs/metrics.md, Trackers)",
+    "tensorboard": "logging (the older switch for --report-to tensorboard)",
     "resume": "",
     "overwrite": "",
 }

@@ -13,7 +13,7 @@ import logging
 import time
 from pathlib import Path
 
-from tether.config import OnlineConfig
+from tether.config import OnlineConfig, to_dict
 from tether.errors import Interrupted
 from tether.recipes.online.outputs import evaluate, gold_score, load_judge, sample_rows, save_final
 from tether.recipes.online.setup import OnlineParts, build, stage_name
@@ -100,11 +100,12 @@ def run(cfg: OnlineConfig) -> dict:
     start = resume(parts, out) if cfg.resume else 0
     is_main = accelerator.is_main_process
     resumed = start if cfg.resume and start else None
-    metrics = MetricsWriter(out, is_main, cfg.tensorboard, resume_step=resumed)
-    samples = MetricsWriter(out, is_main, False, resume_step=resumed, filename="samples.jsonl")
+    metrics = MetricsWriter(out, is_main, cfg.report_to, resume_step=resumed,
+                            config={"stage": type(cfg).__name__, **to_dict(cfg)}, stage=stage_name(cfg))
+    samples = MetricsWriter(out, is_main, None, resume_step=resumed, filename="samples.jsonl")
     bar = Progress(cfg.max_steps, start, stage_name(cfg), cfg.progress and is_main)
     judge = load_judge(cfg.gold_judge)
-    t0, row = time.perf_counter(), {}
+    t0, row, failed = time.perf_counter(), {}, True
     try:
         with StopRequest() as stop:
             # 3. the loop: one iteration = rollout, score, update (see run_iteration)
@@ -134,9 +135,10 @@ def run(cfg: OnlineConfig) -> dict:
         summary = {"steps": cfg.max_steps, "train_seconds": round(time.perf_counter() - t0, 2),
                    **{k: v for k, v in row.items() if k.startswith(("objective/", "eval/"))}}
         save_final(parts, out, summary)
+        failed = False
     finally:
         bar.close()
-        metrics.close()
+        metrics.close(failed=failed)
         if parts.episodes is not None:
             parts.episodes.close()
         # last: a vLLM engine takes the process group it joined down with it
