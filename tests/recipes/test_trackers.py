@@ -26,7 +26,7 @@ OPTIONAL = [name for name in ("wandb", "mlflow", "trackio") if importlib.util.fi
 
 def need(name: str) -> None:
     if name not in OPTIONAL:
-        pytest.skip(f"{name} is not installed (pip install 'tether[trackers]', trackio: 'tether[trackio]')")
+        pytest.skip(f"{name} is not installed (pip install 'tether[trackers]')")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -420,7 +420,7 @@ def test_an_unknown_tracker_is_refused_listing_the_valid_ones(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("name, extra", [("wandb", "tether[trackers]"), ("mlflow", "tether[trackers]"),
-                                         ("trackio", "tether[trackio]")])
+                                         ("trackio", "tether[trackers]")])
 def test_a_missing_library_is_refused_before_anything_starts(name, extra, tmp_path, capsys, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: None if mod == name else real(mod, *a))

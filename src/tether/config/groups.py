@@ -132,7 +132,7 @@ class SamplingFields:
 TRACKERS = {"tensorboard": ("tensorboard",), "wandb": ("wandb",), "trackio": ("trackio",),
             "mlflow": ("mlflow",)}
 TRACKER_INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install 'tether[trackers]'",
-                   "mlflow": "pip install 'tether[trackers]'", "trackio": "pip install 'tether[trackio]'"}
+                   "mlflow": "pip install 'tether[trackers]'", "trackio": "pip install 'tether[trackers]'"}
 
 
 def tracker_names(report_to: str) -> tuple[str, ...]:
@@ -177,9 +177,8 @@ class LoggingFields:
     under output_dir unless told otherwise: tensorboard/; W&B offline in wandb/ (unless WANDB_MODE
     is set); MLflow's sqlite store in mlruns/ (unless MLFLOW_TRACKING_URI is set); trackio in
     trackio/ (unless TRACKIO_DIR is set). output_dir/trackers.json says where each run went. The
-    run's config is logged as its parameters; only the main process logs. wandb and mlflow need
-    pip install 'tether[trackers]', trackio pip install 'tether[trackio]' (docs/metrics.md,
-    Trackers)."""
+    run's config is logged as its parameters; only the main process logs. wandb, mlflow and
+    trackio need pip install 'tether[trackers]' (docs/metrics.md, Trackers)."""
     tensorboard: Optional[bool] = None
     """The older switch for TensorBoard, still read: --no-tensorboard takes tensorboard out of
     --report-to, --tensorboard adds it. It is folded into --report-to when the config is built
