@@ -188,3 +188,33 @@ def test_held_out_episodes_are_evaluated(task, tmp_path):
     row = read_metrics(out / "metrics.jsonl")[-1]
     assert 0 < row["eval/env_reward"] < 2 and row["eval/tool_call_rate"] == 1.0
     assert row["eval/rm_score"] == pytest.approx(row["eval/env_reward"])  # no RM, no function: the env's
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "qwen2"])
+def test_episodes_run_on_other_architectures(task, tiny_models, tmp_path, arch):
+    """GPT-2 (absolute positions: the observations take theirs), GPT-NeoX and Qwen2 (its torch
+    sampler keeps the cache across turns through the fused step) run episodes end to end."""
+    root, _, prompts = task
+    out = tmp_path / "run"
+    args = _args(task, "grpo", out, "--max-steps", "2")
+    args[args.index("--policy") + 1] = str(tiny_models[arch])
+    assert main(args) == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert all(r["env/turns"] == 2 and r["policy/loss"] is not None for r in rows)
+
+
+def test_chat_prompts_take_observations_as_messages_of_the_template(task, tiny_models, tmp_path):
+    root, _, _ = task
+    chats = write_jsonl(tmp_path / "chat.jsonl", [{"prompt": [{"role": "user", "content": f"tell {n} a story"}]}
+                                                   for n in ["Lily", "Tom"] * 4])
+    out = tmp_path / "run"
+    args = _args(task, "grpo", out, "--max-steps", "1", "--max-total-length", "80")
+    args[args.index("--policy") + 1] = str(tiny_models["qwen2"])
+    args[args.index("--prompts") + 1] = str(chats)
+    assert main(args) == 0
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert row["env/turns"] == 2 and row["env/observation_token_frac"] > 0
+    # the observation " and then" went in as a user message, between the template's turn markers
+    # (special tokens, left out of the text) and followed by the next generation prompt
+    samples = [json.loads(line)["response"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert all("user\n and then\nassistant\n" in s for s in samples), samples[0]
