@@ -265,7 +265,8 @@ def build(cfg: OnlineConfig, accelerator: Any = None) -> OnlineParts:
     device, dtype = accelerator.device, resolve_dtype(cfg.dtype)
     # 1. tokenizer and prompts
     tokenizer = load_tokenizer(cfg.policy, cfg.trust_remote_code, padding_side="left")
-    cfg = fit_default_length(cfg, "max_prompt_length", cfg.policy, cfg.response_length, "--response-length")
+    cfg = fit_default_length(cfg, "max_prompt_length", cfg.policy, cfg.episode_length,
+                             "--max-total-length" if cfg.env else "--response-length")
     envs = load_environments(cfg.env) if cfg.env else []
     tools_for = env_tools(envs) if envs else None
     prompts = load_prompts(cfg.prompts, tokenizer, cfg.max_prompt_length, cfg.prompt_truncation, tools_for)
