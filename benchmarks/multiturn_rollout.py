@@ -104,7 +104,7 @@ def main() -> None:
              "multi_prefill": lambda seed: episodes(prefill, seed)}
     times: dict[str, list[float]] = {k: [] for k in sides}
     tokens: dict[str, int] = {}
-    for name, fn in sides.items():  # warm-up
+    for fn in sides.values():  # warm-up
         fn(0)
     for r in range(args.rounds):
         for name, fn in sides.items():

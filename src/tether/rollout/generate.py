@@ -359,9 +359,8 @@ class TurnSession:
     positions past that prefix (tokens sampled after a stop string the episode was cut at) are
     hidden. The added tokens are fed in one forward of the fused layers (`FusedDecoder.extend`),
     right-aligned so that every row's last one comes last; a row's stand-in (padding) columns
-    are written but hidden. Only for models
-    the fused step runs (`KVCacheSampler.session` gives None otherwise: the turns are then
-    sampled by `generate` on the whole context).
+    are written but hidden. Only for models the fused step runs (`KVCacheSampler.session` gives
+    None otherwise: the turns are then sampled by `generate` on the whole context).
     """
 
     def __init__(self, sampler: "KVCacheSampler"):
@@ -379,7 +378,7 @@ class TurnSession:
 
     @torch.no_grad()
     def generate(self, contexts: list[list[int]], rng: torch.Generator) -> Rollout:
-        model, p = self.sampler.model, self.sampler.params
+        model = self.sampler.model
         was_training = model.training
         model.eval()
         try:
