@@ -287,3 +287,32 @@ def test_the_torch_sampler_keeps_its_cache_across_turns_and_samples_what_a_fresh
     assert kept.transcripts == fresh.transcripts
     assert torch.equal(kept.rollout.response_ids, fresh.rollout.response_ids)
     assert torch.equal(kept.rollout.response_mask, fresh.rollout.response_mask)
+
+
+def test_gymnasium_and_trl_shaped_environments_are_taken_as_they_are(tok):
+    """A five-item step (terminated, truncated), an (observation, info) reset, and TRL's
+    reset(**columns) need no adapter."""
+
+    class GymLike:
+        def reset(self, seed=None, options=None):  # positional: gets the row
+            self.row = seed
+            return " start", {}
+
+        def step(self, action):
+            return " ok", 0.5, False, True, {"tool_calls": 1}  # truncated ends it
+
+    class TRLLike:
+        def reset(self, **columns):
+            self.answer = columns["answer"]
+            return None
+
+        def step(self, action):
+            return None, float(self.answer == "yes"), True
+
+    sample = scripted(tok, [["a", "b"]] * 4)
+    out = runner(tok, GymLike).run(prompt_ids(tok), [{"k": 1}, {"k": 2}], ["p:1", "p:2"], [False] * 2, sample)
+    assert all(ep.done and ep.reward == 0.5 and ep.tool_calls == 1 for ep in out.episodes)
+    assert " start" in out.transcripts[0]
+    out = runner(tok, TRLLike).run(prompt_ids(tok), [{"answer": "yes"}, {"answer": "no"}], ["p:1", "p:2"],
+                                   [False] * 2, sample)
+    assert [ep.reward for ep in out.episodes] == [1.0, 0.0]

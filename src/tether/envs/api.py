@@ -6,6 +6,7 @@ no arguments, and calls:
     reset(row) -> str | None
         row: the prompts file's row (every column, as reward functions get them). Returns the
         first observation, appended after the prompt before the policy's first turn, or None.
+        (A reset(**columns), as TRL's environments have, gets the columns as keywords.)
     step(action) -> (observation, reward, done)       or (observation, reward, done, info)
         action: the text of the policy's turn (special tokens left out). observation: the text
         appended before the policy's next turn (str), a list of {role, content} messages (chat
@@ -21,8 +22,9 @@ Optional class attributes:
     tools: list of functions   with chat prompts, their JSON schemas go to the chat template
     close()                    called once the episode is over
 
-That is gymnasium's `reset`/`step` with text for observations and actions, and TRL's
-environment factories adapt to it in a few lines (docs/environments.md).
+That is gymnasium's `reset`/`step` with text for observations and actions (its five-item step,
+(observation, reward, terminated, truncated, info), and its (observation, info) reset are taken
+as they are), and TRL's environment factories adapt to it in a few lines (docs/environments.md).
 """
 
 from __future__ import annotations
@@ -102,12 +104,32 @@ def load_environments(specs: Sequence[str]) -> list[EnvSpec]:
     return out
 
 
+def call_reset(env: Any, row: dict) -> Any:
+    """env.reset with the row as its signature takes it: reset(row), TRL's reset(**columns),
+    or reset() when it takes nothing."""
+    try:
+        params = list(inspect.signature(env.reset).parameters.values())
+    except (TypeError, ValueError):  # no signature to read: the documented form
+        return env.reset(row)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if positional or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return env.reset(row)
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return env.reset(**row)
+    return env.reset()
+
+
 def checked_step(value: Any, env: str, where: str) -> Step:
-    """A `step` return value as a Step, or EnvError naming the environment and the row."""
+    """A `step` return value as a Step, or EnvError naming the environment and the row.
+    gymnasium's five items (observation, reward, terminated, truncated, info) are taken too:
+    done is terminated or truncated."""
     what = f"environment {env} on {where}"
-    if not isinstance(value, tuple) or len(value) not in (3, 4):
+    if not isinstance(value, tuple) or len(value) not in (3, 4, 5):
         raise EnvError(f"{what}: step() returned {value!r}; return (observation, reward, done) "
                        "or (observation, reward, done, info)")
+    if len(value) == 5:
+        observation, reward, terminated, truncated, info = value
+        value = (observation, reward, bool(terminated) or bool(truncated), info)
     observation, reward, done = value[:3]
     info = value[3] if len(value) == 4 else {}
     if observation is not None and not isinstance(observation, str) and not _messages(observation):
@@ -127,6 +149,10 @@ def checked_step(value: Any, env: str, where: str) -> Step:
 
 
 def checked_reset(value: Any, env: str, where: str) -> Optional[str | list[dict]]:
+    """A `reset` return value: the first observation, or None (gymnasium's (observation, info)
+    is taken too)."""
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
+        value = value[0]
     if value is not None and not isinstance(value, str) and not _messages(value):
         raise EnvError(f"environment {env} on {where}: reset() returned {value!r}; give the first "
                        "observation as a str (or messages), or None")

@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from tether.envs.api import EnvError, EnvSpec, checked_reset, checked_step
+from tether.envs.api import EnvError, EnvSpec, call_reset, checked_reset, checked_step
 from tether.rollout.types import Rollout
 
 log = logging.getLogger("tether")
@@ -289,7 +289,7 @@ class EpisodeRunner:
             if ep.env is None:
                 continue
             first = self._call(ep, "reset()", lambda ep=ep, row=row: checked_reset(
-                ep.env.reset(dict(row)), ep.env_name, ep.where))
+                call_reset(ep.env, dict(row)), ep.env_name, ep.where))
             if ep.error is not None:
                 continue
             if first:
