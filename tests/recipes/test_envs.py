@@ -218,3 +218,20 @@ def test_chat_prompts_take_observations_as_messages_of_the_template(task, tiny_m
     # (special tokens, left out of the text) and followed by the next generation prompt
     samples = [json.loads(line)["response"] for line in (out / "samples.jsonl").read_text().splitlines()]
     assert all("user\n and then\nassistant\n" in s for s in samples), samples[0]
+
+
+def test_a_reward_model_scores_the_whole_episode_and_adds_to_the_environments_reward(task, tmp_path):
+    from conftest import story_rows
+
+    root, policy, prompts = task
+    rows = story_rows(8)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": r["prompt"], "chosen": r["completion"],
+                                                    "rejected": rows[(i + 1) % 8]["completion"]}
+                                                   for i, r in enumerate(rows)])
+    rm = tmp_path / "rm"
+    assert main(["rm", "--model", str(policy), "--data", str(pairs), "--output-dir", str(rm), "--max-steps", "2",
+                 "--batch-size", "4", "--eval-fraction", "0", "--no-progress", "--no-tensorboard"]) == 0
+    out = tmp_path / "run"
+    assert main(_args(task, "grpo", out, "--max-steps", "1", "--reward-model", str(rm))) == 0
+    row = read_metrics(out / "metrics.jsonl")[0]
+    assert row["objective/rm_score"] != pytest.approx(row["env/reward"])  # the RM's score is in it too

@@ -124,30 +124,27 @@ class RewardScorer:
         own chat template reads them in it. transcripts: multi-turn episodes (--env) as text;
         the RM then reads each whole episode as sampled, observations included (or its text,
         re-tokenised, for an RM with its own tokenizer)."""
-        if transcripts is not None:
+        if transcripts is not None:  # the episodes as sampled (or their text, for another tokenizer)
             texts = list(transcripts)
             noncanonical = torch.zeros(len(texts), dtype=torch.bool)
             if self.rm_tokenizer is not None:
                 rm_ids, mask = self._retokenized(texts, prompt_texts, None, seqs.input_ids.device)
             else:
                 rm_ids, mask = reward_model_inputs(seqs, self.eos_token_ids, self.pad_token_id)
-            self.model.eval()
-            scores = torch.cat([calibrated_scores(self.model, rm_ids[rows], mask[rows])
-                                for rows in row_chunks(rm_ids.shape[0], self.chunk)])
-            return RewardScores(scores, noncanonical.to(scores.device), {}, texts)
-        ids = response_ids(seqs, self.eos_token_ids)
-        texts = self._decode(ids)
-        if self.policy_tokenizer is not None:  # encoded as a response is (`encode_response`)
-            again = [list(a) for a in self.policy_tokenizer(texts, add_special_tokens=False)["input_ids"]]
-            noncanonical = torch.tensor([a != b for a, b in zip(again, ids)], dtype=torch.bool)
-        else:  # no tokenizer to check against: scored as sampled
-            noncanonical, again = torch.zeros(len(ids), dtype=torch.bool), ids
-        if self.rm_tokenizer is not None:
-            rm_ids, mask = self._retokenized(texts, prompt_texts, prompt_chats, seqs.input_ids.device)
-        elif bool(noncanonical.any()):
-            rm_ids, mask = self._reencoded(seqs, again)
         else:
-            rm_ids, mask = reward_model_inputs(seqs, self.eos_token_ids, self.pad_token_id)
+            ids = response_ids(seqs, self.eos_token_ids)
+            texts = self._decode(ids)
+            if self.policy_tokenizer is not None:  # encoded as a response is (`encode_response`)
+                again = [list(a) for a in self.policy_tokenizer(texts, add_special_tokens=False)["input_ids"]]
+                noncanonical = torch.tensor([a != b for a, b in zip(again, ids)], dtype=torch.bool)
+            else:  # no tokenizer to check against: scored as sampled
+                noncanonical, again = torch.zeros(len(ids), dtype=torch.bool), ids
+            if self.rm_tokenizer is not None:
+                rm_ids, mask = self._retokenized(texts, prompt_texts, prompt_chats, seqs.input_ids.device)
+            elif bool(noncanonical.any()):
+                rm_ids, mask = self._reencoded(seqs, again)
+            else:
+                rm_ids, mask = reward_model_inputs(seqs, self.eos_token_ids, self.pad_token_id)
         self.model.eval()
         scores = torch.cat([calibrated_scores(self.model, rm_ids[rows], mask[rows])
                             for rows in row_chunks(rm_ids.shape[0], self.chunk)])
