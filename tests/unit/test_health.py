@@ -188,3 +188,24 @@ def test_a_growing_sampler_trainer_mismatch_is_reported():
     assert all(not steady.observe({**good, "rollout/mismatch_kl": 0.03}) for _ in range(3))
     # without an engine there is no such metric and nothing to check
     assert not HealthMonitor().observe(good)
+
+
+def test_a_check_that_keeps_failing_is_warned_about_at_its_start_then_every_ten_iterations(caplog):
+    issue = HealthIssue("collapse", "distinct-2 fell")
+    failing: dict = {}
+    logger = logging.getLogger("tether")
+    logger.propagate, old = True, logger.propagate
+    try:
+        with caplog.at_level(logging.INFO, logger="tether"):
+            for step in range(3, 26):  # failing at iterations 3..25
+                enforce([issue], "warn", step, failing)
+            enforce([], "warn", 26, failing)
+            enforce([issue], "warn", 27, failing)  # a new run of failures: warned at once
+    finally:
+        logger.propagate = old
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [m.split(":")[0] for m in warned] == [
+        "health check collapse failed at iteration 3", "health check collapse still failing at iteration 13 "
+        "(since iteration 3)", "health check collapse still failing at iteration 23 (since iteration 3)",
+        "health check collapse failed at iteration 27"]
+    assert "passes again at iteration 26" in caplog.text and failing == {"collapse": 27}

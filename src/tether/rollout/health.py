@@ -291,10 +291,26 @@ class HealthMonitor:
         self.recent = [list(r) for r in state.get("recent", [])]
 
 
-def enforce(issues: list[HealthIssue], mode: str, step: int) -> None:
-    """Log every issue as a warning; under mode "abort", then stop the run."""
+REPEAT_EVERY = 10  # a check that keeps failing is warned about again every this many iterations
+
+
+def enforce(issues: list[HealthIssue], mode: str, step: int,
+            failing: Optional[dict[str, int]] = None) -> None:
+    """Log every issue as a warning; under mode "abort", then stop the run. failing (the run's
+    state, check -> the iteration its current run of failures began): a check that fails
+    iteration after iteration is warned about when it starts, then every REPEAT_EVERY
+    iterations, and said to pass again when it does (health/issues counts every iteration)."""
+    now = {issue.check for issue in issues}
     for issue in issues:
-        log.warning("health check %s failed at iteration %d: %s", issue.check, step, issue.message)
+        since = failing.setdefault(issue.check, step) if failing is not None else step
+        if since == step:
+            log.warning("health check %s failed at iteration %d: %s", issue.check, step, issue.message)
+        elif (step - since) % REPEAT_EVERY == 0:
+            log.warning("health check %s still failing at iteration %d (since iteration %d): %s",
+                        issue.check, step, since, issue.message)
+    for check in [c for c in (failing or {}) if c not in now]:
+        log.info("health check %s passes again at iteration %d (failed since iteration %d)",
+                 check, step, failing.pop(check))
     if issues and mode == "abort":
         names = ", ".join(sorted({i.check for i in issues}))
         raise TrainingError(f"health check(s) {names} failed at iteration {step} (--health abort): "

@@ -106,6 +106,7 @@ def run(cfg: OnlineConfig) -> dict:
     bar = Progress(cfg.max_steps, start, stage_name(cfg), cfg.progress and is_main)
     judge = load_judge(cfg.gold_judge)
     t0, row, failed = time.perf_counter(), {}, True
+    failing: dict[str, int] = {}  # health checks failing now, and since when (rollout.health.enforce)
     try:
         with StopRequest() as stop:
             # 3. the loop: one iteration = rollout, score, update (see run_iteration)
@@ -121,7 +122,7 @@ def run(cfg: OnlineConfig) -> dict:
                 for sample in sample_rows(parts, result, cfg.samples_per_iteration):
                     samples.log(step, sample)
                 bar.update(1, reward=row["objective/rm_score"], kl=row["objective/kl"])
-                enforce(result.issues, cfg.health, step)  # abort: stop before saving this state
+                enforce(result.issues, cfg.health, step, failing)  # abort: stop before saving this state
                 interrupted = any_process(accelerator, stop.requested)
                 # 4. atomic checkpoints
                 if step % cfg.save_every == 0 or step == cfg.max_steps or interrupted:
