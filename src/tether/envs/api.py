@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from tether.data.preference import is_messages
 from tether.errors import ConfigError, TrainingError
 
 
@@ -160,5 +161,5 @@ def checked_reset(value: Any, env: str, where: str) -> Optional[str | list[dict]
 
 
 def _messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m
-                                           for m in value)
+    """Messages (`data.preference.is_messages`), or none at all ([])."""
+    return value == [] or is_messages(value)

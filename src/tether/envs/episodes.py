@@ -47,7 +47,6 @@ class Episode:
     tool_calls: int = 0
     tool_errors: int = 0
     reward: float = 0.0
-    rewarded: bool = False  # the environment gave a reward at some step
     paid: list[tuple[int, float]] = field(default_factory=list)  # (segment of the turn, its reward)
     done: bool = False  # the environment ended it
     last_ended: bool = True  # the last policy turn ended with EOS or a stop string
@@ -214,7 +213,8 @@ def cut_at_stop(tokenizer: Any, ids: list[int], stops: Sequence[str]) -> Optiona
     lo, hi = 1, len(ids)  # the shortest prefix whose text reaches past the stop string
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(tokenizer.decode(ids[:mid])) >= at and any(s in tokenizer.decode(ids[:mid]) for s in stops):
+        head = tokenizer.decode(ids[:mid])
+        if len(head) >= at and any(s in head for s in stops):
             hi = mid
         else:
             lo = mid + 1
@@ -338,7 +338,6 @@ class EpisodeRunner:
                 ep.tool_errors += int(step.info.get("tool_errors", 0))
                 if step.reward is not None:
                     ep.reward += step.reward
-                    ep.rewarded = True
                     ep.paid.append((ep.turn_segment, step.reward))
                 if step.done:
                     ep.done = True

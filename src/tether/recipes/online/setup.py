@@ -238,12 +238,11 @@ def env_tools(envs: list) -> Callable[[dict, str], Optional[list[dict]]]:
     environment (its class attribute `tools`), for chat templates with a tools section."""
     from tether.envs.tools import tool_schema
 
-    by_name = {spec.name: spec for spec in envs}
     schemas = {spec.name: [tool_schema(fn) for fn in spec.attribute("tools", ()) or ()] for spec in envs}
 
     def tools_for(row: dict, where: str) -> Optional[list[dict]]:
         name = envs[0].name if len(envs) == 1 else row.get("env")
-        return schemas.get(name) or None if name in by_name else None
+        return schemas.get(name) or None
 
     return tools_for
 
