@@ -108,7 +108,9 @@ def test_a_fork_bomb_is_stopped_and_leaves_no_process(without):
     assert set(sandbox_processes()) - before
     sleeper.join()
     for code in bombs:
-        result = run_python(code, timeout_s=3, max_processes=16, without=without)
+        # CPU limit well past the wall clock: a bomb that spins on failed forks is stopped by the
+        # wall clock, not by whichever of the two limits a loaded machine reaches first
+        result = run_python(code, timeout_s=3, cpu_s=30, max_processes=16, without=without)
         assert not result.ok and result.killed_reason in ("process limit", "refused: os.fork",
                                                           "wall-clock limit")
         deadline = time.monotonic() + 2  # SIGKILL is sent; give the kernel a moment
